@@ -1,0 +1,122 @@
+"""Shared pieces of every covipal_jax config.
+
+Each `configs/<name>.py` defines `get_config(arg=None)` returning an `ml_collections.ConfigDict`.
+Structural arguments go after a colon (`--config configs/llava15_7b.py:layers=2`), parsed by
+`parse_arg`; scalar overrides use `--config.a.b=v` (absl `config_flags`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Logical axis name -> mesh axes. Parameters: `embed`-like dims are FSDP-sharded, head / MLP /
+# vocab dims tensor-parallel. Activations: batch over (data, fsdp), heads and MLP over tensor.
+LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("patch", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_heads", "tensor"),
+    ("ppm_embed", None),
+    ("ppm_mlp", None),
+    ("ppm_heads", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parse `k=v,k2=v2,flag` into a ConfigDict with typed defaults (big_vision style)."""
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if not item:
+            continue
+        key, _, val = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+        typ = type(defaults[key])
+        if not val:
+            out[key] = True
+        elif typ is bool:
+            out[key] = val.lower() in ("1", "true", "yes")
+        else:
+            out[key] = typ(val)
+    return out
+
+
+def pruning_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        method="none",          # none | ppm | fastv | visionzip | dart | random | pool
+        keep=1.0,               # ratio of n_v in (0, 1] (float) or absolute count (int)
+        positions="contiguous",  # contiguous (cumsum of the mask) | original (kept tokens' own)
+        layer=2,                # K for in-LLM methods (FastV, DART)
+        seed=0,                 # random method
+        dart_pivots=8,
+        visionzip_dominant_frac=54 / 64,
+        ppm_checkpoint="",      # Orbax dir of trained PPM params (method=ppm)
+    ))
+
+
+def ppm_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        width=256, num_layers=2, num_heads=4, mlp_ratio=4, dropout=0.0))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.checkpoint = ""           # local Hugging Face LLaVA directory
+    c.tokenizer = ""            # tokenizer dir ("" = the checkpoint dir; "builtin" = built in)
+    c.template = "llava15"      # chat template: llava15 | qwen2 | plain
+    c.text_buckets = (64, 128, 256, 512)
+    c.max_new_tokens = 32
+    c.batch_size = 1
+    c.sampling = ml_collections.ConfigDict(dict(temperature=0.0, top_p=1.0, seed=0))
+    c.pruning = pruning_config()
+    c.ppm = ppm_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.logical_axis_rules = LOGICAL_AXIS_RULES
+    return c
+
+
+def clip_vit_l_336() -> dict:
+    return dict(kind="clip", image_size=336, patch_size=14, hidden_size=1024,
+                intermediate_size=4096, num_layers=24, num_heads=16, layer_norm_eps=1e-5,
+                act="quick_gelu", feature_layer=-2, select_strategy="default")
+
+
+def siglip_so400m_384() -> dict:
+    # LLaVA-OneVision drops SigLIP's last layer (26 of 27 kept) and uses hidden_states[-1].
+    return dict(kind="siglip", image_size=384, patch_size=14, hidden_size=1152,
+                intermediate_size=4304, num_layers=26, num_heads=16, layer_norm_eps=1e-6,
+                act="gelu_tanh", feature_layer=-1, select_strategy="full")
+
+
+def vicuna(size: str) -> dict:
+    dims = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
+    d, f, layers, heads = dims
+    return dict(kind="llama", vocab_size=32064, hidden_size=d, intermediate_size=f,
+                num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+                rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False,
+                tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def qwen2_7b() -> dict:
+    return dict(kind="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944,
+                num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True,
+                tie_word_embeddings=False, max_position_embeddings=32768)

@@ -1,0 +1,126 @@
+"""The LLaVA composite: vision tower -> 2-layer GELU projector -> decoder.
+
+Letters: B batch, T text length (bucket), k vision tokens in the sequence, L = T - 1 + k,
+D width, V vocab, n_v vision tokens per image.
+
+This module holds the pieces; `covipal_jax.prefill` is where a pruning method is applied
+between them (encode -> project -> method -> splice -> decoder). Calling the module itself runs
+the unpruned model on a batch of (image, left-padded prompt with one image placeholder), the
+path that is checked for parity against Hugging Face.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from covipal_jax.models.config import LlavaConfig
+from covipal_jax.models.decoder import Decoder
+from covipal_jax.models.layers import activation, dense
+from covipal_jax.models.vit import VisionOutput, VisionTower
+from covipal_jax.pruning import select
+
+Array = jax.Array
+
+
+class Projector(nn.Module):
+    """LLaVA's multi_modal_projector: Linear -> GELU -> Linear."""
+
+    cfg: LlavaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """f32[B, n, Dv] -> f32[B, n, D]."""
+        c = self.cfg
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+        x = dense(c.text.hidden_size, ("vision_embed", "mlp"), name="fc1", **kw)(x)
+        x = activation(c.projector_act)(x)
+        x = dense(c.text.hidden_size, ("mlp", "embed"), name="fc2", **kw)(x)
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+class Llava(nn.Module):
+    cfg: LlavaConfig
+
+    def setup(self):
+        c = self.cfg
+        self.vision_tower = VisionTower(c.vision, c.compute_dtype, c.weight_dtype,
+                                        scan=c.scan_layers, remat=c.remat_policy)
+        self.projector = Projector(c)
+        self.language_model = Decoder(c)
+        if c.image_newline:
+            self.image_newline = self.param(
+                "image_newline", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                              ("embed",)),
+                (c.text.hidden_size,), c.weight_dtype)
+
+    # -- vision -------------------------------------------------------------------------------
+
+    def encode_image(self, pixels: Array, with_stats: bool = False) -> tuple[VisionOutput, Array]:
+        """pixels f32[B, H, W, 3] -> (tower output, projected tokens H_v f32[B, n_v, D])."""
+        out = self.vision_tower(pixels, with_stats=with_stats)
+        return out, self.projector(out.features)
+
+    def project(self, features: Array) -> Array:
+        return self.projector(features)
+
+    # -- text / decoder -----------------------------------------------------------------------
+
+    def embed_text(self, ids: Array) -> Array:
+        """ids i32[B, T] -> f32[B, T, D]; the image placeholder id is embedded as id 0."""
+        ids = jnp.where(ids == self.cfg.image_token_id, 0, ids)
+        ids = jnp.clip(ids, 0, self.cfg.text.vocab_size - 1)
+        return self.language_model.embed_tokens(ids)
+
+    def run(self, x: Array, **kwargs):
+        """Decoder layers on embeddings; see `Decoder.run`."""
+        return self.language_model.run(x, **kwargs)
+
+    def logits(self, h: Array) -> Array:
+        return self.language_model.logits(h)
+
+    def attention_rows(self, x: Array, **kwargs) -> Array:
+        return self.language_model.attention_rows(x, **kwargs)
+
+    def layer_keys(self, x: Array, **kwargs) -> Array:
+        return self.language_model.layer_keys(x, **kwargs)
+
+    # -- the unpruned model --------------------------------------------------------------------
+
+    def __call__(self, pixels: Array, ids: Array, mask: Array) -> tuple[Array, Array]:
+        """Unpruned forward.
+
+        pixels f32[B, H, W, 3]; ids i32[B, T] left-padded, one placeholder each; mask bool[B, T].
+        Returns (logits f32[B, L, V], sequence mask bool[B, L]) with L = T - 1 + n_v.
+        """
+        _, vis = self.encode_image(pixels)
+        if self.cfg.image_newline:
+            _ = self.image_newline  # created at init; unused by single-crop inputs
+        text = self.embed_text(ids)
+        image_pos = image_positions(ids, self.cfg.image_token_id)
+        n_v = vis.shape[1]
+        idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), vis.shape[:2])
+        seq, seq_mask, positions, _ = select.splice(text, mask, image_pos, vis, idx,
+                                                    positions_mode="contiguous", n_v=n_v)
+        h, _ = self.run(seq, positions=positions, key_valid=seq_mask)
+        return self.logits(h), seq_mask
+
+
+def image_positions(ids: Array, image_token_id: int) -> Array:
+    """i32[B]: index of the (single) image placeholder in each row of ids i32[B, T]."""
+    return jnp.argmax(ids == image_token_id, axis=-1).astype(jnp.int32)
+
+
+def init_params(cfg: LlavaConfig, rng: Array, batch: int = 1, text_len: int = 8):
+    """Boxed params (LogicallyPartitioned leaves) of a freshly initialized model."""
+    model = Llava(cfg)
+    pixels, ids, mask = dummy_inputs(cfg, batch, text_len)
+    return model.init(rng, pixels, ids, mask)
+
+
+def dummy_inputs(cfg: LlavaConfig, batch: int = 1, text_len: int = 8):
+    v = cfg.vision
+    pixels = jnp.zeros((batch, v.image_size, v.image_size, 3), jnp.float32)
+    ids = jnp.zeros((batch, text_len), jnp.int32).at[:, 0].set(cfg.image_token_id)
+    mask = jnp.ones((batch, text_len), bool)
+    return pixels, ids, mask

@@ -1,0 +1,265 @@
+"""CoViPAL's Plug-and-Play Pruning Module (PPM): scores vision tokens in the context of the text.
+
+Paper (arXiv 2508.17243, Fig. 1): S = p_theta(H_v, H_t), a lightweight, model-agnostic
+classifier over the projected vision tokens H_v and the text tokens H_t; the LLM keeps
+I = TopK(S, r * n_v) before its first layer. The paper does not publish the architecture;
+this one is covipal_jax's design:
+
+    H_v f32[B, n_v, D] --LN--Dense(D->d)--+ pos_emb[n_v, d] --\
+    H_t f32[B, T, D]   --LN--Dense(D->d)--+ type_emb[d] -------+--> num_layers x Block --> LN
+                                                                     --> Dense(d->1) --> S[B, n_v]
+    Block (pre-LN): v += MHA(q = LN1(v), kv = LN1([t ; v]), key mask = [text_mask ; 1])
+                    v += MLP(LN2(v))          (text tokens are keys/values only, never updated)
+
+Letters: B batch, T text length, D LLM width, d PPM width (`width`), N PPM heads, H PPM head
+dim, F PPM MLP width, L PPM layers. Compute is f32 whatever the input dtype (bf16 inputs are
+upcast). Params carry logical axis names (`embed` on the LLM-width side of the input
+projections, `ppm_embed`, `ppm_heads`, `head_dim`, `ppm_mlp`, and `layers` on the stacked
+blocks).
+
+Default size (d=512, 2 layers, 8 heads, MLP x4) for a 7B LLM (D=4096, n_v=576):
+~10.8M params (0.16% of LLaMA-7B's 6.74e9) and ~11.6 GFLOPs with T=64 (0.43% of the pruned
+prefill at r=0.25); see `ppm_param_count`, `ppm_flops`, `llm_prefill_flops`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from covipal_jax.pruning.base import PruneContext, PruneResult
+from covipal_jax.pruning.select import gather_tokens, topk_indices
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PPMConfig:
+    """PPM hyperparameters. `n_v` (vision tokens) and `d_model` (LLM width D) are static."""
+
+    n_v: int
+    d_model: int
+    width: int = 512
+    num_layers: int = 2
+    num_heads: int = 8
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    ln_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
+        for f in ("n_v", "d_model", "width", "num_layers", "num_heads", "mlp_ratio"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"PPMConfig.{f} must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.width * self.mlp_ratio
+
+
+def _init(names, stddev=0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), tuple(names))
+
+
+def _zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+def _ones(names):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
+
+
+def _dense(features, names, name, axis=-1):
+    out = features if isinstance(features, tuple) else (features,)
+    return nn.DenseGeneral(features, axis=axis, dtype=jnp.float32, param_dtype=jnp.float32,
+                           kernel_init=_init(names), bias_init=_zeros(names[-len(out):]),
+                           name=name)
+
+
+def _ln(eps, axis_name, name):
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
+                        scale_init=_ones((axis_name,)), bias_init=_zeros((axis_name,)),
+                        name=name)
+
+
+class PPMBlock(nn.Module):
+    """One pre-LN block: vision queries attend to [text ; vision], then an MLP."""
+
+    cfg: PPMConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, v: Array, t: Array, key_bias: Array):
+        """v: f32[B, n_v, d]; t: f32[B, T, d]; key_bias: f32[B, 1, 1, T + n_v] (0 / -inf)."""
+        c = self.cfg
+        deterministic = self.deterministic
+        ln1 = _ln(c.ln_eps, "ppm_embed", "ln1")
+        hv = ln1(v)
+        kv_in = jnp.concatenate([ln1(t), hv], axis=1)                      # [B, S, d]
+        qkv_names = ("ppm_embed", "ppm_heads", "head_dim")
+        q = _dense((c.num_heads, c.head_dim), qkv_names, "q")(hv)          # [B, n_v, N, H]
+        k = _dense((c.num_heads, c.head_dim), qkv_names, "k")(kv_in)       # [B, S, N, H]
+        val = _dense((c.num_heads, c.head_dim), qkv_names, "v")(kv_in)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
+        probs = jax.nn.softmax(logits + key_bias, axis=-1)
+        probs = nn.Dropout(c.dropout)(probs, deterministic=deterministic)
+        att = jnp.einsum("bnts,bsnh->btnh", probs, val)
+        att = _dense(c.width, ("ppm_heads", "head_dim", "ppm_embed"), "o", axis=(-2, -1))(att)
+        v = v + nn.Dropout(c.dropout)(att, deterministic=deterministic)
+
+        h = _ln(c.ln_eps, "ppm_embed", "ln2")(v)
+        h = _dense(c.mlp_width, ("ppm_embed", "ppm_mlp"), "fc1")(h)
+        h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=False),
+                                       ("batch", "length", "ppm_mlp"))
+        h = _dense(c.width, ("ppm_mlp", "ppm_embed"), "fc2")(h)
+        v = v + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+        return nn.with_logical_constraint(v, ("batch", "length", "ppm_embed")), None
+
+
+class PPM(nn.Module):
+    """The Plug-and-Play Pruning Module: `apply(params, H_v, H_t, text_mask) -> S f32[B, n_v]`.
+
+    Param tree: in_norm_v, in_norm_t (LayerNorm over D), v_proj, t_proj (Dense D->d),
+    pos_embedding [n_v, d], text_type_embedding [d], blocks/ (stacked [L, ...]: ln1, q, k, v,
+    o, ln2, fc1, fc2), final_norm, head (Dense d->1).
+    """
+
+    cfg: PPMConfig
+
+    @nn.compact
+    def __call__(self, vision_tokens: Array, text_embeds: Array, text_mask: Array,
+                 deterministic: bool = True) -> Array:
+        """vision_tokens: [B, n_v, D]; text_embeds: [B, T, D]; text_mask: bool[B, T].
+
+        Returns scores f32[B, n_v]. Padded text (text_mask False) has no influence.
+        """
+        c = self.cfg
+        b, n_v, dm = vision_tokens.shape
+        if n_v != c.n_v or dm != c.d_model:
+            raise ValueError(f"vision_tokens {vision_tokens.shape} != (B, n_v={c.n_v}, "
+                             f"d_model={c.d_model})")
+        if text_embeds.shape[-1] != c.d_model:
+            raise ValueError(f"text_embeds width {text_embeds.shape[-1]} != {c.d_model}")
+        xv = vision_tokens.astype(jnp.float32)
+        xt = text_embeds.astype(jnp.float32)
+        text_mask = text_mask.astype(bool)
+        # Zero the padded text so nothing non-finite there can leak through 0 * inf.
+        xt = jnp.where(text_mask[..., None], xt, 0.0)
+
+        v = _dense(c.width, ("embed", "ppm_embed"), "v_proj")(_ln(c.ln_eps, "embed",
+                                                                  "in_norm_v")(xv))
+        t = _dense(c.width, ("embed", "ppm_embed"), "t_proj")(_ln(c.ln_eps, "embed",
+                                                                  "in_norm_t")(xt))
+        pos = self.param("pos_embedding", _init((None, "ppm_embed")), (c.n_v, c.width),
+                         jnp.float32)
+        typ = self.param("text_type_embedding", _init(("ppm_embed",)), (c.width,),
+                         jnp.float32)
+        v = nn.with_logical_constraint(v + pos[None], ("batch", "length", "ppm_embed"))
+        t = nn.with_logical_constraint(t + typ, ("batch", "length", "ppm_embed"))
+
+        key_valid = jnp.concatenate([text_mask, jnp.ones((b, n_v), bool)], axis=1)
+        key_bias = jnp.where(key_valid, 0.0, -jnp.inf)[:, None, None, :].astype(jnp.float32)
+
+        blocks = nn.scan(
+            PPMBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(c, deterministic, name="blocks")
+        v, _ = blocks(v, t, key_bias)
+
+        v = _ln(c.ln_eps, "ppm_embed", "final_norm")(v)
+        s = _dense(1, ("ppm_embed", None), "head")(v)[..., 0]
+        return s.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the method
+
+def ppm(ctx: PruneContext, k: int, *, module: PPM, variables: Any,
+        project: Any = None) -> PruneResult:
+    """CoViPAL pre-LLM pruning: scores = PPM(H_v, H_t), keep TopK(scores, k), gather H_v.
+
+    `module` is a `PPM`, `variables` its `{"params": ...}`. `project` is unused (the PPM
+    scores the already projected tokens).
+    """
+    del project
+    scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
+    idx = topk_indices(scores, k)
+    return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
+                       scores=scores)
+
+
+# ----------------------------------------------------------------------------- cost model
+
+def ppm_param_count(cfg: PPMConfig) -> int:
+    """Analytic parameter count of `PPM(cfg)` (equals the initialized tree's size)."""
+    dm, d, f, n_l = cfg.d_model, cfg.width, cfg.mlp_width, cfg.num_layers
+    inputs = 2 * (2 * dm) + 2 * (dm * d + d)          # two input LayerNorms + two projections
+    embeds = cfg.n_v * d + d                           # vision positions + text type
+    block = (2 * d                                     # ln1
+             + 3 * (d * d + d)                         # q, k, v (bias [N, H] = d)
+             + (d * d + d)                             # o
+             + 2 * d                                   # ln2
+             + (d * f + f) + (f * d + d))              # fc1, fc2
+    head = 2 * d + (d + 1)                             # final LN + scalar head
+    return inputs + embeds + n_l * block + head
+
+
+def ppm_flops(cfg: PPMConfig, n_v: int, t: int) -> int:
+    """Matmul FLOPs (2 x MACs) of one PPM forward for n_v vision and t text tokens.
+
+    Counts the input projections, per layer q/o on vision, k/v on text + vision, the attention
+    scores and the weighted sum (n_v queries x (t + n_v) keys), the MLP, and the head.
+    Norms, softmax and biases are ignored (O(n d), negligible).
+    """
+    dm, d, f, n_l = cfg.d_model, cfg.width, cfg.mlp_width, cfg.num_layers
+    s = t + n_v
+    proj = 2 * (n_v + t) * dm * d
+    per_layer = (2 * n_v * d * d                       # q
+                 + 2 * 2 * s * d * d                   # k, v
+                 + 2 * 2 * n_v * s * d                 # q k^T and probs @ v
+                 + 2 * n_v * d * d                     # o
+                 + 2 * 2 * n_v * d * f)                # fc1, fc2
+    head = 2 * n_v * d
+    return proj + n_l * per_layer + head
+
+
+def llm_param_count(num_layers: int = 32, d_model: int = 4096, mlp: int = 11008,
+                    num_heads: int = 32, num_kv_heads: int | None = None,
+                    head_dim: int | None = None, vocab: int = 32000,
+                    tied_embeddings: bool = False) -> int:
+    """Parameters of a LLaMA-style decoder (defaults: LLaMA-7B / Vicuna-7B, ~6.74e9)."""
+    kvh = num_heads if num_kv_heads is None else num_kv_heads
+    h = d_model // num_heads if head_dim is None else head_dim
+    attn = d_model * num_heads * h * 2 + d_model * kvh * h * 2
+    layer = attn + 3 * d_model * mlp + 2 * d_model
+    emb = vocab * d_model * (1 if tied_embeddings else 2)
+    return num_layers * layer + emb + d_model
+
+
+def llm_prefill_flops(seq_len: int, num_layers: int = 32, d_model: int = 4096,
+                      mlp: int = 11008, num_heads: int = 32, num_kv_heads: int | None = None,
+                      head_dim: int | None = None, vocab: int = 32000,
+                      include_lm_head: bool = True) -> int:
+    """Matmul FLOPs (2 x MACs) of a LLaMA-style prefill over `seq_len` tokens.
+
+    Per layer: q/o projections 2*2*S*D*N*H, k/v 2*2*S*D*K*H, attention 2*2*S^2*N*H (the full
+    S x S score matrix, the convention of FastV's 4nd^2 + 2n^2d + 2ndm formula; a causal
+    kernel does about half), SwiGLU MLP 2*3*S*D*F. Plus the LM head for the last token only
+    (prefill needs one next-token distribution). Defaults: LLaMA-7B.
+    """
+    kvh = num_heads if num_kv_heads is None else num_kv_heads
+    h = d_model // num_heads if head_dim is None else head_dim
+    s = seq_len
+    per_layer = (2 * 2 * s * d_model * num_heads * h
+                 + 2 * 2 * s * d_model * kvh * h
+                 + 2 * 2 * s * s * num_heads * h
+                 + 2 * 3 * s * d_model * mlp)
+    head = 2 * d_model * vocab if include_lm_head else 0
+    return num_layers * per_layer + head
