@@ -27,7 +27,6 @@ LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
-    ("patch", None),
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
     ("cache_heads", "tensor"),

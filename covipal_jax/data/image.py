@@ -71,7 +71,8 @@ class ImageProcessorConfig:
 
     def __post_init__(self):
         if self.kind not in ("clip", "siglip"):
-            raise ValueError(f"ImageProcessorConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
+            raise ValueError(
+                f"ImageProcessorConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"unknown resample {self.resample!r}; one of {sorted(_RESAMPLE)}")
         if self.kind == "siglip" and self.crop_size != self.image_size:
@@ -103,7 +104,7 @@ class ImageProcessorConfig:
 
     @classmethod
     def clip_336(cls, *, pad_to_square: bool = False) -> ImageProcessorConfig:
-        """CLIP ViT-L/14-336 as in LLaVA-1.5 (`pad_to_square=True` for LLaVA's `pad` aspect mode)."""
+        """CLIP ViT-L/14-336 as in LLaVA-1.5 (`pad_to_square=True`: LLaVA's `pad` aspect mode)."""
         return cls.clip(336, pad_to_square=pad_to_square)
 
     @classmethod
@@ -231,7 +232,8 @@ def to_rgb(image: ImageLike) -> PIL.Image.Image:
         if image.ndim == 2:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"image arrays must be HW or HWC with C in (1, 3, 4), got {image.shape}")
+            raise ValueError(
+                f"image arrays must be HW or HWC with C in (1, 3, 4), got {image.shape}")
         if image.shape[-1] == 1:
             image = np.repeat(image, 3, axis=-1)
         elif image.shape[-1] == 4:
@@ -241,7 +243,8 @@ def to_rgb(image: ImageLike) -> PIL.Image.Image:
     raise TypeError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
 
 
-def expand2square(image: PIL.Image.Image, background_color: tuple[int, int, int]) -> PIL.Image.Image:
+def expand2square(image: PIL.Image.Image,
+                  background_color: tuple[int, int, int]) -> PIL.Image.Image:
     """LLaVA's `expand2square`: paste centered on a square of `background_color`."""
     width, height = image.size
     if width == height:

@@ -158,8 +158,9 @@ def parse_pope_answer(pred: str) -> str:
 
 
 _ANSWER_PHRASE = re.compile(
-    r"(?i:answer|choice|option)\s*(?i:is|would be|should be|will be)?\s*[:\-]?\s*"
-    r"(?i:option\s*)?[\(\[]?([A-Z])(?![A-Za-z0-9'])")
+    r"(?i:answer)\s*(?i:is|would be|should be|will be)?\s*[:\-]?\s*"
+    r"(?i:option\s*|choice\s*)?[\(\[]?([A-Z])(?![A-Za-z0-9'])")
+_OPTION_PHRASE = re.compile(r"(?i:choice|option)\s*[:\-]?\s*[\(\[]?([A-Z])(?![A-Za-z0-9'])")
 _LEADING = re.compile(r"^[\(\[]?([A-Z])(?:[\)\]\.:,]|\s*$)")
 _LEADING_SPACE = re.compile(r"^([A-Z])\s+\S")
 _BRACKETED = re.compile(r"[\(\[]([A-Z])[\)\]]")
@@ -183,9 +184,10 @@ def extract_choice(text: str, options: Sequence[str] = (), num_options: int | No
     m = _LEADING.match(s)
     if m and m.group(1) in valid:
         return m.group(1)
-    for m in _ANSWER_PHRASE.finditer(s):
-        if m.group(1) in valid:
-            return m.group(1)
+    for phrase in (_ANSWER_PHRASE, _OPTION_PHRASE):
+        for m in phrase.finditer(s):
+            if m.group(1) in valid:
+                return m.group(1)
     m = _LEADING_SPACE.match(s)
     if m and m.group(1) in valid and m.group(1) not in "AI":
         return m.group(1)
@@ -222,15 +224,19 @@ def _pct(num: float, den: float) -> float:
     return 100.0 * num / den if den else 0.0
 
 
-def _scored(records: Iterable[Record]) -> tuple[list[Record], int]:
-    """Records with a reference answer, and the count of those without one."""
-    out, unscored = [], 0
+def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[str, int]]:
+    """Records that can be scored, and counts of those left out: `unscored` (no reference
+    answer, e.g. a test split) and `errors` (the harness could not run them, e.g. an
+    unreadable image; they are retried on the next run)."""
+    out, counts = [], {"unscored": 0, "errors": 0}
     for r in records:
-        if r.get("answer") is None and not r.get("answers"):
-            unscored += 1
+        if r.get("error"):
+            counts["errors"] += 1
+        elif r.get("answer") is None and not r.get("answers"):
+            counts["unscored"] += 1
         else:
             out.append(r)
-    return out, unscored
+    return out, counts
 
 
 def _category(r: Record, key: str = "category") -> str:
@@ -260,16 +266,16 @@ def _by_category(records: Sequence[Record], correct: Sequence[bool], key: str = 
 # Per-benchmark metrics.
 # --------------------------------------------------------------------------------------------
 def gqa_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, unscored = _scored(records)
+    recs, left_out = _scored(records)
     correct = [normalize_short_answer(r.get("pred") or "") == normalize_short_answer(
         r["answer"]) for r in recs]
     acc = _pct(sum(correct), len(recs))
-    return {"score": acc, "accuracy": acc, "n": len(recs), "unscored": unscored,
+    return {"score": acc, "accuracy": acc, "n": len(recs), **left_out,
             "by_structural": _by_category(recs, correct, "structural")}
 
 
 def mme_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, unscored = _scored(records)
+    recs, left_out = _scored(records)
     tasks: dict[str, list[bool]] = collections.defaultdict(list)
     images: dict[str, dict[str, list[bool]]] = collections.defaultdict(
         lambda: collections.defaultdict(list))
@@ -293,7 +299,7 @@ def mme_metrics(records: Iterable[Record]) -> dict[str, Any]:
         "perception": perception, "cognition": cognition, "tasks": per_task,
         "missing_tasks": [t for t in MME_PERCEPTION + MME_COGNITION if t.lower() not in lower],
         "unknown_tasks": sorted(t for t in per_task if t.lower() not in known),
-        "n": len(recs), "unscored": unscored,
+        "n": len(recs), **left_out,
     }
 
 
@@ -314,7 +320,7 @@ def binary_metrics(preds: Sequence[str], labels: Sequence[str], positive: str = 
 
 
 def pope_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, unscored = _scored(records)
+    recs, left_out = _scored(records)
     by_split: dict[str, tuple[list[str], list[str]]] = collections.defaultdict(
         lambda: ([], []))
     for r in recs:
@@ -325,30 +331,30 @@ def pope_metrics(records: Iterable[Record]) -> dict[str, Any]:
     mean = {k: sum(m[k] for m in splits.values()) / len(splits) if splits else 0.0
             for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
     return {"score": mean["f1"], **mean, "splits": splits, "n": len(recs),
-            "unscored": unscored}
+            **left_out}
 
 
 def textvqa_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, unscored = _scored(records)
+    recs, left_out = _scored(records)
     accs = [vqa_accuracy(r.get("pred") or "", r.get("answers") or [r["answer"]]) for r in recs]
     acc = 100.0 * sum(accs) / len(accs) if accs else 0.0
-    return {"score": acc, "accuracy": acc, "n": len(recs), "unscored": unscored}
+    return {"score": acc, "accuracy": acc, "n": len(recs), **left_out}
 
 
 def mc_metrics(records: Iterable[Record]) -> dict[str, Any]:
     """Option-letter accuracy (+ per category, + how many answers had no parsable letter)."""
-    recs, unscored = _scored(records)
+    recs, left_out = _scored(records)
     choices = [mc_choice(r) for r in recs]
     correct = [c is not None and c == r["answer"] for c, r in zip(choices, recs)]
     acc = _pct(sum(correct), len(recs))
-    return {"score": acc, "accuracy": acc, "n": len(recs), "unscored": unscored,
+    return {"score": acc, "accuracy": acc, "n": len(recs), **left_out,
             "unparsed": sum(c is None for c in choices),
             "by_category": _by_category(recs, correct)}
 
 
 def mmbench_metrics(records: Iterable[Record]) -> dict[str, Any]:
     """CircularEval (all rotations right) and plain (rotation 0) accuracy, per category too."""
-    recs, unscored = _scored(records)
+    recs, left_out = _scored(records)
     groups: dict[Any, list[bool]] = collections.defaultdict(list)
     first: dict[Any, Record] = {}
     plain_recs, plain_ok = [], []
@@ -366,7 +372,7 @@ def mmbench_metrics(records: Iterable[Record]) -> dict[str, Any]:
     circ = _pct(sum(circ_ok), len(bases))
     return {
         "score": circ, "circular": circ, "plain": _pct(sum(plain_ok), len(plain_recs)),
-        "n_questions": len(bases), "n": len(recs), "unscored": unscored,
+        "n_questions": len(bases), "n": len(recs), **left_out,
         "by_category": _by_category([first[b] for b in bases], circ_ok),
         "by_l2_category": _by_category([first[b] for b in bases], circ_ok, "l2_category"),
     }

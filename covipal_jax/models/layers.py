@@ -33,17 +33,43 @@ def ones_init(names: Sequence[str]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
 
 
-def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32,
-          param_dtype=jnp.float32, name=None) -> nn.DenseGeneral:
-    """A `DenseGeneral` whose kernel (and bias) carry logical axis names.
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias), contracting x's last `n_in` axes; kernel [*in, *out].
 
-    `names` names the kernel axes: input axes then output axes.
+    Like `nn.DenseGeneral`, but the kernel is created in its real shape, so its logical axis
+    names (`names`: input axes then output axes) are valid from the start.
     """
-    out = features if isinstance(features, tuple) else (features,)
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=kernel_init(names), bias_init=zeros_init(tuple(names[-len(out):])),
-        name=name)
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]
+    n_in: int = 1
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param("kernel", kernel_init(self.names),
+                            tuple(in_shape) + tuple(self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (contract, ((), ())))
+        if self.use_bias:
+            out_names = self.names[len(self.names) - len(self.features):]
+            bias = self.param("bias", zeros_init(out_names), tuple(self.features),
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32,
+          param_dtype=jnp.float32, name=None) -> Dense:
+    """A `Dense` with logical names; `axis=(-2, -1)` contracts two input axes (heads, dim)."""
+    out = tuple(features) if isinstance(features, tuple) else (features,)
+    n_in = len(axis) if isinstance(axis, tuple) else 1
+    return Dense(out, tuple(names), n_in=n_in, use_bias=use_bias, dtype=dtype,
+                 param_dtype=param_dtype, name=name)
 
 
 # ----------------------------------------------------------------------------- norms, acts

@@ -96,7 +96,7 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Conv(
             c.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=not c.has_cls,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("patch", "patch", None, "vision_embed")),
+                nn.initializers.normal(0.02), (None, None, None, "vision_embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                    ("vision_embed",)), **kw)
         if c.has_cls:

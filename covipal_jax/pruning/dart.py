@@ -1,9 +1,10 @@
 """DART (Wen et al., EMNLP 2025, "Stop Looking for Important Tokens in Multimodal Language
 Models: Duplication Matters More"): keep the image tokens least duplicated by a few pivots.
 
-Rule (official `get_retained_image_token` / `DART_K_norm.forward` in ZichenWen1/DART's LLaVA
-`modeling_llama.py`; same in ModelTC/LightCompress `llmc/compression/token_reduction/dart.py`),
-applied once at decoder layer K (= 2) during prefill:
+Rule (official `get_retained_image_token` / `DART_K_norm.forward` of ZichenWen1/DART's LLaVA
+LlamaModel, read from a public copy since the repo's code is not indexed here; identical logic
+in ModelTC/llmc `llmc/compression/token_reduction/dart.py`), applied once at decoder layer
+K (= 2) during prefill:
 1. `K_states`: the post-RoPE keys of layer K-1, heads flattened ([S, K*H]). Image pivots: the
    `pivot_image_token` (= 4) image tokens with the largest L1 key norm
    (`torch.norm(k, p=1, dim=-1).topk`); text pivots: the `pivot_text_token` (= 4) tokens AFTER

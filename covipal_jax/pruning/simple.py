@@ -1,0 +1,115 @@
+"""Reference baselines: keep all (`none`), uniform random (`random`), spatial pooling (`pool`).
+
+All are pre-LLM selections over the projected tokens H_v = ctx.vision_tokens f32[B, n_v, D].
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from covipal_jax.pruning.base import PruneContext, PruneResult
+from covipal_jax.pruning.select import gather_tokens, topk_indices
+
+Array = jax.Array
+
+
+def none(ctx: PruneContext, k: int, *, project=None) -> PruneResult:
+    """No pruning: all n_v tokens (k must equal n_v)."""
+    del project
+    b, n_v = ctx.vision_tokens.shape[:2]
+    if k != n_v:
+        raise ValueError(f"method 'none' keeps all tokens: k={k} must equal n_v={n_v}")
+    idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
+    return PruneResult(tokens=ctx.vision_tokens, indices=idx, scores=None)
+
+
+def _per_example_keys(rng, b: int):
+    """One key per example: a single key is split into B; a batch of B keys is used as is."""
+    if rng is None:
+        raise ValueError("method 'random' needs PruneContext.rng")
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    single = rng.ndim == (0 if typed else 1)
+    if single:
+        return jax.random.split(rng, b)
+    if rng.shape[0] != b:
+        raise ValueError(f"rng batch {rng.shape[0]} != batch {b}")
+    return rng
+
+
+def random(ctx: PruneContext, k: int, *, project=None) -> PruneResult:
+    """k distinct tokens per example, uniformly at random, ascending.
+
+    Example b uses key b of `ctx.rng` (a [B] batch of keys), or of `split(ctx.rng, B)` when a
+    single key is given: the draw is a deterministic function of the example's key (top-k of
+    `uniform(key, [n_v])`, i.e. a uniformly random k-subset).
+    """
+    del project
+    b, n_v = ctx.vision_tokens.shape[:2]
+    keys = _per_example_keys(ctx.rng, b)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (n_v,)))(keys)
+    idx = topk_indices(u, k)
+    return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx, scores=u)
+
+
+def pool_indices(h: int, w: int, k: int) -> np.ndarray:
+    """k patch indices spread evenly over an h x w grid (static, row-major, ascending).
+
+    Rows: `gh = round(sqrt(k * h / w))`, clipped to [ceil(k / w), min(h, k)], at
+    `floor((r + 0.5) * h / gh)`. Row r gets `n_r = floor((r+1) k / gh) - floor(r k / gh)`
+    points (so counts differ by at most one and sum to k) at columns `floor((c + 0.5) * w / n_r)`.
+    When k = g * g on a square grid this is the regular g x g sub-grid at the cell centres
+    (e.g. 24 x 24, k = 64: rows/cols 1, 4, ..., 22, stride 3); otherwise rows hold
+    floor(k/gh) or ceil(k/gh) points.
+    """
+    if not 1 <= k <= h * w:
+        raise ValueError(f"k={k} outside [1, {h * w}]")
+    gh = int(round(math.sqrt(k * h / w)))
+    gh = max(gh, -(-k // w), 1)
+    gh = min(gh, h, k)
+    out = []
+    for r in range(gh):
+        row = int(math.floor((r + 0.5) * h / gh))
+        n_r = (r + 1) * k // gh - r * k // gh
+        for c in range(n_r):
+            out.append(row * w + int(math.floor((c + 0.5) * w / n_r)))
+    idx = np.asarray(out, np.int32)
+    assert idx.size == k and np.all(np.diff(idx) > 0), (h, w, k)
+    return idx
+
+
+def pool_assignment(h: int, w: int, k: int) -> np.ndarray:
+    """f32[n_v, k] averaging weights: each patch goes to its nearest pooled point (Euclidean on
+    the grid, ties to the lower point index); columns sum to 1."""
+    idx = pool_indices(h, w, k)
+    rr, cc = np.divmod(np.arange(h * w), w)
+    pr, pc = np.divmod(idx, w)
+    d2 = (rr[:, None] - pr[None]) ** 2 + (cc[:, None] - pc[None]) ** 2
+    a = np.zeros((h * w, k), np.float32)
+    a[np.arange(h * w), np.argmin(d2, axis=1)] = 1.0
+    return a / a.sum(axis=0, keepdims=True)
+
+
+def pool(ctx: PruneContext, k: int, *, mode: str = "stride", project=None) -> PruneResult:
+    """Uniform spatial pooling to k tokens.
+
+    mode "stride": keep the tokens at `pool_indices(h, w, k)`.
+    mode "avg": each kept token is the mean of the projected tokens of its cell (the patches
+    nearest to that point), positioned at the point.
+    """
+    del project
+    h, w = ctx.checked_grid()
+    b = ctx.batch
+    idx_np = pool_indices(h, w, k)
+    idx = jnp.broadcast_to(jnp.asarray(idx_np), (b, k))
+    if mode == "stride":
+        tokens = gather_tokens(ctx.vision_tokens, idx)
+    elif mode == "avg":
+        a = jnp.asarray(pool_assignment(h, w, k))
+        tokens = jnp.einsum("bnd,nk->bkd", ctx.vision_tokens.astype(jnp.float32), a)
+        tokens = tokens.astype(ctx.vision_tokens.dtype)
+    else:
+        raise ValueError(f"pool mode {mode!r} not in ('stride', 'avg')")
+    return PruneResult(tokens=tokens, indices=idx, scores=None)
