@@ -371,7 +371,7 @@ class _Pools:
             self.distract = allc
         else:
             self.query = seen
-            self.distract = allc if cfg.heldout_distractors_in_train else seen
+            self.distract = allc
         self.held = held
         self.test = split == "test" and bool(held)
 

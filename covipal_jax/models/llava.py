@@ -79,6 +79,10 @@ class Llava(nn.Module):
     def logits(self, h: Array) -> Array:
         return self.language_model.logits(h)
 
+    def final_norm(self, h: Array) -> Array:
+        """The decoder's final RMSNorm alone (DART compares hidden states through it)."""
+        return self.language_model.final_norm(h)
+
     def attention_rows(self, x: Array, **kwargs) -> Array:
         return self.language_model.attention_rows(x, **kwargs)
 
