@@ -371,7 +371,7 @@ class _Pools:
             self.distract = allc
         else:
             self.query = seen
-            self.distract = allc
+            self.distract = allc if cfg.heldout_distractors_in_train else seen
         self.held = held
         self.test = split == "test" and bool(held)
 
@@ -448,7 +448,7 @@ def _build_question(
     if qtype == "color":
         s, c = _pick(rng, pools.query)
         combos = _fill(rng, [(s, c)], _n_total(rng, cfg, 1), pools.distract,
-                       lambda x: x[0] != s)
+                       lambda x: True)
         return combos, [0], c, {"shape": s}, axis
     if qtype == "shape":
         s, c = _pick(rng, pools.query)

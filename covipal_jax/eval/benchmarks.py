@@ -5,31 +5,33 @@ what was read, what was filtered out on purpose (e.g. ScienceQA questions withou
 SEED-Bench video questions) and what was malformed (missing keys, bad answers, missing image
 files). Malformed records are counted and a few messages kept; they never abort a read.
 
-Expected layouts (paths are what `load_benchmark(name, path, ...)` takes; see also
-`covipal_jax/eval/README.md`):
+Expected layouts (`path` is what `load_benchmark(name, path, ...)` takes; the table in
+`covipal_jax/eval/README.md` has more detail):
 
-| name      | `path`                                   | images                                   |
-|-----------|------------------------------------------|------------------------------------------|
-| gqa       | `testdev_balanced_questions.json`        | `image_dir/<imageId>.jpg`                |
-|           | (`{qid: {imageId, question, answer, ...}}`, or a JSON list / JSONL of records |
-|           | with `question_id, image|imageId, question|text, answer`)                  |
-| mme       | `MME_Benchmark_release_version/` folder: one subfolder per task, either    |
-|           | per-image `<stem>.txt` (`question\\tanswer` lines) next to `<stem>.png|jpg`,  |
-|           | or `images/` + `questions_answers_YN/`; or one `<task>/<task>.txt` with    |
-|           | `image\\tquestion\\tanswer` lines (the eval_tool layout); or a flat TSV     |
-|           | with a header `[index,] category, image|image_path, question, answer`      |
-| pope      | folder of `*pope_{adversarial,popular,random}.json[l]` (JSONL lines        |
-|           | `{question_id, image, text, label}`), or one JSONL with a `category` field | `image_dir/<image>` |
-| textvqa   | `TextVQA_0.5.1_val.json` (`{"data": [{question_id, image_id, question,     |
-|           | answers[10]}]}`); optional Rosetta OCR json for LLaVA's OCR-token prompt   | `image_dir/<image_id>.jpg` |
-| scienceqa | folder with `problems.json`, `pid_splits.json`                             | `images/<split>/<pid>/image.png` |
-| mmbench   | VLMEvalKit/OpenCompass TSV: `index, question, hint, A..D, answer,          |
-|           | category, l2-category, image` (base64)                                     | inline base64 |
-| seed      | `SEED-Bench.json` (`{"questions": [...], "question_type": {...}}`)          | `image_dir/<data_id>` |
-| ai2d      | JSONL `{question_id?, image, question, options[], answer}` or a VLMEvalKit  |
-|           | TSV like MMBench's (`AI2D_TEST.tsv`)                                        | path (rel. to file) or base64 |
-| mmstar    | VLMEvalKit TSV: `index, question (options inline), answer, category,       |
-|           | l2_category, image` (base64), optional `A..D` columns                      | inline base64 |
+* gqa: `testdev_balanced_questions.json` (`{qid: {imageId, question, answer, types}}`), or a
+  JSON list / JSONL of `{question_id, image|imageId, question|text, answer}`;
+  images `image_dir/<imageId>.jpg` (default `<dir>/images`).
+* mme: the `MME_Benchmark_release_version/` folder, one subfolder per task, holding either
+  per-image `<stem>.txt` (`question\tanswer` lines) next to `<stem>.png|jpg`, or `images/` +
+  `questions_answers_YN/`; or `<task>/<task>.txt` with `image\tquestion\tanswer` lines (the
+  eval_tool layout). Or a flat TSV with `category, question, answer, image|image_path`.
+* pope: a folder of `*pope_{adversarial,popular,random}.json[l]` (JSON lines
+  `{question_id, image, text, label}`), or one JSONL with a `category` (split) field;
+  images `image_dir/<image>` (COCO val2014; default `<path>/images`).
+* textvqa: `TextVQA_0.5.1_val.json` (`{"data": [{question_id, image_id, question,
+  answers[10]}]}`); images `image_dir/<image_id>.jpg` (default `<dir>/train_images`);
+  optional Rosetta OCR json for LLaVA-1.5's OCR-token prompt.
+* scienceqa: a folder with `problems.json`, `pid_splits.json`; images
+  `images/<split>/<pid>/image.png`. Only questions with an image (ScienceQA-IMG).
+* mmbench: VLMEvalKit / OpenCompass TSV `index, question, hint, A..D, answer, category,
+  l2-category, image` (base64).
+* seed: `SEED-Bench.json` (`{"questions": [...], "question_type": {...}}`); images
+  `image_dir/<data_id>` (default `<dir>/SEED-Bench-image`). Image questions only.
+* ai2d: JSONL `{question_id?, image, question, options[], answer}` (image: path relative to
+  the file's folder, or base64; answer: index, letter or option text), or a VLMEvalKit TSV
+  like MMBench's (`AI2D_TEST.tsv`).
+* mmstar: VLMEvalKit TSV `index, question` (options inline), `answer`, `category`,
+  `l2_category`, `image` (base64); `A..D` columns are used when present.
 
 Tables (`.tsv`, `.csv`, `.jsonl`, `.json`) are read with the standard library; `.parquet`
 (lmms-eval / HF exports) needs `pandas` + `pyarrow`, imported lazily. HF image columns
@@ -50,7 +52,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from PIL import Image

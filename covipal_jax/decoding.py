@@ -1,0 +1,181 @@
+"""Batched generation over a fixed-size KV cache: jitted prefill, jitted decode step.
+
+Letters: B batch, T prompt bucket, k kept vision tokens, M = max_new_tokens, V vocab.
+
+`Generator` compiles two functions per (bucket, k): `prefill` (encode, prune, splice, fill the
+cache; see `covipal_jax.prefill`) and `decode` (a `lax.while_loop` over the decode step, on
+device, no Python per token; it stops when every row has emitted EOS or M tokens). The cache
+holds `prompt + M` slots, so nothing is reallocated while decoding. Prompts are left-padded,
+so every row writes the same cache index at each step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from covipal_jax.models.llava import Llava
+from covipal_jax.prefill import PrefillOutput, PruneSpec, Segment, prefill
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) cut to the top_p mass."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling settings {self}")
+
+
+def sample(logits: Array, rng: Array, sampling: Sampling) -> Array:
+    """logits f32[B, V] -> tokens i32[B]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        cum_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = cum_before < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- state
+
+@flax.struct.dataclass
+class DecodeState:
+    """tokens i32[B, M] generated so far (pad after EOS); done bool[B]; step: tokens emitted;
+    position i32[B] position of the next token fed; segments: KV caches (see prefill)."""
+
+    tokens: Array
+    done: Array
+    step: Array
+    position: Array
+    segments: tuple
+    rng: Array
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray        # i32[B, M], pad after EOS
+    lengths: np.ndarray       # i32[B] tokens before (and including) EOS
+    num_vision_tokens: int    # k: vision tokens the LLM saw per image
+    kept: np.ndarray          # i32[B, k] source patch indices of the kept tokens
+
+
+class Generator:
+    """Jitted, batched, static-shape generation for one model config and prune spec.
+
+    Usage: `gen = Generator(model, spec, max_new_tokens=32, eos_id=2, pad_id=0)`;
+    `out = gen(params, pixels, ids, mask, rng=key, ppm_vars=...)` (`ppm_module` given to the
+    constructor when `spec.method == "ppm"`).
+    `gen.compilations()` reports how many programs each jitted function has compiled.
+    """
+
+    def __init__(self, model: Llava, spec: PruneSpec, *, max_new_tokens: int, eos_id: int,
+                 pad_id: int = 0, sampling: Sampling = Sampling(),
+                 extra_stop_ids: tuple[int, ...] = (), ppm_module: Any = None):
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        self.model, self.spec, self.sampling = model, spec, sampling
+        self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
+        self.stop_ids = tuple(sorted({eos_id, *extra_stop_ids}))
+        self.ppm_module = ppm_module
+        self.prefill = jax.jit(self._prefill)
+        self.decode_step = jax.jit(self._step, donate_argnums=(1,))
+        self.decode = jax.jit(self._loop, donate_argnums=(1,))
+
+    # -- traced bodies ------------------------------------------------------------------------
+
+    def _is_stop(self, tok: Array) -> Array:
+        return jnp.isin(tok, jnp.asarray(self.stop_ids, jnp.int32))
+
+    def _prefill(self, params, ppm_vars, pixels, ids, mask, rng) -> DecodeState:
+        ppm = None if ppm_vars is None else (self.ppm_module, ppm_vars)
+        rng, r_prune, r_tok = jax.random.split(rng, 3)
+        out: PrefillOutput = prefill(self.model, params, pixels, ids, mask, self.spec,
+                                     extra=self.max_new_tokens, ppm=ppm, rng=r_prune)
+        tok = sample(out.last_logits, r_tok, self.sampling)
+        b = ids.shape[0]
+        tokens = jnp.full((b, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(tok)
+        state = DecodeState(tokens, self._is_stop(tok), jnp.ones((), jnp.int32),
+                            out.next_position.astype(jnp.int32), out.segments, rng)
+        return state, out.kept
+
+    def _step(self, params, state: DecodeState) -> DecodeState:
+        """Feed token step-1, emit token `step`."""
+        model = self.model
+        t = state.step
+        last = jax.lax.dynamic_index_in_dim(state.tokens, t - 1, axis=1, keepdims=True)
+        x = model.apply(params, last, method=Llava.embed_text)  # [B, 1, D]
+        pos = state.position[:, None]
+        segments = []
+        for seg in state.segments:
+            idx = seg.base + t - 1
+            key_valid = jax.lax.dynamic_update_slice(
+                seg.key_valid, jnp.ones((x.shape[0], 1), bool), (0, idx))
+            x, cache = model.apply(params, x, method=Llava.run, positions=pos,
+                                   key_valid=key_valid, cache=seg.cache, cache_index=idx,
+                                   start=seg.start, stop=seg.stop)
+            segments.append(Segment(cache, key_valid, seg.start, seg.stop, seg.base))
+        logits = model.apply(params, x, method=Llava.logits)[:, 0]
+        rng, r = jax.random.split(state.rng)
+        tok = sample(logits, r, self.sampling)
+        tok = jnp.where(state.done, self.pad_id, tok)
+        tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, t))
+        done = state.done | self._is_stop(tok)
+        return DecodeState(tokens, done, t + 1, state.position + 1, tuple(segments), rng)
+
+    def _loop(self, params, state: DecodeState) -> DecodeState:
+        cond = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
+        return jax.lax.while_loop(cond, lambda s: self._step(params, s), state)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def __call__(self, params, pixels, ids, mask, *, rng: Array | None = None,
+                 ppm_vars: Any = None) -> GenerateOutput:
+        rng = jax.random.key(0) if rng is None else rng
+        if ppm_vars is not None and self.ppm_module is None:
+            raise ValueError("ppm_vars given but the Generator has no ppm_module")
+        state, kept = self.prefill(params, ppm_vars, pixels, ids, mask, rng)
+        state = self.decode(params, state)
+        tokens = np.asarray(state.tokens)
+        return GenerateOutput(tokens, token_lengths(tokens, self.stop_ids, self.pad_id),
+                              int(kept.shape[1]), np.asarray(kept))
+
+    def compilations(self) -> dict[str, int]:
+        return {name: getattr(self, name)._cache_size()
+                for name in ("prefill", "decode", "decode_step")}
+
+
+def token_lengths(tokens: np.ndarray, stop_ids: tuple[int, ...], pad_id: int) -> np.ndarray:
+    """Generated length per row: up to and including the first stop token."""
+    tokens = np.asarray(tokens)
+    is_stop = np.isin(tokens, stop_ids)
+    first = np.where(is_stop.any(1), is_stop.argmax(1) + 1, tokens.shape[1])
+    return first.astype(np.int32)
+
+
+def trim(tokens: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int, ...]) -> list[list[int]]:
+    """Per-row token lists without the stop token and padding."""
+    out = []
+    for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
+        row = list(row[:n])
+        if row and row[-1] in stop_ids:
+            row = row[:-1]
+        out.append([int(t) for t in row])
+    return out

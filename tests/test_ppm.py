@@ -1,0 +1,215 @@
+"""Tests for covipal_jax/pruning/ppm.py: the PPM module, the `ppm` method, the cost model."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jcore
+
+from covipal_jax.pruning import ppm as ppm_lib
+from covipal_jax.pruning.base import PruneContext
+from covipal_jax.pruning.select import topk_indices
+
+CFG = ppm_lib.PPMConfig(n_v=16, d_model=24, width=16, num_layers=2, num_heads=4, mlp_ratio=2)
+
+
+def _inputs(seed, b=3, t=7, cfg=CFG, dtype=jnp.float32):
+    r = np.random.default_rng(seed)
+    hv = jnp.asarray(r.normal(size=(b, cfg.n_v, cfg.d_model)), dtype)
+    ht = jnp.asarray(r.normal(size=(b, t, cfg.d_model)), dtype)
+    mask = np.ones((b, t), bool)
+    for i in range(b):
+        mask[i, : (2 * i) % t] = False                      # left padding, 0 / 2 / 4 pads
+    return hv, ht, jnp.asarray(mask)
+
+
+def _init(cfg=CFG, seed=0):
+    model = ppm_lib.PPM(cfg)
+    hv, ht, m = _inputs(0, cfg=cfg)
+    return model, model.init(jax.random.key(seed), hv, ht, m)
+
+
+def test_shapes_and_dtypes():
+    model, variables = _init()
+    for dtype in (jnp.float32, jnp.bfloat16):
+        hv, ht, m = _inputs(1, dtype=dtype)
+        s = model.apply(variables, hv, ht, m)
+        assert s.shape == (3, CFG.n_v) and s.dtype == jnp.float32
+        assert bool(jnp.all(jnp.isfinite(s)))
+    with pytest.raises(ValueError):
+        model.apply(variables, hv[:, :5], ht, m)
+
+
+def test_padded_text_has_no_influence_but_real_text_does():
+    model, variables = _init()
+    hv, ht, m = _inputs(2)
+    s = model.apply(variables, hv, ht, m)
+    garbage = jnp.where(m[..., None], ht, 1e4 * jax.random.normal(jax.random.key(1), ht.shape))
+    s2 = model.apply(variables, hv, garbage, m)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s2))
+    nan_pads = jnp.where(m[..., None], ht, jnp.nan)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(model.apply(variables, hv, nan_pads,
+                                                                       m)))
+    # changing a REAL text token changes the scores of that example only (params scaled up so
+    # the freshly initialized attention is far from uniform)
+    big = jax.tree.map(lambda x: 25.0 * x, variables)
+    s = model.apply(big, hv, ht, m)
+    ht3 = ht.at[1, -1].add(3.0)
+    s3 = model.apply(big, hv, ht3, m)
+    assert np.abs(np.asarray(s3[1] - s[1])).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(s3[0]), np.asarray(s[0]))
+    np.testing.assert_array_equal(np.asarray(s3[2]), np.asarray(s[2]))
+    # no text at all: attends to vision only, still finite
+    s4 = model.apply(variables, hv, ht, jnp.zeros_like(m))
+    assert bool(jnp.all(jnp.isfinite(s4)))
+
+
+def test_batched_equals_per_example():
+    model, variables = _init()
+    hv, ht, m = _inputs(3)
+    s = model.apply(variables, hv, ht, m)
+    for b in range(3):
+        sb = model.apply(variables, hv[b:b + 1], ht[b:b + 1], m[b:b + 1])
+        np.testing.assert_allclose(np.asarray(sb[0]), np.asarray(s[b]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,
+    ppm_lib.PPMConfig(n_v=9, d_model=10, width=8, num_layers=1, num_heads=2, mlp_ratio=3),
+    ppm_lib.PPMConfig(n_v=12, d_model=32, width=24, num_layers=3, num_heads=6),
+])
+def test_param_count_matches_analytic(cfg):
+    _, variables = _init(cfg)
+    n = sum(x.size for x in jax.tree.leaves(nn.unbox(variables)))
+    assert n == ppm_lib.ppm_param_count(cfg)
+
+
+def test_logical_axis_names():
+    _, variables = _init()
+    boxed = jax.tree.leaves(variables["params"],
+                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
+    p = variables["params"]
+    assert p["v_proj"]["kernel"].names == ("embed", "ppm_embed")
+    assert p["t_proj"]["kernel"].names == ("embed", "ppm_embed")
+    assert p["blocks"]["q"]["kernel"].names == ("layers", "ppm_embed", "ppm_heads", "head_dim")
+    assert p["blocks"]["fc1"]["kernel"].names == ("layers", "ppm_embed", "ppm_mlp")
+    assert p["blocks"]["o"]["kernel"].value.shape == (CFG.num_layers, CFG.num_heads,
+                                                      CFG.head_dim, CFG.width)
+    used = {n for x in boxed for n in x.names if n is not None}
+    assert used <= {"embed", "ppm_embed", "ppm_mlp", "ppm_heads", "head_dim", "layers"}
+
+
+def _dot_flops(jaxpr) -> int:
+    """Matmul FLOPs (2 x MACs) of every dot_general in a jaxpr, scan bodies x length."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(
+                np.prod([lhs[i] for i in lc]))
+        mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            for s in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(s, jcore.ClosedJaxpr):
+                    total += mult * _dot_flops(s.jaxpr)
+                elif isinstance(s, jcore.Jaxpr):
+                    total += mult * _dot_flops(s)
+    return total
+
+
+@pytest.mark.parametrize("t", [5, 11])
+def test_flops_match_traced_matmuls(t):
+    cfg = ppm_lib.PPMConfig(n_v=16, d_model=24, width=16, num_layers=3, num_heads=4)
+    model, variables = _init(cfg)
+    hv, ht, m = _inputs(4, b=2, t=t, cfg=cfg)
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, hv, ht, m))(variables).jaxpr
+    assert _dot_flops(jaxpr) == 2 * ppm_lib.ppm_flops(cfg, cfg.n_v, t)   # batch of 2
+
+
+def test_llm_cost_model():
+    # LLaMA-7B / Vicuna-7B: 6,738,415,616 parameters
+    assert ppm_lib.llm_param_count() == 6_738_415_616
+    # matmul FLOPs = 2 x (matmul params) x tokens + attention scores/values + last-token head
+    s, n_layers, d, f, v = 208, 32, 4096, 11008, 32000
+    want = 2 * s * n_layers * (4 * d * d + 3 * d * f) + n_layers * 4 * s * s * d + 2 * d * v
+    assert ppm_lib.llm_prefill_flops(s) == want
+    # GQA: fewer kv heads, fewer FLOPs
+    assert ppm_lib.llm_prefill_flops(s, num_kv_heads=8) < want
+
+
+def test_budget_for_7b():
+    """Default PPM for LLaVA-1.5-7B: < 2% of the LLM's params, < 3% of the pruned prefill."""
+    cfg = ppm_lib.PPMConfig(n_v=576, d_model=4096)
+    n_v, t, r = 576, 64, 0.25
+    k = int(round(r * n_v))
+    params = ppm_lib.ppm_param_count(cfg)
+    flops = ppm_lib.ppm_flops(cfg, n_v, t)
+    llm_params = ppm_lib.llm_param_count()
+    llm_flops = ppm_lib.llm_prefill_flops(k + t)
+    assert params / llm_params < 0.02, params / llm_params
+    assert flops / llm_flops < 0.03, flops / llm_flops
+    # and a real init agrees with the analytic count (shape-only, no memory)
+    shapes = jax.eval_shape(lambda: ppm_lib.PPM(cfg).init(
+        jax.random.key(0), jnp.zeros((1, n_v, 4096)), jnp.zeros((1, t, 4096)),
+        jnp.ones((1, t), bool)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes))) == params
+
+
+def test_ppm_method_topk_gather_and_jit():
+    model, variables = _init()
+    traces = []
+
+    @jax.jit
+    def run(ctx):
+        traces.append(1)
+        return ppm_lib.ppm(ctx, 5, module=model, variables=variables)
+
+    for seed in (5, 6):
+        hv, ht, m = _inputs(seed)
+        ctx = PruneContext(vision_tokens=hv, text_embeds=ht, text_mask=m, grid=(4, 4))
+        res = run(ctx)
+        scores = model.apply(variables, hv, ht, m)
+        np.testing.assert_allclose(np.asarray(res.scores), np.asarray(scores), rtol=1e-5,
+                                   atol=1e-6)
+        idx = np.asarray(res.indices)
+        np.testing.assert_array_equal(idx, np.asarray(topk_indices(scores, 5)))
+        assert idx.shape == (3, 5) and np.all(np.diff(idx, axis=1) > 0)
+        for b in range(3):
+            want = np.sort(np.argsort(-np.asarray(scores[b]))[:5])
+            np.testing.assert_array_equal(idx[b], want)
+            np.testing.assert_array_equal(np.asarray(res.tokens[b]), np.asarray(hv[b, idx[b]]))
+    assert len(traces) == 1
+
+
+def test_trainable_grads_and_dropout():
+    cfg = ppm_lib.PPMConfig(n_v=16, d_model=24, width=16, num_layers=2, num_heads=4,
+                            dropout=0.1)
+    model, variables = _init(cfg)
+    hv, ht, m = _inputs(7)
+    target = jax.random.normal(jax.random.key(3), (3, cfg.n_v))
+
+    def loss(params, rng):
+        s = model.apply({"params": params}, hv, ht, m, deterministic=False,
+                        rngs={"dropout": rng})
+        return jnp.mean((s - target) ** 2)
+
+    params = nn.unbox(variables)["params"]
+    g = jax.grad(loss)(params, jax.random.key(4))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(g):
+        assert bool(jnp.all(jnp.isfinite(leaf))), path
+        assert float(jnp.abs(leaf).max()) > 0, path
+    a = model.apply({"params": params}, hv, ht, m, deterministic=False,
+                    rngs={"dropout": jax.random.key(1)})
+    b = model.apply({"params": params}, hv, ht, m)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        ppm_lib.PPMConfig(n_v=4, d_model=8, width=10, num_heads=4)
+    with pytest.raises(ValueError):
+        ppm_lib.PPMConfig(n_v=0, d_model=8)
