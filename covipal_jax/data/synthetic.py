@@ -9,13 +9,12 @@ never overlap or touch. Every (shape, colour) combination appears at most once p
 
 Question types (answers are single words):
 
-* ``color``    "what color is the triangle ?"                   -> "red"     (exactly one triangle)
-* ``shape``    "what shape is the blue object ?"                -> "circle"  (exactly one blue object)
-* ``exist``    "is there a green square ?"                      -> "yes"/"no" (50/50; near-miss
+* ``color``    "what color is the triangle ?"                 -> "red" (exactly one triangle)
+* ``shape``    "what shape is the blue object ?"              -> "circle" (exactly one blue object)
+* ``exist``    "is there a green square ?"                    -> "yes"/"no" (50/50; near-miss
   distractors with the same shape or the same colour are added independently of the answer)
-* ``count``    "how many red objects are there ?"               -> "two"     (count uniform in
-  `counts`)
-* ``position`` "is the red circle left of the blue square ?"    -> "yes"/"no" (50/50; relation in
+* ``count``    "how many red objects are there ?"             -> "two" (uniform in `counts`)
+* ``position`` "is the red circle left of the blue square ?"  -> "yes"/"no" (50/50; relation in
   left/right/above/below; the two objects are in different grid columns or rows respectively)
 
 Splits and held-out combinations: a fixed set of `n_heldout` (shape, colour) combinations is
@@ -448,7 +447,7 @@ def _build_question(
     if qtype == "color":
         s, c = _pick(rng, pools.query)
         combos = _fill(rng, [(s, c)], _n_total(rng, cfg, 1), pools.distract,
-                       lambda x: True)
+                       lambda x: x[0] != s)
         return combos, [0], c, {"shape": s}, axis
     if qtype == "shape":
         s, c = _pick(rng, pools.query)

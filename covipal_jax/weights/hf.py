@@ -384,7 +384,7 @@ def _flat_leaves(tree) -> dict[str, Any]:
     return traverse_util.flatten_dict(tree, sep="/", is_leaf=is_box)
 
 
-def _plan(cfg: LlavaConfig, ckpt_keys, shape_of) -> tuple[str, dict[str, keymap.Entry]]:
+def _plan(cfg: LlavaConfig, ckpt_keys) -> tuple[str, dict[str, keymap.Entry]]:
     """Match checkpoint keys against the map: (layout name, {hf key: entry}) or ValueError."""
     entries = keymap.key_map(cfg)
     name = keymap.detect_layout(cfg, ckpt_keys, entries)
@@ -392,6 +392,9 @@ def _plan(cfg: LlavaConfig, ckpt_keys, shape_of) -> tuple[str, dict[str, keymap.
     ckpt = set(ckpt_keys)
     missing = set(expected) - ckpt
     unused = {k for k in ckpt - set(expected) if not keymap.is_ignored(k)}
+    tied = tied_lm_head_key(cfg, name)
+    if tied is not None:
+        unused.discard(tied)  # a duplicate of the tied embedding: checked by the caller
     if missing or unused:
         msg = [f"checkpoint does not match the model (detected layout {name!r}):"]
         if missing:
@@ -400,6 +403,24 @@ def _plan(cfg: LlavaConfig, ckpt_keys, shape_of) -> tuple[str, dict[str, keymap.
             msg.append(f"  unused keys ({len(unused)}): {_listing(unused)}")
         raise ValueError("\n".join(msg))
     return name, expected
+
+
+def tied_lm_head_key(cfg: LlavaConfig, layout_name: str) -> str | None:
+    """With tied embeddings, the lm_head key a checkpoint may still carry as a duplicate."""
+    if not cfg.text.tie_word_embeddings:
+        return None
+    return keymap.LAYOUTS[layout_name]["lm_head"] + "lm_head.weight"
+
+
+def _check_tied_duplicate(cfg: LlavaConfig, ckpt: "Checkpoint", layout_name: str) -> None:
+    key = tied_lm_head_key(cfg, layout_name)
+    if key is None or key not in ckpt.where:
+        return
+    embed = keymap.LAYOUTS[layout_name]["text"] + "embed_tokens.weight"
+    a, b = ckpt.get(key), ckpt.get(embed)
+    if a.shape != b.shape or not np.array_equal(a, b):
+        raise ValueError(f"tie_word_embeddings is set, but the checkpoint's {key} differs from "
+                         f"{embed}")
 
 
 def load_llava(path: str | os.PathLike, *, cfg: LlavaConfig | None = None, mesh=None,
@@ -439,8 +460,9 @@ def load_llava(path: str | os.PathLike, *, cfg: LlavaConfig | None = None, mesh=
 
     ckpt = Checkpoint(path)
     try:
-        layout_name, expected = _plan(cfg, ckpt.keys(), ckpt.shape)
+        layout_name, _ = _plan(cfg, ckpt.keys())
         layout = keymap.LAYOUTS[layout_name]
+        _check_tied_duplicate(cfg, ckpt, layout_name)
         entries = {f"params/{e.path}": e for e in keymap.key_map(cfg)}
         if set(entries) != set(leaves):  # the map and the model drifted apart: a bug here
             raise AssertionError(f"key map vs model params: only in map "
