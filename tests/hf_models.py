@@ -14,9 +14,13 @@ placeholder each, plus the expanded sequence HF is fed; `hf_*` run the HF refere
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import math
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -147,6 +151,29 @@ def build_onevision(out_dir: str | os.PathLike, seed: int = 1, tie: bool = True)
     hc = onevision_hf_config(tie)
     model = _build("LlavaOnevisionForConditionalGeneration", hc, os.fspath(out_dir), seed)
     return TinyHF(os.fspath(out_dir), model, onevision_cfg(tie), hc)
+
+
+_SHARED_ROOT: list[str] = []
+
+
+def _shared_dir(name: str) -> str:
+    if not _SHARED_ROOT:
+        root = tempfile.mkdtemp(prefix="covipal_hf_models_")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _SHARED_ROOT.append(root)
+    return os.path.join(_SHARED_ROOT[0], name)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_llava() -> TinyHF:
+    """`build_llava()` once per process (a temp dir removed at exit). Treat as read-only."""
+    return build_llava(_shared_dir("llava"))
+
+
+@functools.lru_cache(maxsize=None)
+def shared_onevision() -> TinyHF:
+    """`build_onevision()` once per process (a temp dir removed at exit). Treat as read-only."""
+    return build_onevision(_shared_dir("onevision"))
 
 
 def load_hf(path: str, attn_implementation: str = "eager") -> torch.nn.Module:

@@ -17,6 +17,8 @@ Every piece of that reference is an HF module, so this checks our whole path aga
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -33,22 +35,28 @@ def _max_diff(a, b, where=None) -> float:
     return float(d[where].max() if where is not None else d.max())
 
 
-def _ours(cfg, params, batch):
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg):
     model = Llava(cfg)
-    (vis, proj) = jax.jit(lambda p, x: model.apply(p, x, method=Llava.encode_image))(
-        params, batch.pixels)
-    logits, seq_mask = jax.jit(model.apply)(params, batch.pixels, batch.ids, batch.mask)
+    encode = jax.jit(lambda p, x: model.apply(p, x, method=Llava.encode_image))
+    return encode, jax.jit(model.apply)
+
+
+def _ours(cfg, params, batch):
+    encode, forward = _jitted(cfg)
+    vis, proj = encode(params, batch.pixels)
+    logits, seq_mask = forward(params, batch.pixels, batch.ids, batch.mask)
     return np.asarray(vis.features), np.asarray(proj), np.asarray(logits), np.asarray(seq_mask)
 
 
 @pytest.fixture(scope="module")
-def llava_tiny(tmp_path_factory):
-    return H.build_llava(tmp_path_factory.mktemp("llava_hf"))
+def llava_tiny():
+    return H.shared_llava()
 
 
 @pytest.fixture(scope="module")
-def ov_tiny(tmp_path_factory):
-    return H.build_onevision(tmp_path_factory.mktemp("ov_hf"))
+def ov_tiny():
+    return H.shared_onevision()
 
 
 def test_llava_clip_llama_parity(llava_tiny):

@@ -92,8 +92,9 @@ def test_batched_equals_per_example():
     ppm_lib.PPMConfig(n_v=12, d_model=32, width=24, num_layers=3, num_heads=6),
 ])
 def test_param_count_matches_analytic(cfg):
-    _, variables = _init(cfg)
-    n = sum(x.size for x in jax.tree.leaves(nn.unbox(variables)))
+    hv, ht, m = _inputs(0, cfg=cfg)
+    shapes = jax.eval_shape(lambda: ppm_lib.PPM(cfg).init(jax.random.key(0), hv, ht, m))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
     assert n == ppm_lib.ppm_param_count(cfg)
 
 
@@ -203,18 +204,20 @@ def test_trainable_grads_and_dropout():
     hv, ht, m = _inputs(7)
     target = jax.random.normal(jax.random.key(3), (3, cfg.n_v))
 
-    def loss(params, rng):
-        s = model.apply({"params": params}, hv, ht, m, deterministic=False,
-                        rngs={"dropout": rng})
+    def loss(params):
+        s = model.module.apply({"params": params}, hv, ht, m)
         return jnp.mean((s - target) ** 2)
 
     params = nn.unbox(variables)["params"]
-    g = jax.grad(loss)(params, jax.random.key(4))
+    g = jax.jit(jax.grad(loss))(params)
     for path, leaf in jax.tree_util.tree_leaves_with_path(g):
         assert bool(jnp.all(jnp.isfinite(leaf))), path
         assert float(jnp.abs(leaf).max()) > 0, path
     a = model.apply({"params": params}, hv, ht, m, deterministic=False,
                     rngs={"dropout": jax.random.key(1)})
+    a2 = model.apply({"params": params}, hv, ht, m, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
     b = model.apply({"params": params}, hv, ht, m)
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
