@@ -4,7 +4,8 @@ Two families, both small but non-trivial (several layers, several heads, patches
 - `build_llava`: CLIP ViT (CLS, pre-LN, quick_gelu, feature layer -2, "default") + LLaMA,
   `LlavaForConditionalGeneration`, untied LM head.
 - `build_onevision`: SigLIP (conv bias, no CLS, gelu-tanh, feature layer -1, "full") + Qwen2
-  (q/k/v biases, GQA 4 heads / 2 kv heads, tied embeddings), `LlavaOnevisionForConditionalGeneration`.
+  (q/k/v biases, GQA 4 heads / 2 kv heads, tied embeddings),
+  `LlavaOnevisionForConditionalGeneration`.
 
 Every parameter is re-drawn (`randomize_`) so that norm scales, biases and embeddings are far
 from their trivial initial values and activations are O(1): parity then really tests them.

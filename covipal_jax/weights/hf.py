@@ -532,10 +532,12 @@ def export_llava(params, cfg: LlavaConfig, out_dir: str | os.PathLike, layout: s
                  *, dtype: Any = None, max_shard_bytes: int = 5 * 2**30) -> str:
     """Write `params` as a Hugging Face checkpoint directory (config.json + safetensors).
 
-    params: `{"params": ...}` or the inner tree, boxed or not. layout: a `keymap.LAYOUTS` name
-    (`hub` is what transformers and the Hub use). dtype: tensor dtype (default: each leaf's).
-    Output is split into `model-XXXXX-of-YYYYY.safetensors` + an index beyond
-    `max_shard_bytes`; host memory holds at most one shard. Returns out_dir.
+    params: `{"params": ...}` or the inner tree, boxed or not, possibly sharded. layout: a
+    `keymap.LAYOUTS` name (`hub` is what transformers and the Hub use). dtype: tensor dtype
+    (default: each leaf's). Beyond `max_shard_bytes` the tensors are split into
+    `model-XXXXX-of-YYYYY.safetensors` + `model.safetensors.index.json`; host memory holds at
+    most one shard plus one leaf. With several processes every process must call this (leaves
+    are gathered collectively); process 0 writes. Returns out_dir.
     """
     from safetensors.numpy import save_file
 
@@ -552,28 +554,30 @@ def export_llava(params, cfg: LlavaConfig, out_dir: str | os.PathLike, layout: s
         raise ValueError(f"params do not match cfg: missing {sorted(want - set(flat))}, "
                          f"unexpected {sorted(set(flat) - want)}")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # stale shards of an earlier export would confuse loaders
-        if name.endswith(".safetensors") or name == INDEX_FILE:
-            os.remove(os.path.join(out_dir, name))
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):  # stale shards of an earlier export confuse loaders
+            if name.endswith(".safetensors") or name == INDEX_FILE:
+                os.remove(os.path.join(out_dir, name))
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    written: list[tuple[str, list[str]]] = []
-    size = 0
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, its keys)
+    size = total = 0
     first_dtype = None
 
     def flush():
-        nonlocal size
-        if shards[-1]:
+        nonlocal shard, size
+        if shard:
             tmp = f"shard-{len(written):05d}.tmp.safetensors"
-            save_file(shards[-1], os.path.join(out_dir, tmp), metadata={"format": "pt"})
-            written.append((tmp, list(shards[-1])))
-        shards[-1] = {}
-        size = 0
+            save_file(shard, os.path.join(out_dir, tmp), metadata={"format": "pt"})
+            written.append((tmp, list(shard)))
+        shard, size = {}, 0
 
-    total = 0
     for e in entries:
-        host = _to_host(flat[e.path])
+        host = _to_host(flat[e.path])  # collective under multi-process: every process calls
+        if not writer:
+            continue
         if dtype is not None:
             host = host.astype(dtype)
         if first_dtype is None:
@@ -585,10 +589,12 @@ def export_llava(params, cfg: LlavaConfig, out_dir: str | os.PathLike, layout: s
             y = np.ascontiguousarray(tr.to_hf(x))
             if size and size + y.nbytes > max_shard_bytes:
                 flush()
-            shards[-1][key] = y
+            shard[key] = y
             size += y.nbytes
             total += y.nbytes
-        del host
+        del host, parts
+    if not writer:
+        return out_dir
     flush()
 
     if len(written) == 1:
