@@ -203,6 +203,16 @@ def test_config_variants():
         S.SyntheticConfig(object_size=(5, 9))
 
 
+def test_no_heldout_gives_iid_test():
+    cfg = S.SyntheticConfig(n_heldout=0, counts=(0, 1, 2))
+    assert S.heldout_combos(cfg) == []
+    exs = list(S.generate("test", 300, seed=0, cfg=cfg))
+    combos = {t for e in exs for t in e["targets"]}
+    assert len(combos) == len(cfg.shapes) * len(cfg.colors)  # every combination may be asked
+    assert "zero" in {e["answer"] for e in exs}
+    assert all(e["answer"] == _true_answer(e) for e in exs)
+
+
 def test_object_patch_mask():
     objs = [("circle", "red", 8, 0, 8), ("square", "blue", 20, 20, 8)]
     m = S.object_patch_mask(objs, 64, 8)

@@ -27,6 +27,13 @@ shape or a colour (every shape and every colour is still seen in training).
   counted objects; for ``position``, one of the two named objects; for ``exist``, the combination
   asked about, present or not). Distractors are drawn from all combinations. Answering needs
   compositional generalisation, not memorised combinations. ``count`` answers are >= 1 in test.
+* ``n_heldout=0`` makes ``test`` an i.i.d. split like ``validation`` (own seed stream).
+
+Caveat (measured): in ``test`` the answer of a ``color`` question is a colour that training never
+gave for that shape (likewise ``shape``), so a model leaning on the prior P(answer | question)
+scores ~0 on those types. A 4-layer ViT+question encoder (width 96) trained from scratch on 20k
+train examples reached 70% / 58% on validation color / shape after 1000 steps but exactly 0% on
+test color / shape. Report validation (i.i.d.) accuracy next to the held-out one.
 
 Determinism: example `i` of split `s` with seed `seed` is drawn from
 ``np.random.default_rng([seed, SPLIT_CODES[s], i])``, so it is independent of the other examples

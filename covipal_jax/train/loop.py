@@ -1,0 +1,504 @@
+"""The PPM training loop: stages, a sharded jitted step, Orbax checkpoints, metrics, export.
+
+Only the PPM trains. The frozen LLaVA (`loading.load`, random weights without a checkpoint) is
+cast to `train.frozen_dtype` and sharded by its logical axis names; the PPM params and the
+optimizer state stay f32, sharded by theirs (`ppm_*` map to no mesh axis by default; the input
+projections' `embed` dim follows `fsdp`). Batches are global arrays built from each host's rows
+(`sharding.put_batch`). One jitted step per stage:
+
+    state {"step", "params", "opt_state"}, frozen params, batch -> state, metrics
+    jax.jit(step, in_shardings=(state, frozen, batch), out_shardings=(state, replicated),
+            donate_argnums=(0,))
+
+The step skips its own update when the loss or the gradient norm is not finite (so the state in
+memory stays the last good one) and reports it; the host then waits for pending checkpoint
+writes and raises `NonFiniteLossError` without saving.
+
+Stages (`train.stages`, `train.steps` per stage, or `train.stage` alone) share one global step
+counter and one checkpoint directory; each stage starts a fresh optimizer (warmup + cosine over
+its own steps) and its own data order, from the previous stage's params (or `train.init_from`,
+an exported PPM). A checkpoint records the stage, the step within it and the data position, so
+a restarted run continues exactly where the last checkpoint left off (same batches, same
+losses).
+
+Outputs in the workdir: `checkpoints/` (Orbax), `metrics.jsonl` (one JSON object per logged
+step: step, stage, loss, recall, lr, grad_norm, steps_per_s, tokens_per_s, and the stage-2 loss
+terms; eval lines carry `eval_recall`), `config.json`, and at the end `ppm/` (the exported PPM
+for inference: `--config.pruning.method=ppm --config.pruning.ppm_checkpoint=<workdir>/ppm`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from covipal_jax import loading, ppm_io, sharding
+from covipal_jax.data import pipeline as pipeline_lib
+from covipal_jax.pruning.ppm import PPM
+from covipal_jax.train import checkpoint as ckpt_lib
+from covipal_jax.train import objectives
+
+BATCH_KEYS = ("pixels", "ids", "mask", "loss_mask", "weight")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or its gradient) became NaN/inf; training stopped, nothing was saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    index: int      # position in the plan
+    stage: int      # 1 | 2
+    steps: int
+    start: int      # global step at which the stage begins
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.steps
+
+
+def stage_plan(train_cfg: Any) -> list[StagePlan]:
+    """`train.stage` (1|2, 0 = use `train.stages`) and `train.steps` -> the stages to run."""
+    t = train_cfg
+    steps = t.steps
+    steps = tuple(steps) if isinstance(steps, (tuple, list)) else (int(steps),)
+    if int(t.get("stage", 0)):
+        stages = (int(t.stage),)
+        if len(steps) != 1:
+            steps = (steps[list(t.stages).index(int(t.stage))] if int(t.stage) in t.stages
+                     else steps[0],)
+    else:
+        stages = tuple(int(s) for s in t.stages)
+    if len(stages) != len(steps):
+        raise ValueError(f"train.stages {stages} and train.steps {steps} differ in length")
+    out, start = [], 0
+    for i, (s, n) in enumerate(zip(stages, steps)):
+        if s not in (1, 2) or int(n) < 1:
+            raise ValueError(f"bad stage {s} with {n} steps")
+        out.append(StagePlan(i, s, int(n), start))
+        start += int(n)
+    return out
+
+
+def make_optimizer(train_cfg: Any, steps: int, stage: int) -> tuple[optax.GradientTransformation,
+                                                                    Callable]:
+    """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+    Weight decay applies to matrices (kernels, the position table), not to biases / norms.
+    """
+    t = train_cfg
+    peak = float(t.lr if stage == 1 or not t.get("lr_stage2") else t.lr_stage2)
+    warmup = min(int(t.warmup_steps), max(steps - 1, 0))
+    sched = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=peak * float(t.end_lr_ratio))
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(t.clip_norm)),
+        optax.adamw(sched, b1=float(t.b1), b2=float(t.b2), eps=1e-8,
+                    weight_decay=float(t.weight_decay), mask=decay_mask))
+    return tx, sched
+
+
+def _keystr(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(abstract_state: Any, param_shardings: Any, mesh) -> Any:
+    """Shardings for `{"step", "params", "opt_state"}`: every optimizer leaf that mirrors a
+    parameter (same key path suffix and shape, e.g. Adam's mu / nu) takes its sharding, the
+    rest (counts, step) are replicated."""
+    rep = NamedSharding(mesh, P())
+    flat_p, _ = jax.tree_util.tree_flatten_with_path(abstract_state["params"])
+    flat_s = jax.tree.leaves(param_shardings)
+    by_path = {_keystr(p): (x.shape, s) for (p, x), s in zip(flat_p, flat_s)}
+
+    def pick(path, leaf):
+        keys = _keystr(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+
+    opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
+    return {"step": rep, "params": param_shardings, "opt_state": opt}
+
+
+def make_step(model, ppm_module, spec: objectives.ObjectiveSpec, tx, *, seed: int,
+              deterministic: bool):
+    """The (unjitted) train step of one stage."""
+
+    def step(state, frozen, batch):
+        prep = objectives.prepare(model, frozen, batch, spec)
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        loss_fn = functools.partial(objectives.loss_fn, ppm_module=ppm_module, model=model,
+                                    params=frozen, prep=prep, batch=batch, spec=spec,
+                                    step=state["step"], rng=rng, deterministic=deterministic)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        gnorm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        metrics.update(grad_norm=gnorm, param_norm=optax.global_norm(new["params"]),
+                       ok=ok.astype(jnp.float32))
+        return new, metrics
+
+    return step
+
+
+def make_eval(model, ppm_module, spec: objectives.ObjectiveSpec):
+    """(params, frozen, batch) -> sums of (recall * weight, weight) for the stage-1 targets."""
+
+    def evaluate(params, frozen, batch):
+        enc = objectives.encode(model, frozen, batch)
+        labels, ok, _ = objectives.guide_labels(model, frozen, enc, spec)
+        scores = objectives.ppm_scores(ppm_module, params, enc)
+        w = batch["weight"] * ok
+        r = objectives.topk_recall(scores, labels, spec.k)
+        return {"recall_sum": jnp.sum(r * w), "weight": jnp.sum(w)}
+
+    return evaluate
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree)
+
+
+class Trainer:
+    """One training run in `workdir` (resumes from its checkpoints)."""
+
+    def __init__(self, config: Any, workdir: str, *, data_dir: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.t = config.train
+        self.plan = stage_plan(self.t)
+        self.pi, self.pc = jax.process_index(), jax.process_count()
+        self.primary = self.pi == 0
+        self._log = log or (lambda s: print(s, flush=True))
+        self.data_dir = pipeline_lib.data_dir(config, workdir, data_dir)
+        os.makedirs(self.workdir, exist_ok=True)
+
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rules = config.logical_axis_rules
+        loaded = loading.load(config, mesh=self.mesh,
+                              rng=jax.random.key(int(config.get("init_seed", 0))))
+        self.cfg, self.model = loaded.cfg, loaded.model
+        self.tokenizer, self.processor = loaded.tokenizer, loaded.processor
+        frozen_sh = jax.tree.map(lambda x: x.sharding, loaded.params)
+        dtype = jnp.dtype(self.t.frozen_dtype)
+        with sharding.use_mesh(self.mesh, self.rules):
+            self.frozen = jax.jit(functools.partial(_cast_floats, dtype=dtype),
+                                  out_shardings=frozen_sh, donate_argnums=0)(loaded.params)
+        self.frozen_sh = frozen_sh
+        del loaded
+
+        self.pcfg = ppm_io.ppm_config(config, self.cfg)
+        self.ppm = PPM(self.pcfg)
+        self.deterministic = float(self.pcfg.dropout) == 0.0
+        data_axes = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        gb = int(self.t.batch_size)
+        if gb % data_axes or gb % self.pc:
+            raise ValueError(f"train.batch_size={gb} must be divisible by the data x fsdp mesh "
+                             f"axes ({data_axes}) and the number of hosts ({self.pc})")
+        self.global_batch = gb
+        self.seq_len = int(config.data.max_len) - 1 + self.cfg.num_vision_tokens
+        self.expected_meta = {"base_model": self.cfg.architecture_dict(),
+                              "ppm": dataclasses.asdict(self.pcfg)}
+        self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                          keep=int(self.t.keep_checkpoints),
+                                          async_save=bool(self.t.get("async_checkpoint", True)))
+        self._source = None
+        self._eval_source = None
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _sources(self):
+        if self._source is None:
+            from jax.experimental import multihost_utils
+
+            if self.primary:
+                src, skipped = pipeline_lib.build_source(self.config, self.data_dir)
+            if self.pc > 1:
+                multihost_utils.sync_global_devices("covipal_data_built")
+            if not self.primary:
+                src, skipped = pipeline_lib.build_source(self.config, self.data_dir,
+                                                         prepare=False)
+            self._source, self._skipped = src, skipped
+            if skipped and self.primary:
+                self._log(f"data: {sum(skipped.values())} malformed records skipped at build "
+                          f"time: {skipped}")
+            es = self.config.data.get("eval_split", "")
+            if es and int(self.t.get("eval_batches", 0)):
+                import copy
+
+                c = copy.deepcopy(self.config)
+                with c.unlocked():
+                    c.data.split = es
+                self._eval_source, _ = pipeline_lib.build_source(c, self.data_dir,
+                                                                 prepare=False)
+        return self._source
+
+    def pipeline(self, plan: StagePlan) -> pipeline_lib.Pipeline:
+        return pipeline_lib.from_config(
+            self.config, self._sources(), tokenizer=self.tokenizer, processor=self.processor,
+            global_batch=self.global_batch, process_index=self.pi, process_count=self.pc,
+            seed_offset=plan.index, skipped=self._skipped)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def init_params(self):
+        """Fresh (or `train.init_from`) PPM params, sharded by logical names."""
+        pcfg = self.pcfg
+        rng = jax.random.key(int(self.t.seed))
+        init_fn = lambda r: ppm_io.init_ppm(pcfg, r)
+        variables, shardings = sharding.init_sharded(init_fn, rng, self.mesh, self.rules)
+        params, param_sh = variables["params"], shardings["params"]
+        if self.t.get("init_from"):
+            _, loaded, _ = ppm_io.load_ppm(self.t.init_from, self.cfg)
+            loaded = nn.unbox(loaded)["params"]
+            params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), loaded,
+                                  param_sh)
+            self._log(f"PPM initialized from {self.t.init_from}")
+        return params, param_sh
+
+    def new_state(self, params, param_sh, tx):
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                    "params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                           params)}
+        abstract["opt_state"] = jax.eval_shape(tx.init, abstract["params"])
+        shard = state_shardings(abstract, param_sh, self.mesh)
+        with sharding.use_mesh(self.mesh, self.rules):
+            opt_state = jax.jit(tx.init, out_shardings=shard["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), shard["step"])
+        return {"step": step, "params": params, "opt_state": opt_state}, shard
+
+    def _meta(self, plan: StagePlan, global_step: int, position: int, spec) -> dict:
+        return dict(step=global_step, stage=plan.stage, stage_index=plan.index,
+                    stage_step=global_step - plan.start, data_position=position,
+                    plan=[dataclasses.asdict(p) for p in self.plan],
+                    objective=dataclasses.asdict(spec), **self.expected_meta,
+                    config=json.loads(self.config.to_json_best_effort()))
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _write_metrics(self, rec: dict) -> None:
+        if not self.primary:
+            return
+        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        keys = [k for k in ("loss", "recall", "eval_recall", "lm", "kl", "keep_prob", "lr",
+                            "steps_per_s", "tokens_per_s") if k in rec]
+        self._log(f"step {rec['step']} stage {rec['stage']}: " + ", ".join(
+            f"{k}={rec[k]:.4g}" for k in keys))
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        if self.primary:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(self.config.to_json_best_effort(indent=1))
+        with sharding.use_mesh(self.mesh, self.rules):
+            return self._run()
+
+    def _resume(self):
+        """(stage index, global step, data position, restored state or None)."""
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return 0, 0, 0, None
+        meta = self.ckpt.read_meta(latest)
+        self.ckpt.validate(meta, self.expected_meta, f"{self.ckpt.directory}/{latest}")
+        return int(meta["stage_index"]), int(meta["step"]), int(meta["data_position"]), meta
+
+    def _run(self) -> dict:
+        stage_index, global_step, position, meta = self._resume()
+        params, param_sh = self.init_params()
+        summary: dict[str, Any] = {"stages": [], "resumed_from": meta and meta["step"]}
+        state = None
+        for plan in self.plan[stage_index:]:
+            spec = objectives.ObjectiveSpec.from_config(self.t, self.cfg, plan.stage)
+            tx, sched = make_optimizer(self.t, plan.steps, plan.stage)
+            fresh, shard = self.new_state(params if state is None else state["params"],
+                                          param_sh, tx)
+            if meta is not None:           # restoring into this stage
+                abstract = ckpt_lib.abstract_like(fresh)
+                state, _ = self.ckpt.restore(int(meta["step"]), abstract, self.expected_meta)
+                self._log(f"resumed from checkpoint step {meta['step']} (stage {plan.stage}, "
+                          f"data position {position})")
+                if int(meta["stage_step"]) >= plan.steps:   # that stage was complete
+                    meta = None
+                    continue
+                meta = None
+            else:
+                state = fresh
+                position = 0 if global_step == plan.start else position
+            state["step"] = jax.device_put(jnp.asarray(global_step, jnp.int32), shard["step"])
+            state, stats = self._run_stage(plan, spec, tx, sched, state, shard, global_step,
+                                           position)
+            global_step, position = plan.stop, 0
+            summary["stages"].append(stats)
+        if state is None:  # nothing left to run: the restored final state
+            state = self._restore_final(param_sh)
+        self.ckpt.wait()
+        self.export(state["params"], global_step)
+        summary["step"] = global_step
+        return summary
+
+    def _restore_final(self, param_sh):
+        latest = self.ckpt.latest_step()
+        plan = self.plan[-1]
+        tx, _ = make_optimizer(self.t, plan.steps, plan.stage)
+        params, _ = self.init_params()
+        fresh, _ = self.new_state(params, param_sh, tx)
+        state, _ = self.ckpt.restore(latest, ckpt_lib.abstract_like(fresh), self.expected_meta)
+        return state
+
+    def export(self, params, step: int) -> str:
+        path = os.path.join(self.workdir, "ppm")
+        ppm_io.save_ppm(path, {"params": params}, self.pcfg, self.cfg,
+                        extra={"trained_steps": int(step),
+                               "keep": self.t.keep, "stages": [p.stage for p in self.plan]})
+        if self.primary:
+            self._log(f"exported PPM to {path}")
+        return path
+
+    def _eval(self, eval_fn, params, spec) -> float | None:
+        n = int(self.t.get("eval_batches", 0))
+        if not n or self._eval_source is None:
+            return None
+        pipe = pipeline_lib.from_config(
+            self.config, self._eval_source, tokenizer=self.tokenizer,
+            processor=self.processor, global_batch=self.global_batch, process_index=self.pi,
+            process_count=self.pc)
+        with self.config.unlocked():
+            pass
+        pipe.shuffle = False
+        num = den = 0.0
+        for pos in range(min(n, pipe.batches_per_epoch)):
+            b = sharding.put_batch(self.mesh, {k: v for k, v in pipe.batch(pos).items()
+                                               if k in BATCH_KEYS})
+            out = jax.device_get(eval_fn(params, self.frozen, b))
+            num += float(out["recall_sum"])
+            den += float(out["weight"])
+        return num / max(den, 1e-9)
+
+    def _run_stage(self, plan: StagePlan, spec, tx, sched, state, shard, global_step: int,
+                   position: int):
+        from tqdm import tqdm
+
+        mesh = self.mesh
+        batch_sh = {k: sharding.batch_sharding(mesh, nd) for k, nd in
+                    (("pixels", 4), ("ids", 2), ("mask", 2), ("loss_mask", 2), ("weight", 1))}
+        rep = NamedSharding(mesh, P())
+        step_fn = jax.jit(make_step(self.model, self.ppm, spec, tx, seed=int(self.t.seed),
+                                    deterministic=self.deterministic),
+                          in_shardings=(shard, self.frozen_sh, batch_sh),
+                          out_shardings=(shard, rep), donate_argnums=(0,))
+        eval_fn = jax.jit(make_eval(self.model, self.ppm, spec),
+                          in_shardings=(shard["params"], self.frozen_sh, batch_sh),
+                          out_shardings=rep)
+        pipe = self.pipeline(plan)
+        self._sources()
+        log_every = max(1, int(self.t.log_every))
+        save_every = max(1, int(self.t.save_every))
+        eval_every = int(self.t.get("eval_every", 0))
+        stats = {"stage": plan.stage, "first": None, "last": None, "eval": []}
+
+        def do_eval(at_step):
+            r = self._eval(eval_fn, state["params"], spec)
+            if r is not None:
+                rec = {"step": at_step, "stage": plan.stage, "eval_recall": r,
+                       "random_recall": spec.keep_ratio}
+                self._write_metrics(rec)
+                stats["eval"].append(rec)
+
+        if global_step == plan.start:
+            do_eval(global_step)
+        bar = tqdm(total=plan.steps, initial=global_step - plan.start,
+                   desc=f"stage {plan.stage}", disable=not (self.primary and
+                                                           self.t.get("progress", True)),
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+        t_window, n_window = time.perf_counter(), 0
+        it = pipe.iterate(position, prefetch=int(self.config.data.get("prefetch", 2)))
+        last_saved = self.ckpt.latest_step()
+        try:
+            while global_step < plan.stop:
+                pos, local = next(it)
+                batch = sharding.put_batch(mesh, {k: v for k, v in local.items()
+                                                  if k in BATCH_KEYS})
+                state, metrics = step_fn(state, self.frozen, batch)
+                metrics = jax.device_get(metrics)
+                global_step += 1
+                position = pos + 1
+                n_window += 1
+                bar.update(1)
+                if not metrics["ok"]:
+                    self.ckpt.wait()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({float(metrics['loss'])}) or gradient norm "
+                        f"({float(metrics['grad_norm'])}) at step {global_step} (stage "
+                        f"{plan.stage}); stopped without saving. The last good checkpoint is "
+                        f"step {self.ckpt.latest_step()} in {self.ckpt.directory}.")
+                stage_done = global_step == plan.stop
+                if (global_step % log_every == 0 or global_step - plan.start == 1
+                        or stage_done):
+                    dt = time.perf_counter() - t_window
+                    rec = {"step": global_step, "stage": plan.stage,
+                           **{k: float(v) for k, v in metrics.items() if k != "ok"},
+                           "lr": float(sched(global_step - plan.start - 1)),
+                           "steps_per_s": n_window / dt,
+                           "tokens_per_s": n_window * self.global_batch * self.seq_len / dt,
+                           "data_position": position}
+                    self._write_metrics(rec)
+                    stats["first"] = stats["first"] or rec
+                    stats["last"] = rec
+                    t_window, n_window = time.perf_counter(), 0
+                if global_step % save_every == 0 or stage_done:
+                    self.ckpt.save(global_step, state,
+                                   self._meta(plan, global_step, position, spec))
+                    last_saved = global_step
+                if eval_every and (global_step % eval_every == 0 or stage_done):
+                    do_eval(global_step)
+                elif stage_done:
+                    do_eval(global_step)
+        finally:
+            bar.close()
+            it.close()
+        del last_saved
+        stats["too_long"] = pipe.stats.too_long
+        return state, stats
+
+
+def train(config: Any, workdir: str, *, data_dir: str | None = None,
+          log: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns a summary. See the module docstring."""
+    return Trainer(config, workdir, data_dir=data_dir, log=log).run()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of `<workdir>/metrics.jsonl` (all of them, in order)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(float(x))
