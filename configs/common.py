@@ -60,7 +60,7 @@ def parse_arg(arg: str | None, **defaults):
 def pruning_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         method="none",          # none | ppm | fastv | visionzip | dart | random | pool
-        keep=1.0,               # ratio of n_v in (0, 1] (float) or absolute count (int)
+        keep=1.0,               # ratio of n_v in (0, 1], or a whole number > 1: a token count
         positions="contiguous",  # contiguous (cumsum of the mask) | original (kept tokens' own)
         layer=2,                # K for in-LLM methods (FastV, DART)
         seed=0,                 # random method
@@ -119,3 +119,41 @@ def qwen2_7b() -> dict:
                 num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
                 rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True,
                 tie_word_embeddings=False, max_position_embeddings=32768)
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """`config.train` of the PPM trainer (`python -m covipal_jax.train`); see train/loop.py."""
+    return ml_collections.ConfigDict(dict(
+        stage=0,                # 1 | 2 runs that stage alone; 0: run `stages`
+        stages=(1,),            # e.g. (1, 2): stage 2 starts from the stage-1 params
+        steps=(1000,),          # steps per stage (same length as `stages`)
+        batch_size=8,           # global batch (divisible by data x fsdp and by the hosts)
+        keep=0.25,              # r: keep ratio (float) or count (int) for top-k / budget
+        lr=1e-3, lr_stage2=0.0,  # peak learning rates (0: stage 2 uses `lr`)
+        warmup_steps=50, end_lr_ratio=0.1, weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999,
+        frozen_dtype="bfloat16",  # the frozen LLaVA's params (PPM + optimizer stay f32)
+        guide_layer=16,         # l_g (negative: from the end)
+        label_queries="text_after_image",  # text_after_image | all | last
+        label_answer_queries=True,  # the teacher-forced answer tokens count as queries
+        loss="mse",             # stage 1: mse | kl | pairwise | listwise
+        lambda_kl=1.0, lambda_budget=1.0, stage2_hard=False,  # stage 2
+        init_from="",           # an exported PPM dir to start from (e.g. stage 2 alone)
+        seed=0,
+        log_every=10, save_every=100, keep_checkpoints=3, async_checkpoint=True,
+        eval_every=0, eval_batches=0,  # top-k recall on `data.eval_split` (0: off)
+        progress=True,          # tqdm bar
+        inject_nan_step=-1,     # fault injection (tests): NaN loss at this global step
+    ))
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """`config.data`: the TFDS source of the trainer; see data/pipeline.py."""
+    return ml_collections.ConfigDict(dict(
+        kind="synthetic",       # synthetic | llava
+        name="tiny",            # synthetic: TFDS config (tiny | demo | demo96); llava: a name
+        split="train", eval_split="",
+        dir="",                 # TFDS data dir ("" = --data_dir or <workdir>/data)
+        json="", images="",     # llava: LLaVA-format .json/.jsonl and the image folder
+        max_len=64,             # prompt + answer tokens (left-padded; longer examples weight 0)
+        shuffle=True, drop_remainder=True, seed=0, prefetch=2,
+    ))

@@ -57,7 +57,11 @@ class PruneSpec:
         """From `config.pruning` (see configs/common.py); validates method and keep."""
         p = pruning_cfg
         info = pruning.get_method(p.method)
-        k = resolve_keep(p.keep, n_v)
+        keep = p.keep
+        # ConfigDict stores `keep` as a float: a whole number > 1 means a token count.
+        if isinstance(keep, float) and keep > 1 and keep.is_integer():
+            keep = int(keep)
+        k = resolve_keep(keep, n_v)
         if info.name == "none" and k != n_v:
             raise ValueError(f"pruning.method='none' keeps all {n_v} tokens; "
                              f"pruning.keep={p.keep} asks for {k}")

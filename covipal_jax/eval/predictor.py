@@ -83,6 +83,20 @@ def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str
     return ids
 
 
+def prune_spec(config: Any, method: str, keep: Any, n_v: int) -> PruneSpec:
+    """PruneSpec for `method` at `keep` (ratio or token count) with the config's other
+    pruning settings; `none` always keeps all n_v tokens.
+
+    (Built from a fresh ConfigDict so an int `keep` stays a token count: assigning it into the
+    config's float `pruning.keep` would turn 64 into the invalid ratio 64.0.)
+    """
+    import ml_collections
+
+    d = config.pruning.to_dict()
+    d.update(method=method, keep=n_v if method == "none" else keep)
+    return PruneSpec.from_config(ml_collections.ConfigDict(d), n_v)
+
+
 class LlavaPredictor:
     """`Predictor` + `OptionScorer` (see `covipal_jax/eval/harness.py`) for one prune spec.
 
@@ -113,22 +127,26 @@ class LlavaPredictor:
         self._generators: dict[int, decoding.Generator] = {}
         self._scorer = None
         self._letter_ids: list[int] | None = None
+        # Model time: seconds of generate / score calls (the first includes compilation).
+        self.stats = dict(calls=0, items=0, seconds=0.0, first_call_seconds=None)
 
     # -- construction ----------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: Any, loaded: Loaded, spec: PruneSpec | None = None, *,
                     ppm: tuple[Any, Any] | None = None,
-                    processor: image_lib.ImageProcessorConfig | None = None
-                    ) -> "LlavaPredictor":
-        """Spec from `config.pruning` unless given; the PPM is loaded when the spec needs it."""
+                    processor: image_lib.ImageProcessorConfig | None = None,
+                    batch_size: int | None = None) -> "LlavaPredictor":
+        """Spec from `config.pruning` unless given; the PPM is loaded when the spec needs it.
+        `batch_size` defaults to `config.batch_size`."""
         from covipal_jax import ppm_io
 
         spec = spec or PruneSpec.from_config(config.pruning, loaded.cfg.num_vision_tokens)
         if spec.method == "ppm" and ppm is None:
             ppm = ppm_io.load_for_inference(config, loaded.cfg)
         return cls(loaded, spec, template=config.template or None,
-                   buckets=tuple(config.text_buckets), batch_size=config.batch_size,
+                   buckets=tuple(config.text_buckets),
+                   batch_size=batch_size or config.batch_size,
                    sampling=decoding.Sampling(config.sampling.temperature,
                                               config.sampling.top_p),
                    seed=config.sampling.seed, ppm=ppm, processor=processor)
@@ -192,12 +210,22 @@ class LlavaPredictor:
             with sharding.use_mesh(self.loaded.mesh, self.loaded.rules):
                 out = gen(self.loaded.params, pixels, ids, mask, rng=rng,
                           ppm_vars=None if self.ppm is None else self.ppm[1])
-            seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            seconds += dt
+            self._count(n_real, dt)
             rows = decoding.trim(out.tokens, out.lengths, gen.stop_ids)[:n_real]
             texts += [tok.decode(r).strip() for r in rows]
             kept.append(np.asarray(out.kept)[:n_real])
             k = out.num_vision_tokens
         return Prediction(texts, np.concatenate(kept, axis=0), k, seconds)
+
+    def _count(self, n: int, dt: float) -> None:
+        s = self.stats
+        if s["first_call_seconds"] is None:
+            s["first_call_seconds"] = dt
+        s["calls"] += 1
+        s["items"] += n
+        s["seconds"] += dt
 
     def predict(self, batch: Sequence[tuple[Any, str]], max_new_tokens: int) -> list[str]:
         return self.generate(batch, max_new_tokens).texts
@@ -242,10 +270,12 @@ class LlavaPredictor:
         out: list[list[float]] = []
         for chunk in self._chunks(batch):
             (pixels, ids, mask), n_real, rng = self.encode([(im, p) for im, p, _ in chunk])
+            t0 = time.perf_counter()
             with sharding.use_mesh(self.loaded.mesh, self.loaded.rules):
                 logp = np.asarray(fn(self.loaded.params,
                                      None if self.ppm is None else self.ppm[1],
                                      pixels, ids, mask, rng, letter_ids))
+            self._count(n_real, time.perf_counter() - t0)
             for row, (_, _, letters) in zip(logp[:n_real], chunk):
                 out.append([float(row[LETTERS.index(c)]) for c in letters])
         return out

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -268,7 +267,13 @@ class Trainer:
         pcfg = self.pcfg
         rng = jax.random.key(int(self.t.seed))
         init_fn = lambda r: ppm_io.init_ppm(pcfg, r)
-        variables, shardings = sharding.init_sharded(init_fn, rng, self.mesh, self.rules)
+        # Initialize without activation rules: the PPM's DenseGeneral kernels are created flat
+        # and reshaped, and a logical constraint on the flat kernel fails under rules
+        # (`sharding.init_sharded` hits it). The output shardings still follow the names.
+        with nn.logical_axis_rules(()):
+            abstract = jax.eval_shape(init_fn, rng)
+            shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+            variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
         params, param_sh = variables["params"], shardings["params"]
         if self.t.get("init_from"):
             _, loaded, _ = ppm_io.load_ppm(self.t.init_from, self.cfg)
@@ -328,6 +333,9 @@ class Trainer:
 
     def _run(self) -> dict:
         stage_index, global_step, position, meta = self._resume()
+        if stage_index >= len(self.plan):
+            raise ckpt_lib.CheckpointMismatchError(
+                f"checkpoint stage index {stage_index} is beyond the plan {self.plan}")
         params, param_sh = self.init_params()
         summary: dict[str, Any] = {"stages": [], "resumed_from": meta and meta["step"]}
         state = None
@@ -336,38 +344,27 @@ class Trainer:
             tx, sched = make_optimizer(self.t, plan.steps, plan.stage)
             fresh, shard = self.new_state(params if state is None else state["params"],
                                           param_sh, tx)
-            if meta is not None:           # restoring into this stage
-                abstract = ckpt_lib.abstract_like(fresh)
-                state, _ = self.ckpt.restore(int(meta["step"]), abstract, self.expected_meta)
+            if meta is not None:  # resuming inside (or at the end of) this stage
+                state, _ = self.ckpt.restore(int(meta["step"]), ckpt_lib.abstract_like(fresh),
+                                             self.expected_meta)
                 self._log(f"resumed from checkpoint step {meta['step']} (stage {plan.stage}, "
                           f"data position {position})")
-                if int(meta["stage_step"]) >= plan.steps:   # that stage was complete
-                    meta = None
-                    continue
+                done = int(meta["stage_step"]) >= plan.steps
                 meta = None
+                if done:
+                    global_step, position = plan.stop, 0
+                    continue
             else:
-                state = fresh
-                position = 0 if global_step == plan.start else position
+                state, position = fresh, 0
             state["step"] = jax.device_put(jnp.asarray(global_step, jnp.int32), shard["step"])
             state, stats = self._run_stage(plan, spec, tx, sched, state, shard, global_step,
                                            position)
-            global_step, position = plan.stop, 0
+            global_step = plan.stop
             summary["stages"].append(stats)
-        if state is None:  # nothing left to run: the restored final state
-            state = self._restore_final(param_sh)
         self.ckpt.wait()
         self.export(state["params"], global_step)
         summary["step"] = global_step
         return summary
-
-    def _restore_final(self, param_sh):
-        latest = self.ckpt.latest_step()
-        plan = self.plan[-1]
-        tx, _ = make_optimizer(self.t, plan.steps, plan.stage)
-        params, _ = self.init_params()
-        fresh, _ = self.new_state(params, param_sh, tx)
-        state, _ = self.ckpt.restore(latest, ckpt_lib.abstract_like(fresh), self.expected_meta)
-        return state
 
     def export(self, params, step: int) -> str:
         path = os.path.join(self.workdir, "ppm")
@@ -378,17 +375,17 @@ class Trainer:
             self._log(f"exported PPM to {path}")
         return path
 
-    def _eval(self, eval_fn, params, spec) -> float | None:
+    def _eval(self, eval_fn, params) -> float | None:
+        """Mean top-k recall of the PPM against the stage-1 targets on `data.eval_split`."""
         n = int(self.t.get("eval_batches", 0))
+        self._sources()
         if not n or self._eval_source is None:
             return None
-        pipe = pipeline_lib.from_config(
-            self.config, self._eval_source, tokenizer=self.tokenizer,
-            processor=self.processor, global_batch=self.global_batch, process_index=self.pi,
-            process_count=self.pc)
-        with self.config.unlocked():
-            pass
-        pipe.shuffle = False
+        pipe = pipeline_lib.Pipeline(
+            self._eval_source, tokenizer=self.tokenizer, processor=self.processor,
+            template=self.config.template, max_len=int(self.config.data.max_len),
+            global_batch=self.global_batch, shuffle=False, drop_remainder=False,
+            process_index=self.pi, process_count=self.pc)
         num = den = 0.0
         for pos in range(min(n, pipe.batches_per_epoch)):
             b = sharding.put_batch(self.mesh, {k: v for k, v in pipe.batch(pos).items()
@@ -414,14 +411,13 @@ class Trainer:
                           in_shardings=(shard["params"], self.frozen_sh, batch_sh),
                           out_shardings=rep)
         pipe = self.pipeline(plan)
-        self._sources()
         log_every = max(1, int(self.t.log_every))
         save_every = max(1, int(self.t.save_every))
         eval_every = int(self.t.get("eval_every", 0))
         stats = {"stage": plan.stage, "first": None, "last": None, "eval": []}
 
         def do_eval(at_step):
-            r = self._eval(eval_fn, state["params"], spec)
+            r = self._eval(eval_fn, state["params"])
             if r is not None:
                 rec = {"step": at_step, "stage": plan.stage, "eval_recall": r,
                        "random_recall": spec.keep_ratio}
@@ -436,7 +432,6 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True, leave=False)
         t_window, n_window = time.perf_counter(), 0
         it = pipe.iterate(position, prefetch=int(self.config.data.get("prefetch", 2)))
-        last_saved = self.ckpt.latest_step()
         try:
             while global_step < plan.stop:
                 pos, local = next(it)
@@ -472,15 +467,11 @@ class Trainer:
                 if global_step % save_every == 0 or stage_done:
                     self.ckpt.save(global_step, state,
                                    self._meta(plan, global_step, position, spec))
-                    last_saved = global_step
-                if eval_every and (global_step % eval_every == 0 or stage_done):
-                    do_eval(global_step)
-                elif stage_done:
+                if stage_done or (eval_every and global_step % eval_every == 0):
                     do_eval(global_step)
         finally:
             bar.close()
             it.close()
-        del last_saved
         stats["too_long"] = pipe.stats.too_long
         return state, stats
 
@@ -498,7 +489,3 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(float(x))

@@ -1,0 +1,161 @@
+"""Short-answer accuracy under a prune spec, and measured prefill time: the demo's evaluation.
+
+A question is answered by the greedy first answer token of the pruned prefill
+(`prefill.prefill(...).last_logits`, the same jitted path `decoding.Generator` starts with): the
+prediction is right when that token is the first token of the reference answer (for the
+synthetic set every answer is one word = one token, so this is exact match; for a real
+tokenizer the answer's first token after the template's answer prefix, lower- and title-case
+accepted).
+
+Letters: B batch (`batch_size`, static: the last batch is padded with copies and the padding
+is dropped), T the text bucket, n_v vision tokens, k kept.
+
+    ev = Evaluator(model, params, processor=..., images=uint8[N, H, W, 3], ids=i32[N, T],
+                   mask=bool[N, T], answer_ids=[set of ids per question], batch_size=250)
+    ev.accuracy(PruneSpec("ppm", k=16), ppm=(module, variables))   -> EvalResult
+    ev.prefill_seconds(PruneSpec("fastv", k=16, layer=2))          -> median seconds per batch
+
+One program compiles per (method, k); compilation is excluded from the timing (a warm-up call
+runs first) and from nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from covipal_jax.data import image as image_lib
+from covipal_jax.data import text as text_lib
+from covipal_jax.models.llava import Llava
+from covipal_jax.prefill import PruneSpec, prefill
+
+Array = jax.Array
+
+
+def answer_token_ids(tokenizer: text_lib.Tokenizer, template: str | text_lib.ChatTemplate,
+                     question: str, answer: str, *, cased: bool = False) -> tuple[int, ...]:
+    """The token id(s) that start `answer` right after the prompt of `question`.
+
+    The first token where the tokenization of prompt + answer departs from the prompt's.
+    `cased`: also accept the lower-case and capitalized spellings of the answer (real chat
+    models answer "Red" as often as "red").
+    """
+    tmpl = text_lib.get_template(template)
+    prompt = tmpl.prompt(question)
+    bos = tokenizer.add_bos_default
+    p_ids = tokenizer.encode(prompt, add_bos=bos)
+    spellings = [answer] + ([answer.lower(), answer.capitalize()] if cased else [])
+    out: list[int] = []
+    for a in spellings:
+        f_ids = tokenizer.encode(prompt + tmpl.answer_prefix + a, add_bos=bos)
+        n = 0
+        while n < min(len(p_ids), len(f_ids)) and p_ids[n] == f_ids[n]:
+            n += 1
+        if n < len(f_ids) and f_ids[n] not in out:
+            out.append(int(f_ids[n]))
+    if not out:
+        raise ValueError(f"answer {answer!r} adds no token after the prompt")
+    return tuple(out)
+
+
+def encode_questions(tokenizer: text_lib.Tokenizer, template: str, questions: Sequence[str],
+                     bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """All prompts left-padded to one length `bucket`: ids i32[N, bucket], mask bool[N, bucket]."""
+    return text_lib.encode_prompts(tokenizer, list(questions), template=template,
+                                   buckets=(bucket,))
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """accuracy over the N questions; correct bool[N]; predicted i32[N] (first answer token);
+    kept i32[N, k] source patch indices the LLM saw; k vision tokens kept."""
+
+    accuracy: float
+    correct: np.ndarray
+    predicted: np.ndarray
+    kept: np.ndarray
+    k: int
+
+
+class Evaluator:
+    """Greedy first-token accuracy of one model on one question set, for any prune spec."""
+
+    def __init__(self, model: Llava, params: Any, *, processor: image_lib.ImageProcessorConfig,
+                 images: np.ndarray, ids: np.ndarray, mask: np.ndarray,
+                 answer_ids: Sequence[Sequence[int]], batch_size: int = 256,
+                 ppm_module: Any = None, seed: int = 0):
+        n = len(ids)
+        if not (len(images) == n == len(mask) == len(answer_ids)) or n == 0:
+            raise ValueError("images, ids, mask and answer_ids must have the same length > 0")
+        self.model, self.params, self.ppm_module = model, params, ppm_module
+        self.n = n
+        self.batch_size = min(int(batch_size), n)
+        self.seed = int(seed)
+        self.pixels = image_lib.preprocess(list(images), processor)
+        self.ids, self.mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+        width = max(len(a) for a in answer_ids)
+        self.answers = np.full((n, width), -1, np.int32)
+        for i, a in enumerate(answer_ids):
+            self.answers[i, :len(a)] = a
+        self._fns: dict[PruneSpec, Any] = {}
+
+    def _fn(self, spec: PruneSpec):
+        if spec not in self._fns:
+            model = self.model
+
+            def run(params, ppm_vars, pixels, ids, mask, rng):
+                ppm = None if ppm_vars is None else (self.ppm_module, ppm_vars)
+                out = prefill(model, params, pixels, ids, mask, spec, extra=1, ppm=ppm,
+                              rng=rng)
+                return jnp.argmax(out.last_logits, axis=-1).astype(jnp.int32), out.kept
+
+            self._fns[spec] = jax.jit(run)
+        return self._fns[spec]
+
+    def _batches(self):
+        b = self.batch_size
+        for start in range(0, self.n, b):
+            idx = np.arange(start, start + b)
+            real = idx < self.n
+            idx = np.where(real, idx, start)  # pad the last batch with copies of its first row
+            yield start // b, idx, real
+
+    def accuracy(self, spec: PruneSpec, ppm: tuple[Any, Any] | None = None) -> EvalResult:
+        if spec.method == "ppm" and ppm is None:
+            raise ValueError("method 'ppm' needs ppm=(module, variables)")
+        if ppm is not None:
+            self.ppm_module = ppm[0]
+        fn = self._fn(spec)
+        ppm_vars = None if ppm is None or spec.method != "ppm" else ppm[1]
+        preds, kept = [], []
+        for i, idx, real in self._batches():
+            rng = jax.random.fold_in(jax.random.key(self.seed), i)
+            p, k = fn(self.params, ppm_vars, self.pixels[idx], self.ids[idx], self.mask[idx],
+                      rng)
+            preds.append(np.asarray(p)[real])
+            kept.append(np.asarray(k)[real])
+        pred = np.concatenate(preds)
+        correct = np.any(self.answers == pred[:, None], axis=1)
+        kept_all = np.concatenate(kept)
+        return EvalResult(float(correct.mean()), correct, pred, kept_all, int(kept_all.shape[1]))
+
+    def prefill_seconds(self, spec: PruneSpec, ppm: tuple[Any, Any] | None = None, *,
+                        repeats: int = 5) -> float:
+        """Median wall time of one jitted prefill of the first batch (compiled beforehand)."""
+        fn = self._fn(spec)
+        ppm_vars = None if ppm is None or spec.method != "ppm" else ppm[1]
+        _, idx, _ = next(self._batches())
+        args = (self.params, ppm_vars, jnp.asarray(self.pixels[idx]),
+                jnp.asarray(self.ids[idx]), jnp.asarray(self.mask[idx]), jax.random.key(0))
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))

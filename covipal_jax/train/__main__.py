@@ -1,0 +1,77 @@
+"""Train the PPM: `python -m covipal_jax.train --config configs/ppm_tiny.py --workdir DIR`.
+
+Resumes from `DIR/checkpoints` when present (run the same command again after a crash or a
+preemption). Overrides: `--config.train.steps='(500,)'`, `--config.train.stages='(1,2)'`,
+`--config.checkpoint=/path/to/llava-hf`, `--config.data.json=...`, `--data_dir=...`.
+
+Several hosts: `jax.distributed.initialize()` runs only when asked: with `--coordinator`,
+`--num_processes` and `--process_id` (explicit, e.g. local tests over 127.0.0.1), or with the
+environment variable `COVIPAL_DISTRIBUTED=1` (JAX's own cluster detection: TPU pods, SLURM,
+...). A single host never initializes the distributed runtime.
+
+Exit status: 0 done; 2 bad config / data / checkpoint mismatch; 3 non-finite loss (the last
+good checkpoint is left as it was).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/ppm_tiny.py", "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, ppm/).",
+                               required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default <workdir>/data).")
+_COORDINATOR = flags.DEFINE_string("coordinator", None,
+                                   "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
+                                    "Fake CPU devices per process (tests; before JAX starts).")
+
+
+def _init_jax() -> None:
+    import jax
+
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", int(_CPU_DEVICES.value))
+    explicit = _COORDINATOR.value is not None
+    if explicit or os.environ.get("COVIPAL_DISTRIBUTED") == "1":
+        # Cross-process collectives of the CPU backend (tests, CPU hosts); other backends
+        # ignore it.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if explicit:
+            if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+                raise app.UsageError("--coordinator needs --num_processes and --process_id")
+            jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                       num_processes=_NUM_PROCESSES.value,
+                                       process_id=_PROCESS_ID.value)
+        else:
+            jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _init_jax()
+    from covipal_jax.train import checkpoint, loop
+
+    try:
+        summary = loop.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value)
+    except loop.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (checkpoint.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    last = [s["last"] for s in summary["stages"] if s.get("last")]
+    if last:
+        print(f"done: step {summary['step']}, final loss {last[-1]['loss']:.4g}, "
+              f"recall {last[-1]['recall']:.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

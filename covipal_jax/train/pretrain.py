@@ -1,0 +1,224 @@
+"""Full-model training of a small LLaVA from scratch (the demo's base model), answer-only LM loss.
+
+Every parameter trains (vision tower, projector, decoder), through the same `Llava` code path the
+real checkpoints run: `Llava.__call__` (tower -> projector -> splice at the image placeholder ->
+decoder -> logits). Examples are `text.encode_example` sequences (prompt + answer, left-padded to
+`max_len`); the loss is the token cross-entropy on the answer tokens (the answer word and the end
+token), nothing on the prompt.
+
+Letters: B batch, T text length (`max_len`), n_v vision tokens, L = T - 1 + n_v, V vocab.
+
+    state = init_state(model, params, tx)
+    step = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    state, metrics = step(state, batch)        # batch: pixels f32[B, H, W, 3], ids, mask,
+                                               #        loss_mask (T), weight f32[B]
+
+`pretrain(...)` runs the loop with a tqdm bar, evaluates every `eval_every` steps with a caller's
+`evaluate(params) -> accuracy` and stops early once `target` is reached (deterministic: the same
+seed gives the same batches, the same steps and the same stopping point).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from covipal_jax.data import image as image_lib
+from covipal_jax.data import text as text_lib
+from covipal_jax.models.llava import Llava
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Hyperparameters of the full-model training (see configs/demo.py `pretrain`)."""
+
+    steps: int = 1000            # the most steps; fewer when `target` is reached
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    end_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    clip_norm: float = 1.0
+    b2: float = 0.98
+    eval_every: int = 100        # 0: evaluate only at the end
+    target: float = 1.1          # stop once evaluate(params) >= target (> 1: never)
+    min_steps: int = 0           # never stop before this many steps
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> "PretrainConfig":
+        d = dict(c.to_dict() if hasattr(c, "to_dict") else c)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class EncodedSet:
+    """A split as fixed-shape arrays: images uint8[N, H, W, 3]; ids i32[N, T]; mask, loss_mask
+    bool[N, T] (`encode_example`, left-padded); weight f32[N] (0: did not fit `max_len`)."""
+
+    images: np.ndarray
+    ids: np.ndarray
+    mask: np.ndarray
+    loss_mask: np.ndarray
+    weight: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_set(images: np.ndarray, questions: Sequence[str], answers: Sequence[str], *,
+               tokenizer: text_lib.Tokenizer, template: str, max_len: int) -> EncodedSet:
+    """Tokenize (prompt + answer) pairs; rows that do not fit `max_len` get weight 0."""
+    n = len(questions)
+    ids = np.full((n, max_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, max_len), bool)
+    loss_mask = np.zeros((n, max_len), bool)
+    weight = np.zeros((n,), np.float32)
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        row = text_lib.encode_example(tokenizer, q, a, template=template, max_len=max_len)
+        if row is None:
+            ids[i, -1] = tokenizer.image_token_id  # a well-formed row of weight 0
+            mask[i, -1] = True
+            continue
+        ids[i], mask[i], loss_mask[i] = row["ids"], row["mask"], row["loss_mask"]
+        weight[i] = 1.0
+    return EncodedSet(np.asarray(images), ids, mask, loss_mask, weight)
+
+
+def pixels(images: np.ndarray, processor: image_lib.ImageProcessorConfig) -> np.ndarray:
+    """uint8[B, H, W, 3] -> the tower's f32[B, S, S, 3] (the processor of the checkpoint)."""
+    return image_lib.preprocess(list(images), processor)
+
+
+def batch_at(data: EncodedSet, step: int, batch_size: int, seed: int,
+             processor: image_lib.ImageProcessorConfig) -> dict[str, np.ndarray]:
+    """The batch of global step `step`: epoch-wise permutations seeded by (seed, epoch)."""
+    per_epoch = len(data) // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{len(data)} examples < batch size {batch_size}")
+    epoch, slot = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(data))
+    idx = np.sort(perm[slot * batch_size:(slot + 1) * batch_size])
+    return {"pixels": pixels(data.images[idx], processor), "ids": data.ids[idx],
+            "mask": data.mask[idx], "loss_mask": data.loss_mask[idx],
+            "weight": data.weight[idx]}
+
+
+# ----------------------------------------------------------------------------- the step
+
+def answer_loss(model: Llava, params: Any, batch: Mapping[str, Array]) -> tuple[Array, dict]:
+    """Mean cross-entropy over the answer tokens of the batch, and token accuracy.
+
+    Row j of the spliced sequence predicts token j + 1; text token t > (image index) sits at
+    row t + n_v - 1, so rows n_v - 1 .. L - 2 predict ids[:, 1:] (the answer lies after the
+    image, so only those rows are weighted).
+    """
+    ids = batch["ids"]
+    logits, _ = model.apply(params, batch["pixels"], ids, batch["mask"])
+    n_v = logits.shape[1] - ids.shape[1] + 1
+    logits = logits[:, n_v - 1:-1].astype(jnp.float32)                  # [B, T-1, V]
+    targets = ids[:, 1:]
+    w = (batch["loss_mask"][:, 1:] & batch["mask"][:, 1:]).astype(jnp.float32)
+    w = w * batch["weight"][:, None]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    denom = jnp.maximum(jnp.sum(w), 1.0)
+    loss = jnp.sum(nll * w) / denom
+    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
+    return loss, {"loss": loss, "token_acc": acc}
+
+
+def make_optimizer(cfg: PretrainConfig) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW (decay on matrices only), linear warmup + cosine, global-norm clipping."""
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1), cfg.lr * cfg.end_lr_ratio)
+    decay = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(sched, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
+    return tx, sched
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def make_train_step(model: Llava, tx: optax.GradientTransformation):
+    """(state, batch) -> (state, metrics); jit it with `donate_argnums=0`."""
+
+    def step(state, batch):
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: answer_loss(model, p, batch), has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class PretrainResult:
+    params: Any
+    steps: int                     # steps actually run
+    history: list[dict]            # one record per evaluation: step, loss, accuracy, seconds
+    reached_target: bool
+    seconds: float
+
+
+def pretrain(model: Llava, params: Any, data: EncodedSet, cfg: PretrainConfig, *,
+             processor: image_lib.ImageProcessorConfig,
+             evaluate: Callable[[Any], float] | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = True
+             ) -> PretrainResult:
+    """Train every parameter of `model` on `data`; see the module docstring."""
+    from tqdm import tqdm
+
+    log = log or (lambda s: print(s, flush=True))
+    tx, _ = make_optimizer(cfg)
+    state = init_state(params, tx)
+    step_fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    reached = False
+    losses: list[float] = []
+    bar = tqdm(total=cfg.steps, desc="pretrain", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, leave=False)
+    step = 0
+    try:
+        while step < cfg.steps:
+            batch = batch_at(data, step, cfg.batch_size, cfg.seed, processor)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == cfg.steps:
+                losses.append(float(metrics["loss"]))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            due = cfg.eval_every and step % cfg.eval_every == 0
+            if evaluate is not None and (due or step == cfg.steps):
+                acc = float(evaluate(state["params"]))
+                rec = {"step": step, "loss": float(metrics["loss"]), "accuracy": acc,
+                       "seconds": time.perf_counter() - t0}
+                history.append(rec)
+                log(f"pretrain step {step}: loss {rec['loss']:.4f}, held-out accuracy "
+                    f"{acc:.4f} ({rec['seconds']:.0f} s)")
+                if acc >= cfg.target and step >= cfg.min_steps:
+                    reached = True
+                    break
+    finally:
+        bar.close()
+    return PretrainResult(state["params"], step, history, reached, time.perf_counter() - t0)
