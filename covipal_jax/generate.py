@@ -37,7 +37,7 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False) -
 
     if image_path is None and config.checkpoint:
         raise ValueError("--image is required with a real checkpoint")
-    loaded = loading.load(config)
+    loaded = loading.load(config, with_params=False)
     cfg, tok = loaded.cfg, loaded.tokenizer
     if image_path is None:
         ex = synthetic.make_example("test", 0, seed=config.sampling.seed)
@@ -53,6 +53,7 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False) -
     spec = PruneSpec.from_config(config.pruning, cfg.num_vision_tokens)
     ppm_module, ppm_vars = ppm_io.load_for_inference(config, cfg) if spec.method == "ppm" \
         else (None, None)
+    loaded = loading.load_params(config, loaded)  # weights last: config errors come first
     stops = text_lib.get_template(config.template).stop_ids(tok) if not raw else ()
     gen = decoding.Generator(
         loaded.model, spec, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,

@@ -68,17 +68,17 @@ def model_config(config: Any) -> LlavaConfig:
                              attention_impl=given.attention_impl)
 
 
-def load(config: Any, *, rng: jax.Array | None = None, mesh=None) -> Loaded:
+def load(config: Any, *, rng: jax.Array | None = None, mesh=None,
+         with_params: bool = True) -> Loaded:
+    """Model config, tokenizer, processor, and (unless `with_params=False`) the weights.
+
+    Cheap parts come first, so configuration errors surface before any weights are read.
+    """
     from covipal_jax.weights import hf
 
     cfg = model_config(config)
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     rules = config.logical_axis_rules
-    if config.checkpoint:
-        cfg, params = hf.load_llava(config.checkpoint, cfg=cfg, mesh=mesh, rules=rules)
-    else:
-        rng = jax.random.key(0) if rng is None else rng
-        params, _ = sharding.init_sharded(lambda r: init_params(cfg, r), rng, mesh, rules)
     tok_dir = config.tokenizer or config.checkpoint
     if tok_dir == "builtin" or not tok_dir:
         tokenizer = builtin_tokenizer()
@@ -95,6 +95,17 @@ def load(config: Any, *, rng: jax.Array | None = None, mesh=None) -> Loaded:
     if tokenizer.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model's embedding "
                          f"only {cfg.text.vocab_size}")
+    params = None
+    if with_params and config.checkpoint:
+        cfg, params = hf.load_llava(config.checkpoint, cfg=cfg, mesh=mesh, rules=rules)
+    elif with_params:
+        rng = jax.random.key(0) if rng is None else rng
+        params, _ = sharding.init_sharded(lambda r: init_params(cfg, r), rng, mesh, rules)
     return Loaded(cfg, Llava(cfg), params, tokenizer, processor, mesh, rules)
+
+
+def load_params(config: Any, loaded: Loaded, *, rng: jax.Array | None = None) -> Loaded:
+    """Fill in the weights of a `load(..., with_params=False)` result."""
+    return load(config, rng=rng, mesh=loaded.mesh, with_params=True)
 
 
