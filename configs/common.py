@@ -157,3 +157,16 @@ def data_config() -> ml_collections.ConfigDict:
         max_len=64,             # prompt + answer tokens (left-padded; longer examples weight 0)
         shuffle=True, drop_remainder=True, seed=0, prefetch=2,
     ))
+
+
+def llava15_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
+    """LLaVA-1.5 (CLIP ViT-L/14-336 + Vicuna) of a given size; args `layers=N,dtype=...`."""
+    a = parse_arg(arg, layers=0, dtype="bfloat16")
+    c = base_config()
+    text = vicuna(size)
+    if a.layers:
+        text["num_layers"] = a.layers
+    c.model = dict(vision=clip_vit_l_336(), text=text, image_token_id=32000,
+                   dtype=a.dtype, param_dtype=a.dtype, scan_layers=True, remat_policy="none")
+    c.template = "llava15"
+    return c
