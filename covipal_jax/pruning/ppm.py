@@ -118,10 +118,10 @@ class PPMBlock(nn.Module):
         h = _ln(c.ln_eps, "ppm_embed", "ln2")(v)
         h = _dense(c.mlp_width, ("ppm_embed", "ppm_mlp"), "fc1")(h)
         h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=False),
-                                       ("batch", "length", "ppm_mlp"))
+                                       ("act_batch", "act_length", "ppm_mlp"))
         h = _dense(c.width, ("ppm_mlp", "ppm_embed"), "fc2")(h)
         v = v + nn.Dropout(c.dropout)(h, deterministic=deterministic)
-        return nn.with_logical_constraint(v, ("batch", "length", "ppm_embed")), None
+        return nn.with_logical_constraint(v, ("act_batch", "act_length", "ppm_embed")), None
 
 
 class PPM(nn.Module):
@@ -162,8 +162,8 @@ class PPM(nn.Module):
                          jnp.float32)
         typ = self.param("text_type_embedding", _init(("ppm_embed",)), (c.width,),
                          jnp.float32)
-        v = nn.with_logical_constraint(v + pos[None], ("batch", "length", "ppm_embed"))
-        t = nn.with_logical_constraint(t + typ, ("batch", "length", "ppm_embed"))
+        v = nn.with_logical_constraint(v + pos[None], ("act_batch", "act_length", "ppm_embed"))
+        t = nn.with_logical_constraint(t + typ, ("act_batch", "act_length", "ppm_embed"))
 
         key_valid = jnp.concatenate([text_mask, jnp.ones((b, n_v), bool)], axis=1)
         key_bias = jnp.where(key_valid, 0.0, -jnp.inf)[:, None, None, :].astype(jnp.float32)
