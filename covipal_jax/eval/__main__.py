@@ -229,9 +229,11 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
         rdir = os.path.join(out, run_label(method, k))
         for b in names:
             use_scores = score_options and b in bm.MULTIPLE_CHOICE
-            if use_scores and not pred.supports_option_scoring():
-                raise ValueError("--score_options: the tokenizer has no distinct tokens for the "
-                                 "option letters")
+            if use_scores:
+                n_opt = max(len(ex.options) for ex in datasets[b].examples)
+                if not pred.supports_option_scoring(bm.LETTERS[:n_opt]):
+                    raise ValueError(f"--score_options: the tokenizer has no distinct tokens "
+                                     f"for the option letters {bm.LETTERS[:n_opt]}")
             before = dict(pred.stats)
             m = harness.run_benchmark(
                 pred, datasets[b], os.path.join(rdir, f"{b}.jsonl"), config.batch_size,

@@ -54,18 +54,18 @@ class Prediction:
     seconds: float
 
 
-def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str]
-                     ) -> list[int]:
-    """Token id of each letter as the first token of an answer after the template's prompt.
-
-    Raises ValueError when a letter is not a single distinct known token (e.g. the built-in
-    word tokenizer of the tiny model has no letters): option scoring is then meaningless.
+def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str] = LETTERS
+                     ) -> dict[str, int]:
+    """{letter: token id} of the letter as the first token of an answer after the template's
+    prompt, for the letters that are one known token, distinct from the other letters' (the
+    built-in word tokenizer of the tiny model has none: option scoring needs letter tokens).
     """
     tmpl = text_lib.get_template(template)
     probe = tmpl.prompt("x") if tmpl is not None else "x"
     sep = tmpl.answer_prefix if tmpl is not None else " "
     base = tokenizer.encode(probe)
-    ids = []
+    unk = getattr(tokenizer, "unk_id", None)
+    found: dict[str, int] = {}
     for letter in letters:
         full = tokenizer.encode(probe + sep + letter)
         n = 0
@@ -73,22 +73,18 @@ def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str
             if a != b:
                 break
             n += 1
-        if n >= len(full):
-            raise ValueError(f"option letter {letter!r} adds no token after the prompt")
-        ids.append(int(full[n]))
-    unk = getattr(tokenizer, "unk_id", None)
-    if len(set(ids)) != len(ids) or (unk is not None and unk in ids):
-        raise ValueError(f"option letters {list(letters)} do not map to distinct known tokens "
-                         f"({ids}); option scoring needs a tokenizer with letter tokens")
-    return ids
+        if n < len(full) and full[n] != unk:
+            found[letter] = int(full[n])
+    ids = list(found.values())
+    return {c: i for c, i in found.items() if ids.count(i) == 1}
 
 
 def prune_spec(config: Any, method: str, keep: Any, n_v: int) -> PruneSpec:
     """PruneSpec for `method` at `keep` (ratio or token count) with the config's other
     pruning settings; `none` always keeps all n_v tokens.
 
-    (Built from a fresh ConfigDict so an int `keep` stays a token count: assigning it into the
-    config's float `pruning.keep` would turn 64 into the invalid ratio 64.0.)
+    (Built from a fresh ConfigDict so an int `keep` stays an int: the config's `pruning.keep`
+    field is a float, and a count of 1 would become the ratio 1.0.)
     """
     import ml_collections
 
@@ -126,7 +122,7 @@ class LlavaPredictor:
             else (tok.eos_id,)
         self._generators: dict[int, decoding.Generator] = {}
         self._scorer = None
-        self._letter_ids: list[int] | None = None
+        self._letter_ids: dict[str, int] | None = None
         # Model time: seconds of generate / score calls (the first includes compilation).
         self.stats = dict(calls=0, items=0, seconds=0.0, first_call_seconds=None)
 
@@ -232,15 +228,19 @@ class LlavaPredictor:
 
     # -- option scoring --------------------------------------------------------------------------
 
-    def letter_ids(self) -> list[int]:
-        """Token ids of A..Z as first answer tokens (ValueError if the tokenizer lacks them)."""
+    def letter_ids(self, letters: Sequence[str]) -> list[int]:
+        """Token ids of `letters` as first answer tokens (ValueError when some have none)."""
         if self._letter_ids is None:
-            self._letter_ids = option_token_ids(self.loaded.tokenizer, self.template, LETTERS)
-        return self._letter_ids
+            self._letter_ids = option_token_ids(self.loaded.tokenizer, self.template)
+        missing = [c for c in letters if c not in self._letter_ids]
+        if missing:
+            raise ValueError(f"option letters {missing} are not single distinct tokens of the "
+                             "tokenizer: option scoring is not possible")
+        return [self._letter_ids[c] for c in letters]
 
-    def supports_option_scoring(self) -> bool:
+    def supports_option_scoring(self, letters: Sequence[str] = LETTERS[:4]) -> bool:
         try:
-            self.letter_ids()
+            self.letter_ids(letters)
         except ValueError:
             return False
         return True
@@ -265,7 +265,11 @@ class LlavaPredictor:
     def score_options(self, batch: Sequence[tuple[Any, str, Sequence[str]]]
                       ) -> list[list[float]]:
         """log p(letter | image, prompt) of each item's letters, as the first answer token."""
-        letter_ids = jnp.asarray(self.letter_ids(), jnp.int32)
+        batch = list(batch)
+        used = sorted({c for _, _, letters in batch for c in letters})
+        table = dict(zip(used, self.letter_ids(used)))
+        # One static [26] id vector (unused letters -> 0): one program for any option count.
+        letter_ids = jnp.asarray([table.get(c, 0) for c in LETTERS], jnp.int32)
         fn = self._score_fn()
         out: list[list[float]] = []
         for chunk in self._chunks(batch):

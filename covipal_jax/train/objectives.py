@@ -232,7 +232,7 @@ def stage1_per_example(scores: Array, labels: Array, kind: str, k: int) -> Array
     if kind == "listwise":
         order = jnp.argsort(-labels, axis=-1, stable=True)
         s = jnp.take_along_axis(scores, order, axis=-1)
-        tail = jax.lax.cumlogsumexp(s, axis=-1, reverse=True)
+        tail = jax.lax.cumlogsumexp(s, axis=s.ndim - 1, reverse=True)
         return jnp.mean((tail - s)[:, :k], axis=-1)
     raise ValueError(f"unknown stage-1 loss {kind!r}")
 
