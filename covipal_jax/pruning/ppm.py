@@ -189,7 +189,11 @@ def ppm(ctx: PruneContext, k: int, *, module: PPM, variables: Any,
     scores the already projected tokens).
     """
     del project
-    scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
+    # Applied without logical-axis rules (as the trainer does, `train.objectives.ppm_scores`):
+    # under rules and a mesh, Flax's param shape check re-runs DenseGeneral's kernel init,
+    # whose constraint on the flat kernel fails. XLA propagates the inputs' batch sharding.
+    with nn.logical_axis_rules(()):
+        scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
     idx = topk_indices(scores, k)
     return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
                        scores=scores)

@@ -1,0 +1,552 @@
+"""Ahead-of-time compilation of the real sharded steps for a TPU topology, on a CPU host.
+
+    python -m covipal_jax.aot --config configs/llava15_7b.py --topology v5e:2x4 \
+        --mode prefill --batch 8 --keep 0.25 --config.mesh.fsdp=-1 --config.mesh.data=1
+
+Needs libtpu (`pip install "jax[tpu]==0.10.2"`); no TPU is touched: the compiler targets the
+topology's devices (`jax.experimental.topologies`). The process must not have started a JAX
+backend before `setup_host()` (it sets `JAX_PLATFORMS=cpu` and libtpu's environment), so run
+this as its own process (tests call it through `subprocess`).
+
+Modes (B batch, T text bucket, k kept vision tokens):
+- `prefill`: `decoding.Generator`'s jitted prefill (tower, pruning, splice, decoder into a KV
+  cache with room for `max_new_tokens`, first token), pruned when `--keep` < 1 (method
+  `pruning.method`, or `ppm` when that is `none`).
+- `decode`: one decode step over that KV cache (the body of the on-device `while_loop`),
+  the state donated.
+- `train_ppm`: `covipal_jax.train`'s PPM step (frozen LLaVA in `train.frozen_dtype`, PPM and
+  AdamW state f32, state donated), stage `--stage` (stage 1: layers [0, l_g), attention rows
+  at l_g, PPM, MSE; stage 2: soft-pruned forward through every layer + LM/KL/budget loss).
+  Configs without a `train` section get `configs.common.train_config()` with the guide layer
+  at the paper's depth fraction (16 of 28).
+
+Parameters, optimizer state and batches are abstract `ShapeDtypeStruct`s carrying the
+NamedShardings our logical rules give them on a mesh built from the topology's devices
+(`config.mesh`, `--config.mesh.fsdp=...`). Reported per device: XLA's `memory_analysis()`
+(arguments, outputs, temporaries, aliased/donated, generated code) against the chip's HBM.
+Exit status 1 when it does not fit, 2 on a usage error.
+
+FLOPs: XLA's cost analysis counts a `while` body once (a scanned layer stack would count one
+layer), and its TPU `optimal_seconds` comes back negative for these programs, so the FLOPs
+are those of the same step with unrolled layers (`scan_layers=False`), from the HLO cost
+analysis of its CPU lowering (global, before partitioning; the PPM's 2-block `nn.scan` is
+corrected by (blocks - 1) x one block's cost), divided by the device count. The estimated step
+time is a roofline lower bound: max(FLOPs per device / peak bf16 FLOP/s, argument bytes per
+device / HBM bandwidth) from the table below. It is not a measurement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# chip generation -> (HBM GiB per chip, peak bf16 TFLOP/s per chip, HBM GB/s per chip).
+CHIPS = {
+    "v4": (32, 275, 1228),
+    "v5e": (16, 197, 819),
+    "v5p": (95, 459, 2765),
+    "v6e": (32, 918, 1640),
+}
+# Common slice names -> topology names (TensorCores: v4-8 / v5p-8 are 4 chips, megacore).
+ALIASES = {
+    "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5litepod-4": "v5e:2x2",
+    "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4",
+    "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
+}
+MODES = ("prefill", "decode", "train_ppm")
+
+
+def setup_host(accelerator_type: str = "v5litepod-4") -> None:
+    """Environment for compile-only TPU devices on a CPU host. Call before any JAX backend."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Another process holding libtpu's lock file (any JAX program on this host) must not stop
+    # a compile-only client.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+
+
+def libtpu_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def resolve_topology(name: str) -> tuple[str, str]:
+    """A topology or slice name -> (topology name, chip generation)."""
+    topo = ALIASES.get(name, name)
+    gen = topo.split(":")[0]
+    if gen == "v5litepod":
+        gen = "v5e"
+    if gen not in CHIPS or ":" not in topo:
+        raise ValueError(f"unknown topology {name!r}: use e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, "
+                         f"v6e:2x4 or one of {sorted(ALIASES)}")
+    return topo, gen
+
+
+def topology_devices(name: str) -> tuple[list, str]:
+    """Compile-only devices of a TPU topology (one per chip: megacore on v4 / v5p)."""
+    from jax.experimental import topologies
+
+    topo, gen = resolve_topology(name)
+    kw = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
+    desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", **kw)
+    return list(desc.devices), gen
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    mode: str
+    batch: int
+    text_len: int
+    keep: float | int
+    method: str
+    max_new_tokens: int
+    stage: int = 1
+
+
+def _with_train(config):
+    """`config` with a `train` (and `data`) section; common defaults when it has none."""
+    from configs import common
+
+    if "train" in config:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train = common.train_config()
+        n_layers = config.model.text["num_layers"]
+        config.train.guide_layer = max(1, round(n_layers * 16 / 28))
+        config.train.frozen_dtype = "bfloat16"
+        if "data" not in config:
+            config.data = common.data_config()
+    return config
+
+
+def model_config(config, scan: bool | None = None, vision_run: int | None = None,
+                 text_layers: int | None = None):
+    """LlavaConfig of `config.model`, optionally unrolled / at another depth (cost variants)."""
+    from covipal_jax.models.config import LlavaConfig
+
+    model = config.model.to_dict()
+    cfg = LlavaConfig.from_config(model)
+    if vision_run is not None:
+        extra = cfg.vision.num_layers - cfg.vision.num_run_layers
+        model["vision"]["num_layers"] = vision_run + extra
+    if text_layers is not None:
+        model["text"]["num_layers"] = text_layers
+    cfg = LlavaConfig.from_config(model)
+    return cfg if scan is None else cfg.replace(scan_layers=scan)
+
+
+# ----------------------------------------------------------------------------- abstract trees
+
+
+def _sds(x, sharding=None, dtype=None):
+    import jax
+    return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding)
+
+
+def abstract_params(init_fn, mesh, rules, dtype=None):
+    """(abstract unboxed tree with NamedShardings, shardings) of a boxed init function."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from covipal_jax import sharding as sh
+
+    with nn.logical_axis_rules(()):
+        boxed = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+    shardings = sh.logical_shardings(boxed, mesh, rules) if mesh is not None else None
+    unboxed = nn.unbox(boxed)
+
+    def cast(x):
+        return dtype if (dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)) \
+            else x.dtype
+    if shardings is None:
+        return jax.tree.map(lambda x: _sds(x, None, cast(x)), unboxed), None
+    return jax.tree.map(lambda x, s: _sds(x, s, cast(x)), unboxed, shardings), shardings
+
+
+def _batch_sds(shape, dtype, mesh):
+    from covipal_jax import sharding as sh
+    import jax
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=None if mesh is None
+                                else sh.batch_sharding(mesh, len(shape)))
+
+
+def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
+    from covipal_jax import ppm_io
+    from covipal_jax.pruning.ppm import PPM
+
+    pcfg = ppm_io.ppm_config(config, cfg)
+    variables, _ = abstract_params(lambda r: ppm_io.init_ppm(pcfg, r), mesh, rules)
+    return PPM(pcfg), pcfg, variables
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclasses.dataclass
+class Step:
+    """A function, its abstract arguments and jit options."""
+
+    fn: Any
+    args: tuple
+    jit_kw: dict
+    ppm_cfg: Any = None       # PPMConfig when the step runs a PPM (for the FLOP correction)
+    ppm_grad: bool = False    # the PPM is differentiated (train)
+    ppm_text_len: int = 0
+
+
+def build_step(req: Request, config, cfg, mesh, rules) -> Step:
+    """The jitted function of `req.mode` with abstract (sharded when mesh) arguments."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from covipal_jax.models.llava import Llava, init_params
+
+    model = Llava(cfg)
+    params, _ = abstract_params(lambda r: init_params(cfg, r), mesh, rules)
+    b, t = req.batch, req.text_len
+    v = cfg.vision
+    if req.mode in ("prefill", "decode"):
+        from covipal_jax.decoding import Generator
+        from covipal_jax.prefill import PruneSpec
+
+        spec = PruneSpec.from_config(_pruning(config, req), cfg.num_vision_tokens)
+        ppm_module, ppm_vars, pcfg = None, None, None
+        if spec.method == "ppm":
+            ppm_module, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
+        gen = Generator(model, spec, max_new_tokens=req.max_new_tokens, eos_id=2, pad_id=0,
+                        ppm_module=ppm_module)
+        pixels = _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh)
+        ids = _batch_sds((b, t), jnp.int32, mesh)
+        mask = _batch_sds((b, t), jnp.bool_, mesh)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        rng = jax.ShapeDtypeStruct((), key.dtype,
+                                   sharding=None if mesh is None else NamedSharding(mesh, P()))
+        if req.mode == "prefill":
+            return Step(gen._prefill, (params, ppm_vars, pixels, ids, mask, rng), {},
+                        ppm_cfg=pcfg, ppm_text_len=t)
+        state, _ = jax.eval_shape(gen._prefill, params, ppm_vars, pixels, ids, mask, rng)
+        state = decode_state_abstract(state, b, mesh, rules)
+        return Step(gen._step, (params, state), dict(donate_argnums=(1,)))
+    if req.mode == "train_ppm":
+        return _train_step(req, config, cfg, model, params, mesh, rules)
+    raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
+
+
+def _pruning(config, req: Request):
+    p = config.pruning.copy_and_resolve_references()
+    with p.unlocked():
+        p.keep = req.keep
+        p.method = req.method
+    return p
+
+
+def decode_state_abstract(state, batch: int, mesh, rules):
+    """Shardings for a DecodeState: KV caches by their logical names, per-row leaves over the
+    batch axes, the rest replicated."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from covipal_jax import sharding as sh
+    from covipal_jax.models.decoder import CACHE_AXES
+
+    if mesh is None:
+        return jax.tree.map(lambda x: _sds(x), state)
+    cache_sh = nn.logical_to_mesh_sharding(P(*CACHE_AXES), mesh, sh.rules_tuple(rules))
+
+    def pick(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        if "cache" in names and x.ndim == 5:
+            return _sds(x, cache_sh)
+        if x.ndim >= 1 and x.shape[0] == batch:
+            return _sds(x, sh.batch_sharding(mesh, x.ndim))
+        return _sds(x, NamedSharding(mesh, P()))
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _train_step(req: Request, config, cfg, model, params, mesh, rules) -> Step:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from covipal_jax.train import loop, objectives
+
+    config = _with_train(config)
+    t = config.train
+    spec = objectives.ObjectiveSpec.from_config(t, cfg, req.stage)
+    ppm_module, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
+    tx, _ = loop.make_optimizer(t, 1000, req.stage)
+    frozen_dtype = jnp.dtype(t.frozen_dtype)
+    frozen = jax.tree.map(
+        lambda x: _sds(x, x.sharding, frozen_dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                       else x.dtype), params)
+    ppm_params = ppm_vars["params"]
+    opt_state = jax.eval_shape(tx.init, ppm_params)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": ppm_params,
+             "opt_state": opt_state}
+    b, tl, v = req.batch, req.text_len, cfg.vision
+    batch = {"pixels": _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh),
+             "ids": _batch_sds((b, tl), jnp.int32, mesh),
+             "mask": _batch_sds((b, tl), jnp.bool_, mesh),
+             "loss_mask": _batch_sds((b, tl), jnp.bool_, mesh),
+             "weight": _batch_sds((b,), jnp.float32, mesh)}
+    step = loop.make_step(model, ppm_module, spec, tx, seed=0, deterministic=True)
+    jit_kw: dict = dict(donate_argnums=(0,))
+    if mesh is not None:
+        param_sh = jax.tree.map(lambda x: x.sharding, ppm_params)
+        state_sh = loop.state_shardings(state, param_sh, mesh)
+        state = jax.tree.map(lambda x, s: _sds(x, s), state, state_sh)
+        rep = NamedSharding(mesh, P())
+        jit_kw.update(in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
+                                    jax.tree.map(lambda x: x.sharding, batch)),
+                      out_shardings=(state_sh, rep))
+    return Step(step, (state, frozen, batch), jit_kw, ppm_cfg=pcfg, ppm_grad=True,
+                ppm_text_len=tl)
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def _cost(lowered_or_compiled) -> dict:
+    c = lowered_or_compiled.cost_analysis()
+    if isinstance(c, (list, tuple)):
+        c = c[0]
+    return dict(c or {})
+
+
+def ppm_block_cost(pcfg, batch: int, text_len: int, grad: bool) -> float:
+    """HLO FLOPs of one PPMBlock (forward, or forward + backward when grad)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from covipal_jax.pruning.ppm import PPMBlock
+
+    block = PPMBlock(pcfg)
+    v = jnp.zeros((batch, pcfg.n_v, pcfg.width))
+    t = jnp.zeros((batch, text_len, pcfg.width))
+    kb = jnp.zeros((batch, 1, 1, text_len + pcfg.n_v))
+    params = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), v, t, kb)))
+    fwd = lambda p, a: block.apply(p, a, t, kb)[0]
+    fn = (lambda p, a: jax.grad(lambda p, a: fwd(p, a).sum(), argnums=(0, 1))(p, a)) if grad \
+        else fwd
+    return float(_cost(jax.jit(fn).lower(params, jax.ShapeDtypeStruct(v.shape, v.dtype)))
+                 .get("flops", 0.0))
+
+
+def hlo_flops(req: Request, config) -> float:
+    """Global FLOPs of the step with unrolled layers (CPU lowering, no mesh), PPM-corrected."""
+    cfg = model_config(config, scan=False)
+    step = build_step(req, config, cfg, None, config.logical_axis_rules)
+    import jax
+
+    flops = float(_cost(jax.jit(step.fn).lower(*step.args)).get("flops", 0.0))
+    if step.ppm_cfg is not None and step.ppm_cfg.num_layers > 1:
+        flops += (step.ppm_cfg.num_layers - 1) * ppm_block_cost(
+            step.ppm_cfg, req.batch, step.ppm_text_len, step.ppm_grad)
+    return flops
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def compile_step(req: Request, config, topology: str, *, flops: bool = True,
+                 hbm_gib: float | None = None) -> dict:
+    """Compile `req` for `topology` (sharded by `config.mesh`); per-device memory and costs."""
+    import jax
+    import numpy as np
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    from covipal_jax import sharding as sh
+
+    devices, gen = topology_devices(topology)
+    shape = sh.mesh_shape(config.mesh.to_dict(), len(devices))
+    try:
+        arr = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        arr = np.asarray(devices).reshape(shape)
+    mesh = Mesh(arr, sh.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    rules = config.logical_axis_rules
+    cfg = model_config(config)
+    if req.batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch {req.batch} is not divisible by data x fsdp = "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    t0 = time.perf_counter()
+    # Abstract trees are built outside the mesh context: Flax's init runs eagerly on
+    # constant dummy inputs, which cannot execute on compile-only devices.
+    step = build_step(req, config, cfg, mesh, rules)
+    with sh.use_mesh(mesh, rules):
+        compiled = jax.jit(step.fn, **step.jit_kw).lower(*step.args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
+    hbm_gib = chip_gib if hbm_gib is None else hbm_gib
+    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    tmp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    code = mem.generated_code_size_in_bytes
+    total = arg + out - alias + tmp + code
+    hbm = int(hbm_gib * 2 ** 30)
+    xla = _cost(compiled)
+    n = len(devices)
+    rep = dict(
+        topology=resolve_topology(topology)[0], chip=gen, devices=n,
+        mesh=dict(zip(sh.MESH_AXES, shape)), mode=req.mode, stage=req.stage if
+        req.mode == "train_ppm" else None, batch=req.batch, text_len=req.text_len,
+        method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
+        keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
+        decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
+        bytes=dict(argument=arg, output=out, temp=tmp, alias=alias, generated_code=code,
+                   total=total),
+        hbm_bytes=hbm, hbm_fraction=total / hbm, fits=total <= hbm,
+        compile_s=compile_s, xla_optimal_seconds=xla.get("optimal_seconds"),
+        xla_flops_scanned=xla.get("flops"))
+    if flops:
+        g = hlo_flops(req, config)
+        per_dev = g / n
+        t_compute = per_dev / (peak_tflops * 1e12)
+        t_memory = (arg - (alias if req.mode != "train_ppm" else 0)) / (hbm_gbps * 1e9)
+        rep.update(flops_global=g, flops_per_device=per_dev,
+                   est_step_s=max(t_compute, t_memory), est_compute_s=t_compute,
+                   est_memory_s=t_memory)
+    return rep
+
+
+def _kept(req, config, cfg) -> int:
+    from covipal_jax.pruning.base import resolve_keep
+    if req.mode == "train_ppm":
+        return resolve_keep(_with_train(config).train.keep, cfg.num_vision_tokens)
+    return resolve_keep(req.keep, cfg.num_vision_tokens)
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{int(x)} B"
+
+
+def format_report(r: dict) -> str:
+    gib = _human
+    b = r["bytes"]
+    mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
+    stage = "" if r["stage"] is None else f" (stage {r['stage']})"
+    lines = [
+        f"{r['mode']}{stage} on {r['topology']} ({r['devices']} x TPU {r['chip']}, {gib(r['hbm_bytes'])} HBM each)"
+        f", mesh {mesh}, batch {r['batch']}, text {r['text_len']}, vision tokens "
+        f"{r['k']}/{r['num_vision_tokens']} ({r['method']}), {r['decoder_layers']} decoder "
+        f"layers, params {r['param_dtype']}",
+        f"  per device: arguments {gib(b['argument'])}, outputs {gib(b['output'])}, "
+        f"temporaries {gib(b['temp'])}, aliased {gib(b['alias'])}, code {gib(b['generated_code'])}",
+        f"  total {gib(b['total'])} of {gib(r['hbm_bytes'])} ({r['hbm_fraction']:.0%}): "
+        f"{'FITS' if r['fits'] else 'DOES NOT FIT'}",
+    ]
+    if "flops_global" in r:
+        lines.append(
+            f"  FLOPs: {r['flops_global']:.3e} global, {r['flops_per_device']:.3e} per device; "
+            f"estimated step >= {r['est_step_s'] * 1e3:.1f} ms (compute "
+            f"{r['est_compute_s'] * 1e3:.1f} ms, argument reads {r['est_memory_s'] * 1e3:.1f} ms)")
+    xo = r.get("xla_optimal_seconds")
+    if xo is not None:
+        lines.append(f"  XLA optimal_seconds: {xo:.4g}{' (not usable)' if xo < 0 else ''}; "
+                     f"compile {r['compile_s']:.0f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    F = flags.FLAGS
+    del argv
+    if F.mode not in MODES:
+        print(f"error: --mode must be one of {MODES}", file=sys.stderr)
+        sys.exit(2)
+    if not libtpu_available():
+        print("error: libtpu is not installed (pip install \"jax[tpu]==0.10.2\")",
+              file=sys.stderr)
+        sys.exit(2)
+    setup_host()
+    config = _CONFIG.value
+    if F.mode == "train_ppm":
+        config = _with_train(config)
+    keep = F.keep if F.keep is not None else config.pruning.keep
+    keep = int(keep) if float(keep) >= 1 and float(keep) != 1.0 else float(keep)
+    method = F.method or config.pruning.method
+    if F.mode != "train_ppm":
+        if keep != 1.0 and method == "none":
+            method = "ppm"
+        if keep == 1.0:
+            method = "none"
+    if F.mode == "train_ppm":
+        batch = F.batch or int(config.train.batch_size)
+        text_len = F.text_len or int(config.data.max_len)
+    else:
+        batch = F.batch or int(config.batch_size)
+        text_len = F.text_len or 64
+    req = Request(F.mode, batch, text_len, keep, method,
+                  F.max_new_tokens or int(config.max_new_tokens), F.stage)
+    try:
+        rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_report(rep))
+    if F.json:
+        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
+        with open(F.json, "w") as f:
+            json.dump(rep, f, indent=1)
+    sys.exit(0 if rep["fits"] else 1)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    global _CONFIG
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/llava15_7b.py", "Config file.",
+                                              lock_config=True)
+    flags.DEFINE_string("topology", "v5e:2x4", "TPU topology (v5e:2x4, v4:2x2x1, v5p-8, ...).")
+    flags.DEFINE_string("mode", "prefill", f"One of {MODES}.")
+    flags.DEFINE_integer("batch", None, "Global batch (default: config.batch_size; "
+                         "train_ppm: config.train.batch_size).")
+    flags.DEFINE_integer("text_len", None, "Text bucket (default 64; train_ppm: data.max_len).")
+    flags.DEFINE_float("keep", None, "Keep ratio (<= 1) or count (> 1) for prefill / decode "
+                       "(default config.pruning.keep).")
+    flags.DEFINE_string("method", None, "Pruning method (default config.pruning.method; "
+                        "ppm when keep < 1 and that is none).")
+    flags.DEFINE_integer("max_new_tokens", None, "KV cache room for decoding "
+                         "(default config.max_new_tokens).")
+    flags.DEFINE_integer("stage", 1, "train_ppm: stage 1 or 2.")
+    flags.DEFINE_bool("flops", True, "Count FLOPs (lowers an unrolled copy on CPU).")
+    flags.DEFINE_string("json", None, "Write the report as JSON here.")
+    flags.DEFINE_float("hbm_gib", None, "Override the HBM per chip (GiB) the fit is checked "
+                       "against (default: the chip's).")
+
+
+_CONFIG = None
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

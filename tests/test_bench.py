@@ -1,0 +1,148 @@
+"""Tests for covipal_jax/bench.py (and bench_peer.py): a --quick run end to end, the derived
+numbers, the target verdicts, and the PyTorch peer holding exactly our weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from covipal_jax import bench
+
+SETTING_KEYS = {"keep", "k", "label", "method", "seq_len", "ours", "peer", "times_s", "kv_bytes",
+                "kv_bytes_full_depth", "flops", "derived"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    with open(out / "bench.json") as f:
+        return out, json.load(f)
+
+
+def test_quick_run_writes_every_file(quick_run):
+    out, _ = quick_run
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    for heading in ("## Prefill `llava15`", "## Prefill `next`", "## Decode", "## Targets"):
+        assert heading in md
+
+
+def test_quick_run_json_has_every_measurement(quick_run):
+    _, r = quick_run
+    meta = r["meta"]
+    assert meta["matmul_peak_gflops"]["jax"] > 0 and meta["matmul_peak_gflops"]["torch"] > 0
+    assert {"jax", "torch", "transformers"} <= set(meta["versions"])
+    assert [s["name"] for s in r["suites"]] == ["llava15", "next"]
+    for s in r["suites"]:
+        n_v = s["n_v"]
+        assert s["settings"][0]["k"] == n_v  # the unpruned baseline comes first
+        for row in s["settings"]:
+            assert SETTING_KEYS <= set(row), SETTING_KEYS - set(row)
+            assert row["seq_len"] == r["meta"]["options"]["text_len"] - 1 + row["k"]
+            for side in ("ours", "peer"):
+                assert row[side]["llm_s"] > 0
+                assert row[side]["vision_s"] > 0
+            fl = row["flops"]
+            assert fl["llm"] > 0 and fl["vision"] > 0 and fl["e2e"] > fl["llm"]
+            if row["k"] < n_v:
+                assert row["ours"]["ppm_s"] > 0 and fl["ppm"] > 0
+                d = row["derived"]
+                for key in ("speedup_e2e", "flop_ratio_e2e", "bound_fraction_e2e",
+                            "ppm_share", "ppm_share_full_depth", "peer_over_ours_llm"):
+                    assert np.isfinite(d[key]), key
+                assert d["flop_ratio_e2e"] > 1
+                # XLA's PPM count (block-corrected) against the analytic matmul count.
+                assert fl["ppm"] == pytest.approx(fl["ppm_analytic"], rel=0.25)
+            else:
+                assert fl["ppm"] == 0.0
+    assert r["suites"][0]["vision_source"] == "measured"
+    assert r["suites"][1]["vision_source"] == "estimated"
+    assert {row["batch"] for row in r["decode"]} == {1, 2}
+    for row in r["decode"]:
+        assert row["ours_tok_s"] > 0 and row["peer_tok_s"] > 0
+        assert row["steps"] == r["meta"]["options"]["decode_tokens"] - 1
+    assert {"pruned_speedup_vs_flop_bound", "prefill_vs_pytorch",
+            "ppm_share_of_pruned_prefill"} <= set(r["targets"])
+    assert "decode_b8_vs_generate" not in r["targets"]  # quick decodes at batch 1 and 2
+
+
+def test_peer_computes_our_logits(quick_run):
+    """Same weights, same inputs: transformers' prefill logits match ours (unpruned and
+    pruned, the peer given our kept tokens), and greedy decoding agrees at batch 1."""
+    _, r = quick_run
+    for s in r["suites"][:1]:
+        for row in s["settings"]:
+            assert row["parity_rel"] < 1e-4, row["label"]
+    assert all(row["token_agreement"] == 1.0 for row in r["decode"])
+
+
+def test_flop_counts_scale_with_kept_tokens(quick_run):
+    _, r = quick_run
+    rows = r["suites"][0]["settings"]
+    llm = [row["flops"]["llm"] for row in rows]
+    assert llm == sorted(llm, reverse=True) and llm[0] > llm[-1]
+    vision = {row["flops"]["vision"] for row in rows}
+    assert len(vision) == 1  # the tower does not depend on the keep setting
+
+
+def _row(k, n_v, e2e_s, e2e_f, ppm_f=0.0, ppm_s=0.0, peer_e2e=None):
+    row = dict(k=k, label=str(k), ours=dict(vision_s=1.0, ppm_s=ppm_s, llm_s=e2e_s - 1.0 - ppm_s,
+                                            e2e_s=e2e_s),
+               flops=dict(e2e=e2e_f, llm=e2e_f - 100.0 - ppm_f, vision=100.0, ppm=ppm_f))
+    if peer_e2e is not None:
+        row["peer"] = dict(vision_s=1.0, llm_s=peer_e2e - 1.0, e2e_s=peer_e2e)
+    return row
+
+
+def test_derived_numbers_and_targets():
+    cfg, _ = bench.load_config(bench.QUICK_CONFIG)
+    opts = bench.Options.quick()
+    suite = dict(name="llava15", batch=1, n_v=64, vision_source="measured", settings=[
+        _row(64, 64, 4.0, 400.0, peer_e2e=5.0),
+        _row(16, 64, 2.0, 200.0, ppm_f=4.0, ppm_s=0.1, peer_e2e=1.9)])
+    s = bench._derive(suite, cfg, opts)
+    d = s["settings"][1]["derived"]
+    assert d["speedup_e2e"] == pytest.approx(2.0)
+    assert d["flop_ratio_e2e"] == pytest.approx(2.0)
+    assert d["bound_fraction_e2e"] == pytest.approx(1.0)
+    assert d["ppm_share"] == pytest.approx(0.02)
+    assert d["peer_over_ours_e2e"] == pytest.approx(0.95)
+    result = dict(suites=[s], decode=[dict(batch=8, label="16", ours_over_peer=1.5)])
+    t = bench.targets(result)
+    assert t["pruned_speedup_vs_flop_bound"]["passed"]
+    assert not t["prefill_vs_pytorch"]["passed"]  # 0.95 < 1 in the pruned row
+    assert t["prefill_vs_pytorch"]["where"].endswith("16")
+    assert not t["decode_b8_vs_generate"]["passed"]
+    assert t["ppm_share_of_pruned_prefill"]["passed"]
+
+
+def test_interleaved_takes_medians_after_warmup():
+    seq = iter([100.0, 3.0, 1.0, 2.0])
+    r = bench.interleaved({"a": lambda: next(seq)}, reps=3, warmup=1)
+    assert r["a"]["times_s"] == [3.0, 1.0, 2.0]
+    assert r["a"]["median_s"] == 2.0
+
+
+def test_kv_bytes():
+    cfg, _ = bench.load_config(bench.QUICK_CONFIG)
+    t = cfg.text
+    assert bench.kv_bytes(cfg, 2, 10) == 2 * t.num_layers * 2 * 10 * t.num_kv_heads * t.head_dim * 4
+    assert bench.kv_bytes(cfg, 1, 10, layers=32, itemsize=2) == 2 * 32 * 10 * t.num_kv_heads \
+        * t.head_dim * 2
+
+
+def test_load_config_layers():
+    cfg, ppm = bench.load_config("configs/llava15_7b.py:layers=2,dtype=float32")
+    assert cfg.text.num_layers == 2 and cfg.text.hidden_size == 4096
+    assert str(cfg.compute_dtype) == "float32" and ppm.width > 0
+    cfg3, _ = bench.load_config("configs/llava15_7b.py:layers=2,dtype=float32", layers=3)
+    assert cfg3.text.num_layers == 3
+
+
+def test_cli_requires_out():
+    with pytest.raises(SystemExit):
+        bench.main([])
