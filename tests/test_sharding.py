@@ -54,6 +54,17 @@ SCRIPT = textwrap.dedent("""
     diff = float(jnp.abs(out - ref).max())
     print("MAXDIFF", diff)
     assert diff < 1e-4, diff
+    # The PPM applies under the same mesh and rules (real-shape kernels, logical names).
+    from covipal_jax.pruning.ppm import PPM, PPMConfig
+    pcfg = PPMConfig(n_v=64, d_model=64, width=32, num_heads=2)
+    v = jnp.asarray(rng.normal(size=(4, 64, 64)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(4, 6, 64)), jnp.float32)
+    tm = jnp.ones((4, 6), bool)
+    pv = nn.unbox(PPM(pcfg).init(jax.random.key(1), v, t, tm))
+    ref_s = PPM(pcfg).apply(pv, v, t, tm)
+    with sharding.use_mesh(mesh, c.logical_axis_rules):
+        s = jax.jit(PPM(pcfg).apply)(pv, *sharding.put_batch(mesh, (v, t, tm)))
+    assert float(jnp.abs(s - ref_s).max()) < 1e-4
 """)
 
 

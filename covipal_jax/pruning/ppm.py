@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covipal_jax.models.layers import dense, kernel_init, layer_norm
 from covipal_jax.pruning.base import PruneContext, PruneResult
 from covipal_jax.pruning.select import gather_tokens, topk_indices
 
@@ -66,28 +67,16 @@ class PPMConfig:
 
 
 def _init(names, stddev=0.02):
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev), tuple(names))
-
-
-def _zeros(names):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
-
-
-def _ones(names):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
+    return kernel_init(names, stddev)
 
 
 def _dense(features, names, name, axis=-1):
-    out = features if isinstance(features, tuple) else (features,)
-    return nn.DenseGeneral(features, axis=axis, dtype=jnp.float32, param_dtype=jnp.float32,
-                           kernel_init=_init(names), bias_init=_zeros(names[-len(out):]),
-                           name=name)
+    """Real-shape kernels (see `models.layers.Dense`): valid logical names under any mesh."""
+    return dense(features, names, axis=axis, name=name)
 
 
 def _ln(eps, axis_name, name):
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-                        scale_init=_ones((axis_name,)), bias_init=_zeros((axis_name,)),
-                        name=name)
+    return layer_norm(eps, axis_name, jnp.float32, jnp.float32, name=name)
 
 
 class PPMBlock(nn.Module):
@@ -189,11 +178,7 @@ def ppm(ctx: PruneContext, k: int, *, module: PPM, variables: Any,
     scores the already projected tokens).
     """
     del project
-    # Applied without logical-axis rules (as the trainer does, `train.objectives.ppm_scores`):
-    # under rules and a mesh, Flax's param shape check re-runs DenseGeneral's kernel init,
-    # whose constraint on the flat kernel fails. XLA propagates the inputs' batch sharding.
-    with nn.logical_axis_rules(()):
-        scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
+    scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
     idx = topk_indices(scores, k)
     return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
                        scores=scores)
