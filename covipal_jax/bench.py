@@ -89,6 +89,7 @@ class Options:
     peer: bool = True
     threads: int = 2
     flops: bool = True
+    flops_compiled: bool = True           # False: cost of the lowered HLO (no compile)
     matmul_n: int = 4096
     full_depth: int = 32
     seed: int = 0
@@ -97,8 +98,8 @@ class Options:
     def quick(cls) -> "Options":
         return cls(keeps=(1.0, 0.25), next_tokens=320, next_keeps=(1.0, 0.25),
                    reps=1, warmup=1, decode_tokens=4, text_len=16, image_pos=3,
-                   matmul_n=512, decode_batches=(1, 2), decode_keeps="smallest",
-                   full_depth=8)
+                   matmul_n=512, decode_batches=(2,), decode_keeps="smallest",
+                   full_depth=8, flops_compiled=False)
 
     @classmethod
     def full(cls) -> "Options":
@@ -216,15 +217,19 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def compiled_flops(fn, *args) -> float:
-    """XLA's cost_analysis()['flops'] of fn compiled for args (arrays or abstract)."""
-    cost = jax.jit(fn).lower(*_abstract(args)).compile().cost_analysis()
+def compiled_flops(fn, *args, compile: bool = True) -> float:
+    """XLA's cost_analysis()['flops'] of fn compiled for args (arrays or abstract); with
+    compile=False, of the lowered (pre-optimization) HLO (on CPU the two agreed to the FLOP on
+    the 7B-width prefill; --quick uses it to save compile time)."""
+    lowered = jax.jit(fn).lower(*_abstract(args))
+    cost = (lowered.compile() if compile else lowered).cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
         cost = cost[0]
     return float(cost["flops"])
 
 
-def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int) -> float:
+def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int,
+                    compile: bool = True) -> float:
     """Compiled FLOPs of ONE `PPMBlock` (to correct the PPM's scanned blocks)."""
     block = ppm_lib.PPMBlock(pcfg)
     v = jax.ShapeDtypeStruct((batch, pcfg.n_v, pcfg.width), jnp.float32)
@@ -233,35 +238,40 @@ def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int) -> float
     bp = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), jnp.zeros(v.shape),
                                                     jnp.zeros(t.shape),
                                                     jnp.zeros(kb.shape))))
-    return compiled_flops(lambda p, a, b, c: block.apply(p, a, b, c)[0], bp, v, t, kb)
+    return compiled_flops(lambda p, a, b, c: block.apply(p, a, b, c)[0], bp, v, t, kb,
+                          compile=compile)
 
 
 class FlopCounter:
     """Compiled FLOPs of the bench programs, on an unrolled-layer copy of the model (B = 1)."""
 
-    def __init__(self, cfg: LlavaConfig, text_len: int, extra: int):
+    def __init__(self, cfg: LlavaConfig, text_len: int, extra: int, compile: bool = True):
         self.progs = Programs(cfg.replace(scan_layers=False), text_len, extra)
-        self.cfg = cfg
+        self.cfg, self.compile = cfg, compile
         self._block: dict = {}
 
     def _ppm_fix(self, pcfg, text_len):
         key = (pcfg, text_len)
         if key not in self._block:
-            self._block[key] = (pcfg.num_layers - 1) * ppm_block_flops(pcfg, 1, text_len)
+            self._block[key] = (pcfg.num_layers - 1) * ppm_block_flops(pcfg, 1, text_len,
+                                                                       self.compile)
         return self._block[key]
 
     def vision(self, params, pixels):
-        return compiled_flops(self.progs.vision(), params, pixels)
+        return compiled_flops(self.progs.vision(), params, pixels, compile=self.compile)
 
     def ppm(self, pcfg, k, params, pv, tokens, ids, mask):
-        raw = compiled_flops(self.progs.ppm(pcfg, k), params, pv, tokens, ids, mask)
+        raw = compiled_flops(self.progs.ppm(pcfg, k), params, pv, tokens, ids, mask,
+                             compile=self.compile)
         return raw + self._ppm_fix(pcfg, ids.shape[1])
 
     def llm(self, n_v, params, tokens, idx, ids, mask):
-        return compiled_flops(self.progs.llm(n_v), params, tokens, idx, ids, mask)
+        return compiled_flops(self.progs.llm(n_v), params, tokens, idx, ids, mask,
+                              compile=self.compile)
 
     def e2e(self, spec, pcfg, params, pv, px, ids, mask):
-        raw = compiled_flops(self.progs.e2e(spec, pcfg), params, pv, px, ids, mask)
+        raw = compiled_flops(self.progs.e2e(spec, pcfg), params, pv, px, ids, mask,
+                             compile=self.compile)
         return raw + (0.0 if pcfg is None else self._ppm_fix(pcfg, ids.shape[1]))
 
 
@@ -313,7 +323,8 @@ class Bench:
         self.ppm_section = ppm
         self.n_v = cfg.num_vision_tokens
         self.progs = Programs(cfg, opts.text_len, opts.decode_tokens)
-        self.counter = FlopCounter(cfg, opts.text_len, opts.decode_tokens) if opts.flops else None
+        self.counter = (FlopCounter(cfg, opts.text_len, opts.decode_tokens,
+                                    compile=opts.flops_compiled) if opts.flops else None)
         t0 = time.perf_counter()
         self.params = jax.jit(lambda r: nn.unbox(init_params(cfg, r)))(jax.random.key(opts.seed))
         self.ppm_cfgs = {self.n_v: self._pcfg(self.n_v)}
@@ -391,7 +402,7 @@ class Bench:
             if self.peer:
                 import torch
                 emb = self.peer.embeds(ids, o.image_pos,
-                                       torch.from_numpy(np.asarray(kept_tokens)))
+                                       torch.from_numpy(np.array(kept_tokens)))
                 kept_arg = kept if pruned else None
                 thunks["peer_e2e"] = clocked(
                     lambda: self.peer.e2e(px, ids, o.image_pos, kept_arg), self._torch_sync)
@@ -483,7 +494,7 @@ class Bench:
             if self.peer:
                 import torch
                 emb = self.peer.embeds(ids, o.image_pos,
-                                       torch.from_numpy(np.asarray(kept_tokens)))
+                                       torch.from_numpy(np.array(kept_tokens)))
                 thunks["peer_llm"] = clocked(lambda: self.peer.prefill(emb), self._torch_sync)
             t = self._run(thunks)
             ours = dict(vision_s=vis.get("ours"),
@@ -546,7 +557,7 @@ class Bench:
             tokens = self.progs.vision()(P, jnp.asarray(px))
             if pruned:
                 tokens = select.gather_tokens(tokens, kept)
-            emb = self.peer.embeds(ids, o.image_pos, torch.from_numpy(np.asarray(tokens)))
+            emb = self.peer.embeds(ids, o.image_pos, torch.from_numpy(np.array(tokens)))
 
             def peer() -> float:
                 dt, peer.tokens = self.peer.generate(emb, o.decode_tokens)

@@ -56,18 +56,19 @@ def test_quick_run_json_has_every_measurement(quick_run):
                     assert np.isfinite(d[key]), key
                 assert d["flop_ratio_e2e"] > 1
                 # XLA's PPM count (block-corrected) against the analytic matmul count.
-                assert fl["ppm"] == pytest.approx(fl["ppm_analytic"], rel=0.25)
+                # (the analytic count has matmuls only; XLA adds norms, softmax, GELU)
+                assert fl["ppm_analytic"] <= fl["ppm"] <= 1.5 * fl["ppm_analytic"]
             else:
                 assert fl["ppm"] == 0.0
     assert r["suites"][0]["vision_source"] == "measured"
     assert r["suites"][1]["vision_source"] == "estimated"
-    assert {row["batch"] for row in r["decode"]} == {1, 2}
+    assert [row["batch"] for row in r["decode"]] == [2]
     for row in r["decode"]:
         assert row["ours_tok_s"] > 0 and row["peer_tok_s"] > 0
         assert row["steps"] == r["meta"]["options"]["decode_tokens"] - 1
     assert {"pruned_speedup_vs_flop_bound", "prefill_vs_pytorch",
             "ppm_share_of_pruned_prefill"} <= set(r["targets"])
-    assert "decode_b8_vs_generate" not in r["targets"]  # quick decodes at batch 1 and 2
+    assert "decode_b8_vs_generate" not in r["targets"]  # quick decodes at batch 2 only
 
 
 def test_peer_computes_our_logits(quick_run):

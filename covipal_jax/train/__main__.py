@@ -29,6 +29,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None,
                                    "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None,
+                                   "Stop (with a checkpoint) once this global step is reached; "
+                                   "run again to continue.")
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
                                     "Fake CPU devices per process (tests; before JAX starts).")
 
@@ -60,7 +63,8 @@ def main(argv):
     from covipal_jax.train import checkpoint, loop
 
     try:
-        summary = loop.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value)
+        summary = loop.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value,
+                             stop_after=_STOP_AFTER.value)
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -68,9 +72,16 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     last = [s["last"] for s in summary["stages"] if s.get("last")]
-    if last:
-        print(f"done: step {summary['step']}, final loss {last[-1]['loss']:.4g}, "
-              f"recall {last[-1]['recall']:.3f}")
+    if last and jax_process_index() == 0:
+        stopped = any(s.get("stopped_at") is not None for s in summary["stages"])
+        print(f"{'stopped' if stopped else 'done'}: step {summary['step']}, "
+              f"loss {last[-1]['loss']:.4g}, recall {last[-1]['recall']:.3f}")
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 if __name__ == "__main__":

@@ -93,15 +93,17 @@ def stage_plan(train_cfg: Any) -> list[StagePlan]:
 
 def make_optimizer(train_cfg: Any, steps: int, stage: int) -> tuple[optax.GradientTransformation,
                                                                     Callable]:
-    """AdamW with linear warmup + cosine decay and global-norm clipping.
+    """AdamW with linear warmup (from peak / warmup_steps) + cosine decay to
+    `peak * end_lr_ratio`, and global-norm clipping.
 
     Weight decay applies to matrices (kernels, the position table), not to biases / norms.
     """
     t = train_cfg
     peak = float(t.lr if stage == 1 or not t.get("lr_stage2") else t.lr_stage2)
     warmup = min(int(t.warmup_steps), max(steps - 1, 0))
+    # Linear warmup from peak / warmup (the first update is not a no-op), then cosine.
     sched = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else peak, peak_value=peak, warmup_steps=warmup,
+        init_value=peak / warmup if warmup else peak, peak_value=peak, warmup_steps=warmup,
         decay_steps=max(steps, warmup + 1), end_value=peak * float(t.end_lr_ratio))
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     tx = optax.chain(
@@ -183,8 +185,9 @@ class Trainer:
     """One training run in `workdir` (resumes from its checkpoints)."""
 
     def __init__(self, config: Any, workdir: str, *, data_dir: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, stop_after: int | None = None):
         self.config = config
+        self.stop_after = stop_after
         self.workdir = os.path.abspath(workdir)
         self.t = config.train
         self.plan = stage_plan(self.t)
@@ -359,8 +362,12 @@ class Trainer:
             state["step"] = jax.device_put(jnp.asarray(global_step, jnp.int32), shard["step"])
             state, stats = self._run_stage(plan, spec, tx, sched, state, shard, global_step,
                                            position)
-            global_step = plan.stop
             summary["stages"].append(stats)
+            if stats["stopped_at"] is not None:        # --stop_after: checkpointed, no export
+                self.ckpt.wait()
+                summary["step"] = stats["stopped_at"]
+                return summary
+            global_step = plan.stop
         self.ckpt.wait()
         self.export(state["params"], global_step)
         summary["step"] = global_step
@@ -414,7 +421,9 @@ class Trainer:
         log_every = max(1, int(self.t.log_every))
         save_every = max(1, int(self.t.save_every))
         eval_every = int(self.t.get("eval_every", 0))
-        stats = {"stage": plan.stage, "first": None, "last": None, "eval": []}
+        stats = {"stage": plan.stage, "first": None, "last": None, "eval": [],
+                 "stopped_at": None}
+        stop = plan.stop if self.stop_after is None else min(plan.stop, self.stop_after)
 
         def do_eval(at_step):
             r = self._eval(eval_fn, state["params"])
@@ -424,7 +433,7 @@ class Trainer:
                 self._write_metrics(rec)
                 stats["eval"].append(rec)
 
-        if global_step == plan.start:
+        if global_step == plan.start and plan.index == 0:
             do_eval(global_step)
         bar = tqdm(total=plan.steps, initial=global_step - plan.start,
                    desc=f"stage {plan.stage}", disable=not (self.primary and
@@ -433,7 +442,7 @@ class Trainer:
         t_window, n_window = time.perf_counter(), 0
         it = pipe.iterate(position, prefetch=int(self.config.data.get("prefetch", 2)))
         try:
-            while global_step < plan.stop:
+            while global_step < stop:
                 pos, local = next(it)
                 batch = sharding.put_batch(mesh, {k: v for k, v in local.items()
                                                   if k in BATCH_KEYS})
@@ -451,6 +460,7 @@ class Trainer:
                         f"{plan.stage}); stopped without saving. The last good checkpoint is "
                         f"step {self.ckpt.latest_step()} in {self.ckpt.directory}.")
                 stage_done = global_step == plan.stop
+                stopping = global_step == stop and not stage_done
                 if (global_step % log_every == 0 or global_step - plan.start == 1
                         or stage_done):
                     dt = time.perf_counter() - t_window
@@ -464,7 +474,7 @@ class Trainer:
                     stats["first"] = stats["first"] or rec
                     stats["last"] = rec
                     t_window, n_window = time.perf_counter(), 0
-                if global_step % save_every == 0 or stage_done:
+                if global_step % save_every == 0 or stage_done or stopping:
                     self.ckpt.save(global_step, state,
                                    self._meta(plan, global_step, position, spec))
                 if stage_done or (eval_every and global_step % eval_every == 0):
@@ -473,13 +483,20 @@ class Trainer:
             bar.close()
             it.close()
         stats["too_long"] = pipe.stats.too_long
+        if global_step < plan.stop:
+            stats["stopped_at"] = global_step
+            self._log(f"stopped after step {global_step} (--stop_after); checkpoint saved")
         return state, stats
 
 
 def train(config: Any, workdir: str, *, data_dir: str | None = None,
-          log: Callable[[str], None] | None = None) -> dict:
-    """Train (or resume) in `workdir`; returns a summary. See the module docstring."""
-    return Trainer(config, workdir, data_dir=data_dir, log=log).run()
+          log: Callable[[str], None] | None = None, stop_after: int | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns a summary. See the module docstring.
+
+    stop_after: stop once the global step reaches it (checkpointed, like a preemption; run
+    again to continue).
+    """
+    return Trainer(config, workdir, data_dir=data_dir, log=log, stop_after=stop_after).run()
 
 
 def read_metrics(workdir: str) -> list[dict]:

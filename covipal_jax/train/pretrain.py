@@ -53,6 +53,7 @@ class PretrainConfig:
     target: float = 1.1          # stop once evaluate(params) >= target (> 1: never)
     min_steps: int = 0           # never stop before this many steps
     seed: int = 0
+    init: str = "fan_in"         # "fan_in": `fan_in_init` (from scratch); "as_is": keep params
 
     @classmethod
     def from_config(cls, c: Mapping[str, Any]) -> "PretrainConfig":
@@ -114,6 +115,50 @@ def batch_at(data: EncodedSet, step: int, batch_size: int, seed: int,
     return {"pixels": pixels(data.images[idx], processor), "ids": data.ids[idx],
             "mask": data.mask[idx], "loss_mask": data.loss_mask[idx],
             "weight": data.weight[idx]}
+
+
+# ----------------------------------------------------------------------------- init
+
+def _fan_in(path: tuple[str, ...], shape: tuple[int, ...]) -> int:
+    """Input size of a kernel: stacked layers carry a leading `layers` axis; attention output
+    kernels are [N, H, D]; the patch conv is HWIO."""
+    lead = 1 if "stack" in path else 0
+    name = path[-2] if len(path) > 1 else ""
+    if name == "patch_embed":
+        return int(np.prod(shape[:3]))
+    if name == "o":
+        return int(np.prod(shape[lead:lead + 2]))
+    return int(shape[lead])
+
+
+def fan_in_init(params: Any, rng: Array, *, embed_std: float = 1.0,
+                pos_std: float = 0.5) -> Any:
+    """Re-draw a freshly initialized LLaVA for training from scratch at small width.
+
+    `init_params` draws every kernel from N(0, 0.02^2), the convention of large pretrained
+    models; at width 64-128 that makes attention logits ~0 and the first phase of training a
+    long plateau. Here kernels get N(0, 1 / fan_in) (LeCun normal), token embeddings
+    N(0, embed_std^2) (unit RMS, like the layer outputs they are summed with) and the ViT's
+    position / class embeddings N(0, pos_std^2). Norm scales and biases are left as they are.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    treedef = jax.tree_util.tree_structure(params)
+    keys = jax.random.split(rng, len(flat))
+    out = []
+    for key, (path, x) in zip(keys, flat):
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        leaf = names[-1]
+        if leaf == "kernel" and x.ndim >= 2:
+            std = 1.0 / np.sqrt(_fan_in(names, x.shape))
+        elif leaf == "embedding":
+            std = embed_std
+        elif leaf in ("pos_embedding", "class_embedding"):
+            std = pos_std
+        else:
+            out.append(x)
+            continue
+        out.append((jax.random.normal(key, x.shape, jnp.float32) * std).astype(x.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -190,6 +235,10 @@ def pretrain(model: Llava, params: Any, data: EncodedSet, cfg: PretrainConfig, *
 
     log = log or (lambda s: print(s, flush=True))
     tx, _ = make_optimizer(cfg)
+    if cfg.init == "fan_in":
+        params = jax.jit(fan_in_init)(params, jax.random.key(cfg.seed))
+    elif cfg.init != "as_is":
+        raise ValueError(f"pretrain.init must be fan_in | as_is, got {cfg.init!r}")
     state = init_state(params, tx)
     step_fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
     history: list[dict] = []

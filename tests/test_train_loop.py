@@ -1,0 +1,106 @@
+"""covipal_jax/train/loop.py (+ checkpoint.py, __main__.py): the tiny config learns stage 1
+(top-k recall well above random), stage 2 follows, metrics / checkpoints / export are complete,
+a non-finite loss stops the run without touching the last good checkpoint, and a checkpoint for
+another PPM shape is refused with a clear error."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import train_util as tu
+
+KEEP = 0.25  # configs/ppm_tiny.py: r; random scores give top-k recall r on average
+NAN_STEP = 6  # the 7th update produces a NaN loss
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The reference run and the NaN run, started together (two CPU cores)."""
+    tu.start_reference()
+    nan_dir = tu.workdir("nan")
+    nan = tu.start(nan_dir, f"--config.train.inject_nan_step={NAN_STEP}",
+                   "--config.train.save_every=4", "--config.train.eval_batches=0")
+    return {"reference": tu.reference_run(), "nan": (nan, nan_dir)}
+
+
+def test_tiny_stage1_recall_rises_then_stage2(runs):
+    ref = runs["reference"]
+    records = tu.metrics(ref)
+    evals = {r["step"]: r["eval_recall"] for r in records if "eval_recall" in r}
+    before, after = evals[0], evals[tu.STEPS[0]]
+    steps = [r for r in records if "loss" in r]
+    s1 = [r for r in steps if r["stage"] == 1]
+    s2 = [r for r in steps if r["stage"] == 2]
+    rate = np.median([r["steps_per_s"] for r in s1[1:]])
+    print(f"\ntiny stage 1: eval top-k recall {before:.3f} -> {after:.3f} (random {KEEP}); "
+          f"train recall {s1[0]['recall']:.3f} -> {s1[-1]['recall']:.3f}; "
+          f"{rate:.1f} steps/s ({1e3 / rate:.0f} ms/step, batch 16, CPU, XLA -O0)")
+    assert before < KEEP + 0.15
+    assert after > 2.5 * KEEP and after > before + 0.3
+    assert s1[-1]["loss"] < 0.9 * s1[0]["loss"]
+    # One record per step, with the documented fields; stage 2 adds its loss terms.
+    assert [r["step"] for r in steps] == list(range(1, sum(tu.STEPS) + 1))
+    for r in steps:
+        for k in ("stage", "loss", "recall", "lr", "steps_per_s", "tokens_per_s", "grad_norm"):
+            assert k in r and np.isfinite(r[k]), (k, r)
+    assert len(s2) == tu.STEPS[1]
+    for r in s2:
+        assert {"lm", "kl", "budget", "keep_prob"} <= set(r)
+        assert r["kl"] >= -1e-6 and 0 < r["keep_prob"] < 1
+
+
+def test_checkpoints_and_export(runs):
+    from covipal_jax import ppm_io
+    from covipal_jax.models.config import LlavaConfig
+    from covipal_jax.train.checkpoint import Checkpointer
+
+    ref = runs["reference"]
+    ckpt = Checkpointer(os.path.join(ref, "checkpoints"))
+    assert ckpt.all_steps() == list(range(1, sum(tu.STEPS) + 1))
+    meta = ckpt.read_meta(tu.STEPS[0])
+    assert meta["stage"] == 1 and meta["stage_step"] == tu.STEPS[0]
+    meta = ckpt.read_meta(sum(tu.STEPS))
+    assert meta["stage"] == 2 and meta["stage_step"] == tu.STEPS[1]
+    assert meta["data_position"] == tu.STEPS[1] and meta["ppm"]["width"] == 32
+    assert meta["config"]["train"]["stages"] == [1, 2] and "base_model" in meta
+    # The exported PPM is the last checkpoint's params, loadable for inference.
+    import configs.ppm_tiny as ppm_tiny
+
+    cfg = LlavaConfig.from_config(ppm_tiny.get_config().model)
+    _, variables, info = ppm_io.load_ppm(os.path.join(ref, "ppm"), cfg)
+    assert info["trained_steps"] == sum(tu.STEPS)
+    last = tu.checkpoint_params(ref, sum(tu.STEPS))
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(variables["params"])
+    exported = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+    assert exported.keys() == last.keys()
+    for k in last:
+        np.testing.assert_array_equal(exported[k], last[k])
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(runs):
+    proc, nan_dir = runs["nan"]
+    rc = proc.wait(timeout=600)
+    log = open(nan_dir + ".log").read()
+    assert rc == 3, log[-3000:]
+    assert "non-finite loss" in log and f"last good checkpoint is step 4" in log
+    steps = sorted(int(s) for s in os.listdir(os.path.join(nan_dir, "checkpoints"))
+                   if s.isdigit())
+    assert steps == [4]
+    # Nothing was logged for the failed step; the kept checkpoint equals the reference's.
+    assert max(tu.step_losses(nan_dir)) <= NAN_STEP
+    good, ref = tu.checkpoint_params(nan_dir, 4), tu.checkpoint_params(runs["reference"], 4)
+    for k in ref:
+        np.testing.assert_allclose(good[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert not os.path.exists(os.path.join(nan_dir, "ppm"))
+
+
+def test_checkpoint_for_another_ppm_is_refused(runs):
+    w = tu.workdir("mismatch")
+    tu.copy_checkpoint(runs["reference"], 2, w)
+    r = tu.run(w, "--config.ppm.width=48", "--config.ppm.num_heads=2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "different model" in r.stderr and "ppm.width: 32 vs 48" in r.stderr
