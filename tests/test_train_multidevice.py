@@ -8,10 +8,13 @@ step S1 + 1 (stage 2, from its own stage-1 params) and stops (`--stop_after`). T
 LLaVA is initialized from the same key on both meshes (partitionable threefry: same values).
 
 Tolerance: the sharded step reduces in another order (batch over data x fsdp, heads / MLP over
-tensor), f32 rounding differs by ~1e-7 relative; Adam divides by sqrt(v), which amplifies it for
-parameters whose gradient is near 0, hence rtol 1e-4 / atol 2e-5 on params, and the step
-must move the params by 20x the largest difference (a wrong sharding, e.g. a loss averaged per
-shard, gives differences of the order of the update itself).
+tensor), so f32 gradients differ by ~1e-7 relative. Adam's update g / (sqrt(v) + eps) turns that
+into larger parameter differences only where the gradient is ~0 (e.g. the PPM head bias under
+the shift-invariant listwise loss, key biases under softmax): measured max |diff| 7e-6 after
+the stage-1 step and 2e-5 after the first stage-2 step (whose update is +-1.5e-3 per element).
+So: 99% of the elements agree to 1e-6, all to 1e-4 (atol) / 1e-4 (rtol), and the steps move
+the params by far more than that (a wrong sharding, e.g. a loss averaged per shard, breaks the
+1e-6 quantile at once).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 
 import train_util as tu
 
-RTOL, ATOL = 1e-4, 2e-5
+RTOL, ATOL = 1e-4, 1e-4
 
 
 def test_eight_devices_match_one_device():
@@ -37,13 +40,14 @@ def test_eight_devices_match_one_device():
     for step in (s1, s1 + 1):                       # stage 1, then stage 2
         np.testing.assert_allclose(losses[step], ref_losses[step], rtol=1e-5)
         got, want = tu.checkpoint_params(w, step), tu.checkpoint_params(ref, step)
+        prev = tu.checkpoint_params(ref, step - 1)
         assert got.keys() == want.keys()
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=k)
-        worst[step] = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
-        moved = max(float(np.max(np.abs(want[k] - tu.checkpoint_params(ref, step - 1)[k])))
-                    for k in want)
-        # The step moved the params by far more than the 8-vs-1 difference.
-        assert moved > 10 * ATOL and moved > 20 * worst[step], (moved, worst[step])
+        diff = np.concatenate([np.abs(got[k] - want[k]).ravel() for k in want])
+        moved = np.concatenate([np.abs(want[k] - prev[k]).ravel() for k in want])
+        assert np.quantile(diff, 0.99) < 1e-6
+        assert np.median(moved) > 3e-5 and np.median(moved) > 1000 * np.median(diff)
+        worst[step] = float(diff.max())
     print(f"\n8 devices vs 1: max |param diff| stage-1 step {worst[s1]:.2e}, "
           f"stage-2 step {worst[s1 + 1]:.2e}")
