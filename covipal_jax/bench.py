@@ -314,8 +314,12 @@ def _label(keep, k: int, n_v: int) -> str:
 class Bench:
     """One benchmark run (see the module docstring)."""
 
-    def __init__(self, cfg: LlavaConfig, opts: Options, ppm: Any = None, log=print):
+    def __init__(self, cfg: LlavaConfig, opts: Options, ppm: Any = None, log=None):
         """cfg: the model; ppm: a `config.ppm` section (PPM width/depth; default common's)."""
+        t_start = time.perf_counter()
+        if log is None:
+            def log(msg):
+                print(f"{time.perf_counter() - t_start:7.1f}s {msg}", flush=True)
         self.cfg, self.opts, self.log = cfg, opts, log
         if ppm is None:
             from configs import common

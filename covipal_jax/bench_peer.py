@@ -40,7 +40,9 @@ def torch_llava(params: Any, cfg: LlavaConfig, attn_implementation: str = "sdpa"
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation
-    with torch.device("cpu"):
+    from transformers.initialization import no_init_weights
+
+    with torch.device("cpu"), no_init_weights():  # every parameter is overwritten below
         model = transformers.LlavaForConditionalGeneration(config)
     model = model.float().eval()
 

@@ -3,7 +3,9 @@
 every global batch, and end with the same PPM params as the single-process reference run.
 
 Tolerance as in test_train_multidevice.py (another reduction order; Adam amplifies it only
-where the gradient is ~0).
+where the gradient is ~0): measured max |diff| 3e-7 on every parameter the loss depends on. The
+few whose gradient is identically 0 (`train_util.ZERO_GRADIENT_PARAMS`) are excluded: this
+early in training Adam turns their rounding-noise gradients into +-lr steps.
 """
 from __future__ import annotations
 
@@ -45,8 +47,6 @@ def test_two_processes_match_one():
     got, want = tu.checkpoint_params(w, STEPS), tu.checkpoint_params(ref, STEPS)
     init = tu.checkpoint_params(ref, 1)
     assert got.keys() == want.keys()
-    for k in want:
-        print(k, float(np.max(np.abs(got[k] - want[k]))), float(np.max(np.abs(want[k] - init[k]))))
     keys = [k for k in want if k not in tu.ZERO_GRADIENT_PARAMS]
     for k in keys:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)

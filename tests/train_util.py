@@ -24,12 +24,13 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PPM params whose gradient is identically zero under the tiny config's objective: the
-# listwise loss is invariant to a constant shift of all scores (the head bias), attention to a
-# per-query constant added to every key logit (the key biases). Their Adam updates are
+# listwise loss is invariant to a constant shift of all scores (the head bias, and the final
+# LayerNorm bias, which reaches the scores only through the head as such a shift), attention to
+# a per-query constant added to every key logit (the key biases). Their Adam updates are
 # g / (sqrt(v) + eps) of pure rounding noise, i.e. +-lr in any direction, so runs that reduce
 # in another order (sharded, multi-process) legitimately disagree on them; they change no score
 # ranking and no loss.
-ZERO_GRADIENT_PARAMS = ("['head']['bias']", "['blocks']['k']['bias']")
+ZERO_GRADIENT_PARAMS = ("['head']['bias']", "['final_norm']['bias']", "['blocks']['k']['bias']")
 
 _ROOT = tempfile.mkdtemp(prefix="covipal_train_tests_")
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)

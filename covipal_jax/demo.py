@@ -1,0 +1,52 @@
+"""The main job: synthetic VQA -> tiny LLaVA from scratch -> PPM -> pruning sweep, on CPU.
+
+    python -m covipal_jax.demo --workdir /tmp/covipal_demo           # ~15 min on 2 CPU cores
+    python -m covipal_jax.demo --workdir /tmp/covipal_quick --quick  # reduced, < 2 min
+
+Writes `DIR/results.json` (`{"unpruned": acc, "methods": {method: {ratio: acc}}}`),
+`DIR/results_detail.json`, `DIR/results.md` and `DIR/accuracy_vs_keep.png`, and prints the table.
+A rerun reuses the finished stages in DIR (`--force` redoes them). Stages and the held-out
+design: `covipal_jax/demo_lib.py`; sizes: `configs/demo.py`.
+
+On a real checkpoint (steps 3-4 only: train the PPM on local LLaVA-format data, then the sweep on
+the synthetic held-out split):
+
+    python -m covipal_jax.demo --workdir DIR --config configs/ppm_llava15_7b.py \
+        --config.checkpoint=/models/llava-1.5-7b-hf --data_dir DATA \
+        --config.data.json=DATA/llava_v1_5_mix665k.json --config.data.images=DATA/images
+
+(`--config.pruning.ppm_checkpoint=PPM_DIR` skips the training and evaluates that PPM.)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (stages, results).",
+                               required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "TFDS data dir of a real checkpoint's PPM training data.")
+_FORCE = flags.DEFINE_bool("force", False, "Redo every stage, even those finished in workdir.")
+_QUICK = flags.DEFINE_bool("quick", False, "Reduced run (config.quick overrides), for tests.")
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from covipal_jax import demo_lib
+
+    try:
+        demo_lib.run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value, quick=_QUICK.value,
+                     data_dir=_DATA_DIR.value)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
