@@ -470,6 +470,35 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def table(reports: list[dict]) -> str:
+    """A markdown table of several reports (e.g. the JSON files of a sweep)."""
+    gib = lambda x: f"{x / 2 ** 30:.2f}"  # noqa: E731
+    lines = ["| model | slice | mesh | step | batch | vision tokens | args GiB | temp GiB "
+             "| out GiB | total GiB / HBM | fits | TFLOP / device | est. step ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        b = r["bytes"]
+        mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+        step = r["mode"] + ("" if r.get("stage") in (None, 1) else f" s{r['stage']}")
+        if r["mode"] == "train_ppm":
+            step = f"train PPM s{r.get('stage') or 1}"
+        elif r["mode"] == "prefill":
+            step = "prefill " + ("unpruned" if r["k"] == r["num_vision_tokens"] else "pruned")
+        name = r.get("name", "")
+        lines.append(
+            f"| {name} | {r['chip']} x{r['devices']} | {mesh} | {step} | {r['batch']} "
+            f"| {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} | {gib(b['temp'])} "
+            f"| {gib(b['output'])} | {gib(b['total'])} / {gib(r['hbm_bytes'])} "
+            f"| {'yes' if r['fits'] else 'NO'} "
+            f"| {r['flops_per_device'] / 1e12:.2f} | {r['est_step_s'] * 1e3:.0f} |"
+            if "flops_per_device" in r else
+            f"| {name} | {r['chip']} x{r['devices']} | {mesh} | {step} | {r['batch']} "
+            f"| {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} | {gib(b['temp'])} "
+            f"| {gib(b['output'])} | {gib(b['total'])} / {gib(r['hbm_bytes'])} "
+            f"| {'yes' if r['fits'] else 'NO'} | – | – |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -478,6 +507,16 @@ def main(argv) -> None:
 
     F = flags.FLAGS
     del argv
+    if F.summarize:
+        reports = []
+        for name in sorted(os.listdir(F.summarize)):
+            if name.endswith(".json"):
+                with open(os.path.join(F.summarize, name)) as f:
+                    r = json.load(f)
+                r.setdefault("name", name[:-5])
+                reports.append(r)
+        print(table(reports))
+        return
     if F.mode not in MODES:
         print(f"error: --mode must be one of {MODES}", file=sys.stderr)
         sys.exit(2)
@@ -539,6 +578,8 @@ def _define_flags():
     flags.DEFINE_integer("stage", 1, "train_ppm: stage 1 or 2.")
     flags.DEFINE_bool("flops", True, "Count FLOPs (lowers an unrolled copy on CPU).")
     flags.DEFINE_string("json", None, "Write the report as JSON here.")
+    flags.DEFINE_string("summarize", None, "Print a markdown table of the JSON reports in "
+                        "this directory and exit.")
     flags.DEFINE_float("hbm_gib", None, "Override the HBM per chip (GiB) the fit is checked "
                        "against (default: the chip's).")
 

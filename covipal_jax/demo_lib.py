@@ -341,7 +341,7 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
         log(f"[pretrain] WARNING: held-out dev accuracy "
             f"{res.history[-1]['accuracy'] if res.history else float('nan'):.4f} did not "
             f"reach the target {pc.target} in {res.steps} steps")
-    hf.export_llava({"params": jax.device_get(res.params)}, cfg, directory)
+    hf.export_llava(jax.device_get(res.params), cfg, directory)
     tok.save(directory)
     stages.finish("pretrain", directory, fp, time.perf_counter() - t0, steps=res.steps,
                   reached_target=res.reached_target, history=res.history,

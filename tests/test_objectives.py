@@ -19,7 +19,8 @@ from covipal_jax.train import objectives as ob
 
 N_V = 64  # the tiny model: 64 patches of 8 on a 64x64 image, CLS dropped
 # Small programs: compile fast (XLA's CPU backend optimizations dominate compile time here).
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                   "xla_cpu_use_fusion_emitters": False})
 
 
 def _batch(seed=0):

@@ -1,9 +1,9 @@
 """Helpers of the trainer tests: run `python -m covipal_jax.train` in subprocesses.
 
 Subprocesses get their own device count (`--xla_force_host_platform_device_count`), the CPU
-platform, XLA backend optimizations off (the tiny programs compile 3-5x faster on this CPU;
-every run of a comparison uses the same flags) and one persistent compilation cache per pytest
-session, so identical programs (the same config on the same mesh) compile once per session.
+platform, `FAST_COMPILE` XLA flags (every run of a comparison uses the same flags) and one
+persistent compilation cache per pytest session, so identical programs (the same config on the
+same mesh) compile once per session.
 
 `reference_run()` trains the tiny config once per session (single device, stage 1 for 20
 steps then stage 2 for 3, a checkpoint every step, metrics every step); the loop, multi-device,
@@ -37,6 +37,10 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 CACHE = os.path.join(_ROOT, "jax_cache")
 DATA = os.path.join(_ROOT, "tfds")
 
+# XLA CPU flags that cut the tiny programs' compile time ~4x here (LLVM backend optimizations
+# and the fusion emitters off); the programs run a bit slower, which does not matter at this size.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
 STEPS = (20, 3)
 REFERENCE_ARGS = (
     "--config", "configs/ppm_tiny.py:stages=12",
@@ -50,8 +54,8 @@ REFERENCE_ARGS = (
 def env(devices: int = 1) -> dict:
     e = dict(os.environ)
     e.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_backend_optimization_level=0 "
-                       f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=" ".join(FAST_COMPILE + (
+                 f"--xla_force_host_platform_device_count={devices}",)),
              JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     e.pop("COVIPAL_DISTRIBUTED", None)

@@ -32,6 +32,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
                                    "Stop (with a checkpoint) once this global step is reached; "
                                    "run again to continue.")
+_PREPARE = flags.DEFINE_bool("prepare_data", False,
+                             "Only build the TFDS training data (offline) and exit: do it once "
+                             "before a multi-host run of a large LLaVA-format set.")
 _CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None,
                                     "Fake CPU devices per process (tests; before JAX starts).")
 
@@ -62,6 +65,14 @@ def main(argv):
     _init_jax()
     from covipal_jax.train import checkpoint, loop
 
+    if _PREPARE.value:
+        from covipal_jax.data import pipeline
+
+        d = pipeline.data_dir(_CONFIG.value, _WORKDIR.value, _DATA_DIR.value)
+        source, skipped = pipeline.build_source(_CONFIG.value, d)
+        print(f"data ready in {d}: {len(source)} examples"
+              + (f", skipped {skipped}" if skipped else ""))
+        return
     try:
         summary = loop.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value,
                              stop_after=_STOP_AFTER.value)

@@ -149,13 +149,13 @@ def make_step(model, ppm_module, spec: objectives.ObjectiveSpec, tx, *, seed: in
                                     params=frozen, prep=prep, batch=batch, spec=spec,
                                     step=state["step"], rng=rng, deterministic=deterministic)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics.update(grad_norm=gnorm, param_norm=optax.global_norm(new["params"]),
+        metrics.update(grad_norm=gnorm, param_norm=optax.tree.norm(new["params"]),
                        ok=ok.astype(jnp.float32))
         return new, metrics
 
@@ -270,13 +270,7 @@ class Trainer:
         pcfg = self.pcfg
         rng = jax.random.key(int(self.t.seed))
         init_fn = lambda r: ppm_io.init_ppm(pcfg, r)
-        # Initialize without activation rules: the PPM's DenseGeneral kernels are created flat
-        # and reshaped, and a logical constraint on the flat kernel fails under rules
-        # (`sharding.init_sharded` hits it). The output shardings still follow the names.
-        with nn.logical_axis_rules(()):
-            abstract = jax.eval_shape(init_fn, rng)
-            shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
-            variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+        variables, shardings = sharding.init_sharded(init_fn, rng, self.mesh, self.rules)
         params, param_sh = variables["params"], shardings["params"]
         if self.t.get("init_from"):
             _, loaded, _ = ppm_io.load_ppm(self.t.init_from, self.cfg)

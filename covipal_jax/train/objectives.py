@@ -55,11 +55,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from covipal_jax.models.llava import Llava, image_positions
 from covipal_jax.pruning import select
@@ -311,17 +309,10 @@ def prepare(model: Llava, params: Any, batch: dict, spec: ObjectiveSpec) -> Prep
 
 def ppm_scores(ppm_module: Any, ppm_params: Any, enc: Encoded, rng: Array | None = None,
                deterministic: bool = True) -> Array:
-    """PPM scores f32[B, n_v] of the batch's H_v and prompt text.
-
-    Applied without logical-axis rules: under rules, Flax's param shape check re-runs the
-    DenseGeneral kernel init, whose constraint on the flat kernel fails, and the PPM's
-    activation names (`batch`, `length`) have no rule (they would force replication). Its
-    params keep their shardings; XLA propagates the batch sharding of the inputs.
-    """
+    """PPM scores f32[B, n_v] of the batch's H_v and the prompt's text (answer hidden)."""
     rngs = None if deterministic or rng is None else {"dropout": rng}
-    with nn.logical_axis_rules(()):
-        return ppm_module.apply({"params": ppm_params}, enc.vision, enc.text,
-                                enc.ppm_text_mask, deterministic=deterministic, rngs=rngs)
+    return ppm_module.apply({"params": ppm_params}, enc.vision, enc.text, enc.ppm_text_mask,
+                            deterministic=deterministic, rngs=rngs)
 
 
 def loss_fn(ppm_params: Any, *, ppm_module: Any, model: Llava, params: Any, prep: Prepared,
@@ -358,7 +349,3 @@ def loss_fn(ppm_params: Any, *, ppm_module: Any, model: Llava, params: Any, prep
         loss = jnp.where(step == spec.inject_nan_step, jnp.nan, loss)
     metrics["loss"] = loss
     return loss, metrics
-
-
-def param_norm(tree: Any) -> Array:
-    return optax.global_norm(tree)
