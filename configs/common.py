@@ -151,7 +151,7 @@ def data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         kind="synthetic",       # synthetic | llava
         name="tiny",            # synthetic: TFDS config (tiny | demo | demo96); llava: a name
-        split="train", eval_split="",
+        split="train", eval_split="",  # eval_split: synthetic only (top-k recall, train.eval_*)
         dir="",                 # TFDS data dir ("" = --data_dir or <workdir>/data)
         json="", images="",     # llava: LLaVA-format .json/.jsonl and the image folder
         max_len=64,             # prompt + answer tokens (left-padded; longer examples weight 0)

@@ -75,11 +75,11 @@ FULL_DEPTH = {"llama": 32}  # decoder depth the reduced-depth numbers are extrap
 class Options:
     keeps: tuple = (1.0, 0.5, 0.25, 64)   # float ratio or int count; 1.0 = unpruned
     next_tokens: int = 2880               # 0 disables the NeXT suite
-    next_keeps: tuple = (1.0, 0.5, 0.25, 64)
+    next_keeps: tuple = (1.0, 0.25, 64)
     prefill_batches: tuple = (1,)
     decode_batches: tuple = (1, 8)
-    decode_keeps: str = "b1_all"          # "all" | "b1_all" (every keep at B=1, the smallest
-                                          # k at B>1) | "smallest" (the smallest k only)
+    decode_keeps: str = "ends"            # "all" keeps | "ends" (unpruned and the smallest
+                                          # k at B=1, the smallest k at B>1) | "smallest"
     next_vision: bool = False             # run the tower on 5 crops (else 5 x single crop)
     text_len: int = 48
     image_pos: int = 5
@@ -372,19 +372,17 @@ class Bench:
         pv = self.ppm_vars[n_v]
         px, ids, mask = make_inputs(cfg, batch, o.text_len, o.image_pos, o.seed + batch)
         px_j, ids_j, mask_j = jnp.asarray(px), jnp.asarray(ids), jnp.asarray(mask)
-        self.log(f"[bench] llava15 B={batch}: vision")
         vision = self.progs.vision()
         tokens = vision(P, px_j)
-        thunks = {"ours": clocked(lambda: vision(P, px_j))}
+        thunks = {"vision/ours": clocked(lambda: vision(P, px_j))}
         if self.peer:
-            thunks["peer"] = clocked(lambda: self.peer.vision(px), self._torch_sync)
-        vis_t = self._run(thunks)
+            thunks["vision/peer"] = clocked(lambda: self.peer.vision(px), self._torch_sync)
         vis_flops = self.counter.vision(P, px_j[:1]) * batch if self.counter else None
         settings = []
-        for keep in o.keeps:
+        for i, keep in enumerate(o.keeps):
             k = _keep_count(keep, n_v)
             pruned = k < n_v
-            self.log(f"[bench] llava15 B={batch}: keep={keep} (k={k})")
+            self.log(f"[bench] llava15 B={batch}: prepare keep={keep} (k={k})")
             spec = PruneSpec("ppm", k) if pruned else PruneSpec("none", n_v)
             e2e = self.progs.e2e(spec, pcfg if pruned else None)
             pv_arg = pv if pruned else None
@@ -394,13 +392,16 @@ class Bench:
                 ppm_fn = self.progs.ppm(pcfg, k)
                 kept_tokens, idx = ppm_fn(P, pv, tokens, ids_j, mask_j)
             else:
-                kept_tokens = tokens
+                ppm_fn, kept_tokens = None, tokens
                 idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (batch, n_v))
             llm = self.progs.llm(n_v)
-            thunks = {"ours_e2e": clocked(lambda: e2e(P, pv_arg, px_j, ids_j, mask_j)),
-                      "ours_llm": clocked(lambda: llm(P, kept_tokens, idx, ids_j, mask_j))}
+            thunks[f"{i}/ours_e2e"] = clocked(
+                lambda e2e=e2e, pv_arg=pv_arg: e2e(P, pv_arg, px_j, ids_j, mask_j))
+            thunks[f"{i}/ours_llm"] = clocked(
+                lambda t_=kept_tokens, i_=idx: llm(P, t_, i_, ids_j, mask_j))
             if pruned:
-                thunks["ours_ppm"] = clocked(lambda: ppm_fn(P, pv, tokens, ids_j, mask_j))
+                thunks[f"{i}/ours_ppm"] = clocked(
+                    lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
             row: dict[str, Any] = dict(keep=keep, k=k, label=_label(keep, k, n_v),
                                        method=spec.method, seq_len=o.text_len - 1 + k)
             if self.peer:
@@ -408,20 +409,12 @@ class Bench:
                 emb = self.peer.embeds(ids, o.image_pos,
                                        torch.from_numpy(np.array(kept_tokens)))
                 kept_arg = kept if pruned else None
-                thunks["peer_e2e"] = clocked(
-                    lambda: self.peer.e2e(px, ids, o.image_pos, kept_arg), self._torch_sync)
-                thunks["peer_llm"] = clocked(lambda: self.peer.prefill(emb), self._torch_sync)
+                thunks[f"{i}/peer_e2e"] = clocked(
+                    lambda a=kept_arg: self.peer.e2e(px, ids, o.image_pos, a), self._torch_sync)
+                thunks[f"{i}/peer_llm"] = clocked(lambda e=emb: self.peer.prefill(e),
+                                                  self._torch_sync)
                 row["parity_rel"] = self._parity(
                     out.last_logits, self.peer.e2e(px, ids, o.image_pos, kept_arg))
-            t = self._run(thunks)
-            row["ours"] = dict(vision_s=vis_t["ours"]["median_s"],
-                               ppm_s=t["ours_ppm"]["median_s"] if pruned else 0.0,
-                               llm_s=t["ours_llm"]["median_s"], e2e_s=t["ours_e2e"]["median_s"])
-            if self.peer:
-                row["peer"] = dict(vision_s=vis_t["peer"]["median_s"],
-                                   llm_s=t["peer_llm"]["median_s"],
-                                   e2e_s=t["peer_e2e"]["median_s"])
-            row["times_s"] = {k_: v["times_s"] for k_, v in t.items()}
             row["kv_bytes"] = kv_bytes(cfg, batch, row["seq_len"])
             row["kv_bytes_full_depth"] = kv_bytes(cfg, batch, row["seq_len"], o.full_depth)
             if self.counter:
@@ -437,6 +430,18 @@ class Bench:
                                       if pruned else 0.0)
                 row["flops"] = fl
             settings.append(row)
+        self.log(f"[bench] llava15 B={batch}: timing {len(thunks)} programs, interleaved")
+        t = self._run(thunks)
+        med = lambda key: t[key]["median_s"] if key in t else None  # noqa: E731
+        for i, row in enumerate(settings):
+            row["ours"] = dict(vision_s=med("vision/ours"), ppm_s=med(f"{i}/ours_ppm") or 0.0,
+                               llm_s=med(f"{i}/ours_llm"), e2e_s=med(f"{i}/ours_e2e"))
+            if self.peer:
+                row["peer"] = dict(vision_s=med("vision/peer"), llm_s=med(f"{i}/peer_llm"),
+                                   e2e_s=med(f"{i}/peer_e2e"))
+            row["times_s"] = {k_.split("/", 1)[1]: v["times_s"] for k_, v in t.items()
+                              if k_.startswith(f"{i}/")}
+        vis_t = {k_.split("/", 1)[1]: v for k_, v in t.items() if k_.startswith("vision/")}
         suite = dict(name="llava15", batch=batch, n_v=n_v, vision_source="measured",
                      vision_times_s={k_: v["times_s"] for k_, v in vis_t.items()},
                      settings=settings)
@@ -478,20 +483,22 @@ class Bench:
             vis_flops = single_crop["settings"][0]["flops"]["vision"] / single_crop["batch"] \
                 * crops * batch
         settings = []
-        for keep in o.next_keeps:
+        thunks = {}
+        for i, keep in enumerate(o.next_keeps):
             k = _keep_count(keep, n_v)
             pruned = k < n_v
-            self.log(f"[bench] next B={batch}: keep={keep} (k={k})")
+            self.log(f"[bench] next B={batch}: prepare keep={keep} (k={k})")
             llm = self.progs.llm(n_v)
             if pruned:
                 ppm_fn = self.progs.ppm(pcfg, k)
                 kept_tokens, idx = ppm_fn(P, pv, tokens, ids_j, mask_j)
+                thunks[f"{i}/ours_ppm"] = clocked(
+                    lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
             else:
                 kept_tokens = tokens
                 idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (batch, n_v))
-            thunks = {"ours_llm": clocked(lambda: llm(P, kept_tokens, idx, ids_j, mask_j))}
-            if pruned:
-                thunks["ours_ppm"] = clocked(lambda: ppm_fn(P, pv, tokens, ids_j, mask_j))
+            thunks[f"{i}/ours_llm"] = clocked(
+                lambda t_=kept_tokens, i_=idx: llm(P, t_, i_, ids_j, mask_j))
             row: dict[str, Any] = dict(keep=keep, k=k, label=_label(keep, k, n_v),
                                        method="ppm" if pruned else "none",
                                        seq_len=o.text_len - 1 + k)
@@ -499,20 +506,8 @@ class Bench:
                 import torch
                 emb = self.peer.embeds(ids, o.image_pos,
                                        torch.from_numpy(np.array(kept_tokens)))
-                thunks["peer_llm"] = clocked(lambda: self.peer.prefill(emb), self._torch_sync)
-            t = self._run(thunks)
-            ours = dict(vision_s=vis.get("ours"),
-                        ppm_s=t["ours_ppm"]["median_s"] if pruned else 0.0,
-                        llm_s=t["ours_llm"]["median_s"])
-            ours["e2e_s"] = (None if ours["vision_s"] is None
-                             else ours["vision_s"] + ours["ppm_s"] + ours["llm_s"])
-            row["ours"] = ours
-            if self.peer:
-                peer = dict(vision_s=vis.get("peer"), llm_s=t["peer_llm"]["median_s"])
-                peer["e2e_s"] = (None if peer["vision_s"] is None
-                                 else peer["vision_s"] + peer["llm_s"])
-                row["peer"] = peer
-            row["times_s"] = {k_: v["times_s"] for k_, v in t.items()}
+                thunks[f"{i}/peer_llm"] = clocked(lambda e=emb: self.peer.prefill(e),
+                                                  self._torch_sync)
             row["kv_bytes"] = kv_bytes(cfg, batch, row["seq_len"])
             row["kv_bytes_full_depth"] = kv_bytes(cfg, batch, row["seq_len"], o.full_depth)
             if self.counter:
@@ -526,18 +521,35 @@ class Bench:
                 fl["e2e"] = None if vis_flops is None else vis_flops + fl["ppm"] + fl["llm"]
                 row["flops"] = fl
             settings.append(row)
+        self.log(f"[bench] next B={batch}: timing {len(thunks)} programs, interleaved")
+        t = self._run(thunks)
+        med = lambda key: t[key]["median_s"] if key in t else None  # noqa: E731
+        for i, row in enumerate(settings):
+            ours = dict(vision_s=vis.get("ours"), ppm_s=med(f"{i}/ours_ppm") or 0.0,
+                        llm_s=med(f"{i}/ours_llm"))
+            ours["e2e_s"] = (None if ours["vision_s"] is None
+                             else ours["vision_s"] + ours["ppm_s"] + ours["llm_s"])
+            row["ours"] = ours
+            if self.peer:
+                peer = dict(vision_s=vis.get("peer"), llm_s=med(f"{i}/peer_llm"))
+                peer["e2e_s"] = (None if peer["vision_s"] is None
+                                 else peer["vision_s"] + peer["llm_s"])
+                row["peer"] = peer
+            row["times_s"] = {k_.split("/", 1)[1]: v["times_s"] for k_, v in t.items()
+                              if k_.startswith(f"{i}/")}
         suite = dict(name="next", batch=batch, n_v=n_v, crops=crops, vision_source=source,
                      settings=settings)
         return _derive(suite, self.cfg, o)
 
     # -- decode ----------------------------------------------------------------------------
 
-    def decode(self, batch: int, keep) -> dict:
+    def _decode_prepare(self, batch: int, keep) -> tuple[dict, Callable[[dict], dict]]:
+        """Prefill once, return (thunks timing the M - 1 decode steps, row builder)."""
         cfg, o, P = self.cfg, self.opts, self.params
         n_v, pcfg = self.n_v, self.ppm_cfgs[self.n_v]
         k = _keep_count(keep, n_v)
         pruned = k < n_v
-        self.log(f"[bench] decode B={batch}: keep={keep} (k={k})")
+        self.log(f"[bench] decode B={batch}: prepare keep={keep} (k={k})")
         spec = PruneSpec("ppm", k) if pruned else PruneSpec("none", n_v)
         gen = Generator(self.progs.model, spec, max_new_tokens=o.decode_tokens, eos_id=-1,
                         pad_id=0, ppm_module=ppm_lib.PPM(pcfg) if pruned else None)
@@ -547,13 +559,14 @@ class Bench:
                                   jax.random.key(0))
         state = jax.block_until_ready(state)
         steps = o.decode_tokens - 1
+        got: dict[str, np.ndarray] = {}
 
         def ours() -> float:
             s = jax.block_until_ready(jax.tree.map(jnp.copy, state))
             t0 = time.perf_counter()
             out = jax.block_until_ready(gen.decode(P, s))
             dt = time.perf_counter() - t0
-            ours.tokens = np.asarray(out.tokens)
+            got["ours"] = np.asarray(out.tokens)
             return dt
         thunks = {"ours": ours}
         if self.peer:
@@ -564,19 +577,35 @@ class Bench:
             emb = self.peer.embeds(ids, o.image_pos, torch.from_numpy(np.array(tokens)))
 
             def peer() -> float:
-                dt, peer.tokens = self.peer.generate(emb, o.decode_tokens)
+                dt, got["peer"] = self.peer.generate(emb, o.decode_tokens)
                 return dt
             thunks["peer"] = peer
+
+        def finish(t: dict) -> dict:
+            row = dict(batch=batch, keep=keep, k=k, label=_label(keep, k, n_v),
+                       seq_len=o.text_len - 1 + k, new_tokens=o.decode_tokens, steps=steps,
+                       ours_tok_s=batch * steps / t["ours"]["median_s"],
+                       times_s={k_: v["times_s"] for k_, v in t.items()})
+            if self.peer:
+                row["peer_tok_s"] = batch * steps / t["peer"]["median_s"]
+                row["ours_over_peer"] = row["ours_tok_s"] / row["peer_tok_s"]
+                row["token_agreement"] = float(np.mean(got["ours"] == got["peer"]))
+            return row
+        return thunks, finish
+
+    def decode(self, pairs: list[tuple[int, Any]]) -> list[dict]:
+        """Decode throughput for (batch, keep) pairs, all timed in one interleaved loop."""
+        o = self.opts
+        thunks, finishers = {}, []
+        for i, (batch, keep) in enumerate(pairs):
+            th, fin = self._decode_prepare(batch, keep)
+            thunks.update({f"{i}/{k}": v for k, v in th.items()})
+            finishers.append(fin)
+        self.log(f"[bench] decode: timing {len(thunks)} programs, interleaved")
+        # transformers' generate needs two calls to reach its steady speed.
         t = interleaved(thunks, o.reps, max(o.warmup, 2 if self.peer else o.warmup))
-        row = dict(batch=batch, keep=keep, k=k, label=_label(keep, k, n_v),
-                   seq_len=o.text_len - 1 + k, new_tokens=o.decode_tokens, steps=steps,
-                   ours_tok_s=batch * steps / t["ours"]["median_s"],
-                   times_s={k_: v["times_s"] for k_, v in t.items()})
-        if self.peer:
-            row["peer_tok_s"] = batch * steps / t["peer"]["median_s"]
-            row["ours_over_peer"] = row["ours_tok_s"] / row["peer_tok_s"]
-            row["token_agreement"] = float(np.mean(ours.tokens == peer.tokens))
-        return row
+        return [fin({k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(f"{i}/")})
+                for i, fin in enumerate(finishers)]
 
     # -- everything -------------------------------------------------------------------------
 
@@ -592,14 +621,18 @@ class Bench:
         if o.next_tokens:
             single = suites[0] if suites else None
             suites.append(self.suite_next(1, single))
-        decode = []
         ks = sorted({_keep_count(x, self.n_v) for x in o.keeps})
-        smallest = next(x for x in o.keeps if _keep_count(x, self.n_v) == ks[0])
+        pick = lambda k: next(x for x in o.keeps if _keep_count(x, self.n_v) == k)  # noqa
+        pairs = []
         for b in o.decode_batches:
-            every = o.decode_keeps == "all" or (o.decode_keeps == "b1_all" and b == 1)
-            keeps = o.keeps if every else (smallest,)
-            for keep in keeps:
-                decode.append(self.decode(b, keep))
+            if o.decode_keeps == "all":
+                keeps = o.keeps
+            elif o.decode_keeps == "ends" and b == 1:
+                keeps = tuple(dict.fromkeys((pick(ks[-1]), pick(ks[0]))))
+            else:
+                keeps = (pick(ks[0]),)
+            pairs += [(b, keep) for keep in keeps]
+        decode = self.decode(pairs) if pairs else []
         peak_end = matmul_peak(o.matmul_n, reps=3, threads=o.threads,
                                with_torch=self.peer is not None)
         result = dict(

@@ -208,15 +208,20 @@ class Pipeline:
 
 # ----------------------------------------------------------------------------- sources
 
+def absolute(path: str) -> str:
+    """`os.path.abspath` for local paths; URLs (`gs://...`) are kept as they are."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def data_dir(config: Any, workdir: str | None, override: str | None = None) -> str:
     """Where TFDS data lives: `--data_dir`, else `config.data.dir`, else `<workdir>/data`."""
     if override:
-        return os.path.abspath(override)
+        return absolute(override)
     if config.data.get("dir"):
-        return os.path.abspath(config.data.dir)
+        return absolute(config.data.dir)
     if not workdir:
         raise ValueError("no data dir: pass --data_dir, set config.data.dir or a workdir")
-    return os.path.join(os.path.abspath(workdir), "data")
+    return absolute(workdir).rstrip("/") + "/data"
 
 
 def build_source(config: Any, directory: str, *, prepare: bool = True
@@ -240,8 +245,8 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
             raise ValueError("data.kind='llava' needs config.data.json (LLaVA-format .json/.jsonl)")
         if not d.images:
             raise ValueError("data.kind='llava' needs config.data.images (the image folder)")
-        b = tfds_llava.llava_builder(directory, d.name, {d.split: os.path.abspath(d.json)},
-                                     os.path.abspath(d.images))
+        b = tfds_llava.llava_builder(directory, d.name, {d.split: absolute(d.json)},
+                                     absolute(d.images))
         if prepare:
             b.download_and_prepare()
         skipped = dict(b.skipped.get(d.split, {}))

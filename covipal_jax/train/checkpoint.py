@@ -53,7 +53,7 @@ class Checkpointer:
     """Save / restore `{"step", "params", "opt_state"}` + JSON metadata under `directory`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(1, int(keep)), create=True,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True)

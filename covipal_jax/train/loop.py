@@ -22,16 +22,19 @@ a restarted run continues exactly where the last checkpoint left off (same batch
 losses).
 
 Outputs in the workdir: `checkpoints/` (Orbax), `metrics.jsonl` (one JSON object per logged
-step: step, stage, loss, recall, lr, grad_norm, steps_per_s, tokens_per_s, and the stage-2 loss
-terms; eval lines carry `eval_recall`), `config.json`, and at the end `ppm/` (the exported PPM
-for inference: `--config.pruning.method=ppm --config.pruning.ppm_checkpoint=<workdir>/ppm`).
+step: step, stage, loss, recall (top-k recall@r of the PPM scores against the stage-1 targets,
+on the batch before its update), lr, grad_norm, param_norm, steps_per_s, tokens_per_s (LLM
+sequence positions, global batch x (max_len - 1 + n_v), per second), data_position, and the
+stage-2 terms lm, kl, budget, keep_prob; eval lines carry `eval_recall` on `data.eval_split`),
+`config.json`, and at the end `ppm/` (the exported PPM for inference:
+`--config.pruning.method=ppm --config.pruning.ppm_checkpoint=<workdir>/ppm`).
+`--stop_after=N` ends a run at global step N with a checkpoint (no export), like a preemption.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from covipal_jax import loading, ppm_io, sharding
@@ -188,14 +192,17 @@ class Trainer:
                  log: Callable[[str], None] | None = None, stop_after: int | None = None):
         self.config = config
         self.stop_after = stop_after
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = pipeline_lib.absolute(workdir)   # local, or a URL such as gs://...
         self.t = config.train
         self.plan = stage_plan(self.t)
         self.pi, self.pc = jax.process_index(), jax.process_count()
         self.primary = self.pi == 0
         self._log = log or (lambda s: print(s, flush=True))
         self.data_dir = pipeline_lib.data_dir(config, workdir, data_dir)
-        os.makedirs(self.workdir, exist_ok=True)
+        self._dir = epath.Path(self.workdir)
+        if self.primary:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_lines: list[str] | None = None
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = config.logical_axis_rules
@@ -223,7 +230,7 @@ class Trainer:
         self.seq_len = int(config.data.max_len) - 1 + self.cfg.num_vision_tokens
         self.expected_meta = {"base_model": self.cfg.architecture_dict(),
                               "ppm": dataclasses.asdict(self.pcfg)}
-        self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+        self.ckpt = ckpt_lib.Checkpointer(str(self._dir / "checkpoints"),
                                           keep=int(self.t.keep_checkpoints),
                                           async_save=bool(self.t.get("async_checkpoint", True)))
         self._source = None
@@ -247,6 +254,10 @@ class Trainer:
                 self._log(f"data: {sum(skipped.values())} malformed records skipped at build "
                           f"time: {skipped}")
             es = self.config.data.get("eval_split", "")
+            if es and self.config.data.kind != "synthetic":
+                self._log(f"data.eval_split={es!r} is only supported for the synthetic set; "
+                          "no eval")
+                es = ""
             if es and int(self.t.get("eval_batches", 0)):
                 import copy
 
@@ -303,8 +314,16 @@ class Trainer:
     def _write_metrics(self, rec: dict) -> None:
         if not self.primary:
             return
-        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        path = self._dir / "metrics.jsonl"
+        line = json.dumps(rec) + "\n"
+        if "://" in self.workdir:        # object stores have no append: rewrite the file
+            if self._metrics_lines is None:
+                self._metrics_lines = [path.read_text()] if path.exists() else []
+            self._metrics_lines.append(line)
+            path.write_text("".join(self._metrics_lines))
+        else:
+            with open(path, "a") as f:
+                f.write(line)
         keys = [k for k in ("loss", "recall", "eval_recall", "lm", "kl", "keep_prob", "lr",
                             "steps_per_s", "tokens_per_s") if k in rec]
         self._log(f"step {rec['step']} stage {rec['stage']}: " + ", ".join(
@@ -314,8 +333,7 @@ class Trainer:
 
     def run(self) -> dict:
         if self.primary:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(self.config.to_json_best_effort(indent=1))
+            (self._dir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
         with sharding.use_mesh(self.mesh, self.rules):
             return self._run()
 
@@ -368,7 +386,7 @@ class Trainer:
         return summary
 
     def export(self, params, step: int) -> str:
-        path = os.path.join(self.workdir, "ppm")
+        path = str(self._dir / "ppm")
         ppm_io.save_ppm(path, {"params": params}, self.pcfg, self.cfg,
                         extra={"trained_steps": int(step),
                                "keep": self.t.keep, "stages": [p.stage for p in self.plan]})
@@ -495,8 +513,7 @@ def train(config: Any, workdir: str, *, data_dir: str | None = None,
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of `<workdir>/metrics.jsonl` (all of them, in order)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -131,15 +131,35 @@ def _fan_in(path: tuple[str, ...], shape: tuple[int, ...]) -> int:
     return int(shape[lead])
 
 
+def sincos_2d(grid: int, dim: int, cls: bool) -> np.ndarray:
+    """f32[(cls) + grid * grid, dim]: MAE-style fixed 2D sin-cos position table (half the
+    channels for the row, half for the column), unit variance; the CLS row is 0."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (grid ** (np.arange(quarter) / max(quarter - 1, 1)))  # periods 2pi..2pi*grid
+    r, c = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = []
+    for coord in (r.reshape(-1), c.reshape(-1)):
+        ang = coord[:, None] * omega[None] * 0.5
+        parts += [np.sin(ang), np.cos(ang)]
+    table = np.concatenate(parts, axis=1).astype(np.float32) * np.sqrt(2.0)
+    if cls:
+        table = np.concatenate([np.zeros((1, dim), np.float32), table])
+    return table
+
+
 def fan_in_init(params: Any, rng: Array, *, embed_std: float = 1.0,
-                pos_std: float = 0.5) -> Any:
+                pos_scale: float = 0.5) -> Any:
     """Re-draw a freshly initialized LLaVA for training from scratch at small width.
 
     `init_params` draws every kernel from N(0, 0.02^2), the convention of large pretrained
     models; at width 64-128 that makes attention logits ~0 and the first phase of training a
     long plateau. Here kernels get N(0, 1 / fan_in) (LeCun normal), token embeddings
-    N(0, embed_std^2) (unit RMS, like the layer outputs they are summed with) and the ViT's
-    position / class embeddings N(0, pos_std^2). Norm scales and biases are left as they are.
+    N(0, embed_std^2) (unit RMS, like the layer outputs they are summed with), and the ViT's
+    position table starts as a 2D sin-cos table (`sincos_2d`, times `pos_scale`; still
+    trained), so row and column are linearly readable from the start (position questions).
+    Norm scales and biases are left as they are.
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     treedef = jax.tree_util.tree_structure(params)
@@ -148,12 +168,20 @@ def fan_in_init(params: Any, rng: Array, *, embed_std: float = 1.0,
     for key, (path, x) in zip(keys, flat):
         names = tuple(str(getattr(k, "key", k)) for k in path)
         leaf = names[-1]
+        if leaf == "pos_embedding" and "vision_tower" in names:
+            n_pos, dim = x.shape
+            grid = int(round(np.sqrt(n_pos)))
+            cls = grid * grid != n_pos
+            if cls:
+                grid = int(round(np.sqrt(n_pos - 1)))
+            out.append(jnp.asarray(sincos_2d(grid, dim, cls) * pos_scale, x.dtype))
+            continue
         if leaf == "kernel" and x.ndim >= 2:
             std = 1.0 / np.sqrt(_fan_in(names, x.shape))
         elif leaf == "embedding":
             std = embed_std
-        elif leaf in ("pos_embedding", "class_embedding"):
-            std = pos_std
+        elif leaf == "class_embedding":
+            std = pos_scale
         else:
             out.append(x)
             continue
@@ -236,7 +264,7 @@ def pretrain(model: Llava, params: Any, data: EncodedSet, cfg: PretrainConfig, *
     log = log or (lambda s: print(s, flush=True))
     tx, _ = make_optimizer(cfg)
     if cfg.init == "fan_in":
-        params = jax.jit(fan_in_init)(params, jax.random.key(cfg.seed))
+        params = fan_in_init(params, jax.random.key(cfg.seed))
     elif cfg.init != "as_is":
         raise ValueError(f"pretrain.init must be fan_in | as_is, got {cfg.init!r}")
     state = init_state(params, tx)
