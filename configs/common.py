@@ -136,7 +136,7 @@ def train_config() -> ml_collections.ConfigDict:
         label_queries="text_after_image",  # text_after_image | all | last
         label_answer_queries=True,  # the teacher-forced answer tokens count as queries
         loss="mse",             # stage 1: mse | kl | pairwise | listwise
-        lambda_kl=1.0, lambda_budget=1.0, stage2_hard=False,  # stage 2
+        lambda_kl=1.0, lambda_budget=10.0, stage2_hard=False,  # stage 2 (see objectives.py)
         init_from="",           # an exported PPM dir to start from (e.g. stage 2 alone)
         seed=0,
         log_every=10, save_every=100, keep_checkpoints=3, async_checkpoint=True,

@@ -16,12 +16,18 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.",
-                                          lock_config=True)
-_IMAGE = flags.DEFINE_string("image", None, "Image path (default: a generated image).")
-_PROMPT = flags.DEFINE_string("prompt", None, "The question (the chat template adds <image>).")
-_RAW = flags.DEFINE_bool("raw_prompt", False,
-                         "Use --prompt as is (no chat template); it must contain <image>.")
+
+
+def _define_flags():
+    """Flags are registered only when run as a program (importing this module adds none)."""
+    global _CONFIG, _IMAGE, _PROMPT, _RAW
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.",
+                                              lock_config=True)
+    _IMAGE = flags.DEFINE_string("image", None, "Image path (default: a generated image).")
+    _PROMPT = flags.DEFINE_string("prompt", None,
+                                  "The question (the chat template adds <image>).")
+    _RAW = flags.DEFINE_bool("raw_prompt", False,
+                             "Use --prompt as is (no chat template); it must contain <image>.")
 
 
 def run(config, image_path: str | None, prompt: str | None, raw: bool = False) -> dict:
@@ -86,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -10,11 +10,12 @@ initialized from the same key on both meshes (partitionable threefry: the same v
 Tolerance: the sharded step reduces in another order (batch over data x fsdp, heads / MLP over
 tensor), so f32 gradients differ by ~1e-7 relative. Adam's update g / (sqrt(v) + eps) turns that
 into larger parameter differences where the gradient is small: measured max |diff| 4e-9 after
-the stage-1 step and 2e-5 after the first stage-2 step (a fresh optimizer: every element moves
-by +-1.5e-3, so a gradient of ~1e-8 is as sensitive as it gets). So: 99% of the elements agree
-to 1e-6, all to atol 1e-4 / rtol 1e-4, and the steps move the params by far more than that (a
-wrong sharding, e.g. a loss averaged per shard, breaks the 1e-6 quantile at once). Parameters
-with an identically zero gradient (`train_util.ZERO_GRADIENT_PARAMS`: noise only) are left out.
+the stage-1 step and 4e-5 after the first stage-2 step (a fresh optimizer: every element moves
+by ~lr = 1.5e-3 whatever its gradient, so elements with a gradient of ~1e-8 are as sensitive as
+it gets). So: 99% of the elements agree to 1e-6, all to atol 2e-4 / rtol 1e-4, and the steps
+move the params by far more than that (a wrong sharding, e.g. a loss averaged per shard, breaks
+the 1e-6 quantile at once). Parameters with an identically zero stage-1 gradient
+(`train_util.ZERO_GRADIENT_PARAMS`: Adam-amplified rounding noise) are left out.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 
 import train_util as tu
 
-RTOL, ATOL = 1e-4, 1e-4
+RTOL, ATOL = 1e-4, 2e-4
 
 
 def test_eight_devices_match_one_device():

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# PPM params whose gradient is identically zero under the tiny config's objective: the
+# PPM params whose stage-1 gradient is identically zero under the tiny config's objective: the
 # listwise loss is invariant to a constant shift of all scores (the head bias, and the final
 # LayerNorm bias, which reaches the scores only through the head as such a shift), attention to
 # a per-query constant added to every key logit (the key biases). Their Adam updates are

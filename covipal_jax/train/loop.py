@@ -189,7 +189,10 @@ class Trainer:
     """One training run in `workdir` (resumes from its checkpoints)."""
 
     def __init__(self, config: Any, workdir: str, *, data_dir: str | None = None,
-                 log: Callable[[str], None] | None = None, stop_after: int | None = None):
+                 log: Callable[[str], None] | None = None, stop_after: int | None = None,
+                 source: Any = None, eval_source: Any = None):
+        """source / eval_source: random-access sequences of records (dicts with `image`,
+        `question`, `answer`) to train / evaluate on instead of `config.data`'s TFDS set."""
         self.config = config
         self.stop_after = stop_after
         self.workdir = pipeline_lib.absolute(workdir)   # local, or a URL such as gs://...
@@ -233,8 +236,8 @@ class Trainer:
         self.ckpt = ckpt_lib.Checkpointer(str(self._dir / "checkpoints"),
                                           keep=int(self.t.keep_checkpoints),
                                           async_save=bool(self.t.get("async_checkpoint", True)))
-        self._source = None
-        self._eval_source = None
+        self._source, self._skipped = source, {}
+        self._eval_source = eval_source
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -502,13 +505,15 @@ class Trainer:
 
 
 def train(config: Any, workdir: str, *, data_dir: str | None = None,
-          log: Callable[[str], None] | None = None, stop_after: int | None = None) -> dict:
+          log: Callable[[str], None] | None = None, stop_after: int | None = None,
+          source: Any = None, eval_source: Any = None) -> dict:
     """Train (or resume) in `workdir`; returns a summary. See the module docstring.
 
     stop_after: stop once the global step reaches it (checkpointed, like a preemption; run
-    again to continue).
+    again to continue). source / eval_source: in-memory record sequences instead of TFDS.
     """
-    return Trainer(config, workdir, data_dir=data_dir, log=log, stop_after=stop_after).run()
+    return Trainer(config, workdir, data_dir=data_dir, log=log, stop_after=stop_after,
+                   source=source, eval_source=eval_source).run()
 
 
 def read_metrics(workdir: str) -> list[dict]:

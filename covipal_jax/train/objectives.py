@@ -44,11 +44,15 @@ tokens:
 
     LM(soft-pruned) + lambda_kl * KL(unpruned || soft-pruned) + lambda_budget * (mean p - r)^2
 
-The teacher (unpruned) logits are computed under `stop_gradient`. With `stage2_hard`, the
-forward uses the hard top-k keep set (bias 0 kept / -1e9 pruned) while the gradient flows
-through log p (straight-through: bias = log p + stop_gradient(hard - log p)); pruned tokens
-then get gradient only from the budget term. The teacher's guide-layer attention is computed on
-the way (layers [0, l_g), rows, then [l_g, N)), so stage 2 logs the same top-k recall.
+The teacher (unpruned) logits are computed under `stop_gradient`. The budget term is at most
+r^2 (0.0625 at r = 0.25), small next to the LM loss: with lambda_budget = 1 the tiny run's mean
+p fell from 0.24 to 0.007 in 100 steps (a random LLM loses little without its vision tokens),
+with 10 (the default) it stays at 0.25.
+With `stage2_hard`, the forward uses the hard top-k keep set (bias 0 kept / -1e9 pruned) while
+the gradient flows through log p (straight-through: bias = log p + stop_gradient(hard -
+log p)); pruned tokens then get gradient only from the budget term.
+The teacher's guide-layer attention is computed on the way (layers [0, l_g), rows, then
+[l_g, N)), so stage 2 logs the same top-k recall.
 """
 from __future__ import annotations
 
