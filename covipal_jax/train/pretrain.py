@@ -267,6 +267,7 @@ def pretrain(model: Llava, params: Any, data: EncodedSet, cfg: PretrainConfig, *
         params = fan_in_init(params, jax.random.key(cfg.seed))
     elif cfg.init != "as_is":
         raise ValueError(f"pretrain.init must be fan_in | as_is, got {cfg.init!r}")
+    params = jax.tree.map(jnp.array, params)  # own copies: the step donates its state
     state = init_state(params, tx)
     step_fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
     history: list[dict] = []
