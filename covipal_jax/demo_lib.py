@@ -441,17 +441,24 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
         out["rows"].append(row)
         return row
 
+    def spec_for(method, ratio):
+        pc = copy.deepcopy(config.pruning)
+        with pc.unlocked():
+            pc.method, pc.keep = method, ratio if method != "none" else 1.0
+            pc.layer = int(ev_cfg.get("in_llm_layer", pc.layer))
+        return PruneSpec.from_config(pc, n_v)
+
     with sharding.use_mesh(loaded.mesh, loaded.rules):
         ev = mk(test)
-        specs = [("none", 1.0)] + [(m, float(r)) for m in ev_cfg.methods for r in ev_cfg.ratios]
-        bar = _progress(specs, len(specs), "evaluate", progress)
-        for method, ratio in bar:
+        runs = [("none", 1.0)] + [(m, float(r)) for m in ev_cfg.methods for r in ev_cfg.ratios]
+        specs = [spec_for(m, r) for m, r in runs]
+        t0 = time.perf_counter()
+        ev.compile(specs, ppm=ppm, workers=int(ev_cfg.get("compile_workers", 2)))
+        log(f"[evaluate] compiled {len(set(specs))} prefill programs in "
+            f"{time.perf_counter() - t0:.0f} s")
+        bar = _progress(list(zip(runs, specs)), len(runs), "evaluate", progress)
+        for (method, ratio), spec in bar:
             bar.set_postfix_str(f"{method} {ratio}")
-            pc = copy.deepcopy(config.pruning)
-            with pc.unlocked():
-                pc.method, pc.keep = method, ratio if method != "none" else 1.0
-                pc.layer = int(ev_cfg.get("in_llm_layer", pc.layer))
-            spec = PruneSpec.from_config(pc, n_v)
             res = ev.accuracy(spec, ppm=ppm if method == "ppm" else None)
             record(method, ratio, spec, res)
         for name in ("dev", "validation"):

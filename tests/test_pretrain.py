@@ -83,23 +83,23 @@ def test_batches_are_deterministic_and_cover_an_epoch():
     assert len(rows) == len({tuple(r) for r in data.ids})
 
 
-def test_short_run_lowers_the_loss():
-    cfg_model, _ = tiny.model_and_params()
-    params = nn.unbox(init_params(cfg_model.cfg, jax.random.key(1)))
+def test_short_run_lowers_the_loss_and_stops_at_the_target():
+    model, _ = tiny.model_and_params()
+    params = nn.unbox(init_params(model.cfg, jax.random.key(1)))
     data, _ = _data(64)
-    proc = loading.default_processor(cfg_model.cfg)
-    pc = P.PretrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=3, eval_every=0)
-    first = float(P.answer_loss(cfg_model, P.fan_in_init(params, jax.random.key(0)),
+    proc = loading.default_processor(model.cfg)
+    pc = P.PretrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=3, eval_every=10,
+                          target=0.5, min_steps=15)
+    first = float(P.answer_loss(model, P.fan_in_init(params, jax.random.key(0)),
                                 P.batch_at(data, 0, 16, 0, proc))[0])
+    scores = iter([0.6, 0.1, 0.7, 0.9])   # above the target before min_steps: not a stop
     seen = []
-    res = P.pretrain(cfg_model, params, data, pc, processor=proc,
-                     evaluate=lambda p: seen.append(1) or 0.5, progress=False,
+    res = P.pretrain(model, params, data, pc, processor=proc,
+                     evaluate=lambda p: seen.append(1) or next(scores), progress=False,
                      log=lambda s: None)
-    assert res.steps == 30 and seen == [1] and not res.reached_target
-    last = float(P.answer_loss(cfg_model, res.params, P.batch_at(data, 0, 16, 0, proc))[0])
+    assert res.reached_target and res.steps == 30 and len(seen) == 3
+    assert [h["step"] for h in res.history] == [10, 20, 30]
+    last = float(P.answer_loss(model, res.params, P.batch_at(data, 0, 16, 0, proc))[0])
     assert last < first
-    # Early stop once the evaluation reaches the target.
-    pc2 = P.PretrainConfig(steps=30, batch_size=16, eval_every=5, target=0.5, min_steps=10)
-    res2 = P.pretrain(cfg_model, params, data, pc2, processor=proc, evaluate=lambda p: 0.6,
-                      progress=False, log=lambda s: None)
-    assert res2.reached_target and res2.steps == 10
+    # The caller's params are not donated away.
+    jax.tree.map(np.asarray, params)

@@ -19,7 +19,8 @@ of the five types from an example's `objects` list, with the same templates and 
 a ``count`` question is not asked about a colour one of whose objects is protected, and a
 ``position`` question never names one. Questions of other types may be about them.
 
-`sample_turns` picks extra questions (balanced over types, then yes/no) and `encode_turns` builds
+`caption` describes the whole scene ("describe the image ." -> "red circle , blue square"), the
+LLaVA stage-1 kind of supervision. `sample_turns` picks extra questions (balanced over types, then yes/no) and `encode_turns` builds
 the multi-turn sequence `<s> <image> q1 ANSWER: a1 </s> q2 ANSWER: a2 </s> ...` (any
 `ChatTemplate`: the first turn is `template.prompt(q1)`, later turns `template.prompt(q, image=
 False)`), left-padded, with the loss on every answer (its word and end token).
@@ -37,6 +38,23 @@ from covipal_jax.data import text as text_lib
 
 Turn = tuple[str, str, str]  # (qtype, question, answer)
 PROTECTED_TYPES = ("exist", "count", "position")
+CAPTION_QUESTION = "describe the image ."
+EXTRA_WORDS = ("describe", "image")  # the caption question's words beyond synthetic's
+
+
+def vocabulary(cfg: synthetic.SyntheticConfig) -> list[str]:
+    """`synthetic.vocabulary(cfg)` plus the caption question's words."""
+    return sorted(set(synthetic.vocabulary(cfg)) | set(EXTRA_WORDS))
+
+
+def caption(objects: Sequence[tuple[str, str, int, int, int]],
+            cfg: synthetic.SyntheticConfig) -> tuple[str, str]:
+    """(CAPTION_QUESTION, "red circle , blue square , ..."): every object in raster order of
+    its grid cell (LLaVA's first training stage is captioning: dense supervision of every
+    object's attributes and of the reading order)."""
+    cell = cfg.cell_size
+    order = sorted(objects, key=lambda o: (o[3] // cell, o[2] // cell))
+    return CAPTION_QUESTION, " , ".join(f"{c} {s}" for s, c, *_ in order)
 
 
 def _template(qtype: str, cfg: synthetic.SyntheticConfig, rng: np.random.Generator) -> str:
@@ -153,8 +171,13 @@ def encode_turns(tokenizer: text_lib.Tokenizer, turns: Sequence[tuple[str, str]]
 
 def turns_for_example(example: dict[str, Any], cfg: synthetic.SyntheticConfig, n_extra: int,
                       rng: np.random.Generator, *,
-                      protected: Collection[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """The example's own question first, then up to `n_extra` more about its image."""
+                      protected: Collection[tuple[str, str]] = (),
+                      with_caption: bool = False) -> list[tuple[str, str]]:
+    """The example's own question first, then up to `n_extra` more about its image, then (with
+    `with_caption`) the caption turn last (so no question can read the answer off it)."""
     cands = scene_questions(example["objects"], cfg, rng, protected=protected)
     extra = sample_turns(cands, n_extra, rng, avoid=[example["question"]])
-    return [(example["question"], example["answer"])] + [(q, a) for _, q, a in extra]
+    turns = [(example["question"], example["answer"])] + [(q, a) for _, q, a in extra]
+    if with_caption:
+        turns.append(caption(example["objects"], cfg))
+    return turns
