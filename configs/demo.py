@@ -18,23 +18,31 @@ def get_config(arg=None):
     c.task = dict(image_size=a.image, cell_size=a.patch, object_size=(7, 8), n_objects=(2, 4),
                   shapes=("circle", "square", "triangle", "cross", "ring"),
                   colors=("red", "green", "blue", "yellow", "purple"),
-                  n_heldout=5, heldout_seed=0, heldout_distractors_in_train=True)
+                  n_heldout=5, heldout_seed=0, heldout_distractors_in_train=True,
+                  qtypes=("color", "shape", "exist", "count"))  # + "position": measured at chance
+                                                                  # (held-out) within the budget
     c.demo = dict(
+        heldout="location",     # location | qtype (see covipal_jax/demo_lib.py)
         n_train=20000,          # training images (each with 1 + extra_turns questions)
         n_dev=400,              # held-out-combination questions for the pretraining stop rule
         n_validation=400,       # i.i.d. questions (reported, never used for decisions)
         n_test=1000,            # the held-out split the sweep reports
         extra_turns=5,          # extra questions per training image (multi-turn, LLaVA style)
+        extra_types=(),         # extra-turn types beyond the task's ("where": "where is the red
+                                # ring ?" -> grid cell); measured: no faster learning
+        caption=False,          # a caption turn last ("describe the image ."); measured: no gain
+        grounded=False,         # the caption gives each object's grid cell ("... at three one")
         train_max_len=84,       # tokens of a multi-turn training sequence
         progress=True,
     )
-    vocab = 64  # >= BuiltinTokenizer(synthetic.vocabulary(task)).vocab_size (checked at run time)
+    vocab = 80  # >= BuiltinTokenizer(scene_qa.vocabulary(task)).vocab_size (checked at run time)
+    vision = dict(kind="clip", image_size=a.image, patch_size=a.patch, hidden_size=96,
+                  intermediate_size=192, num_layers=3, num_heads=4, layer_norm_eps=1e-5,
+                  act="quick_gelu", feature_layer=-2, select_strategy="default")
     c.model = dict(
-        vision=dict(kind="clip", image_size=a.image, patch_size=a.patch, hidden_size=64,
-                    intermediate_size=128, num_layers=3, num_heads=4, layer_norm_eps=1e-5,
-                    act="quick_gelu", feature_layer=-2, select_strategy="default"),
-        text=dict(kind="llama", vocab_size=vocab, hidden_size=64, intermediate_size=160,
-                  num_layers=3, num_heads=4, num_kv_heads=4, head_dim=16, rope_theta=10000.0,
+        vision=vision,
+        text=dict(kind="llama", vocab_size=vocab, hidden_size=96, intermediate_size=256,
+                  num_layers=3, num_heads=4, num_kv_heads=4, head_dim=24, rope_theta=10000.0,
                   rms_norm_eps=1e-6, qkv_bias=False, tie_word_embeddings=False,
                   max_position_embeddings=512),
         image_token_id=4, dtype="float32", param_dtype="float32", scan_layers=True,
@@ -44,7 +52,7 @@ def get_config(arg=None):
     c.text_buckets = (20,)      # evaluation prompts (the longest question + cue fits)
 
     # Step 2: the LLaVA itself, every parameter trained, answer-only LM loss.
-    c.pretrain = dict(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05,
+    c.pretrain = dict(steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05,
                       weight_decay=0.05, clip_norm=1.0, b2=0.98, eval_every=250, target=0.97,
                       min_steps=0, seed=0, init="fan_in")
 
@@ -60,7 +68,11 @@ def get_config(arg=None):
     t.lr_stage2 = 1e-3
     t.warmup_steps = 20
     t.frozen_dtype = "float32"
-    t.guide_layer = 2           # of 3 decoder layers
+    t.guide_layer = 2           # of 3 decoder layers (1: the same held-out accuracy, measured)
+    t.loss = "kl"               # stage 1: KL(guide attention || softmax(scores)). Measured on
+                                # held-out: queried objects kept at r=0.0625 in 99.9% of
+                                # examples vs 87% with "mse" (the flat background part of the
+                                # target dominates the MSE); "listwise": 65%
     t.log_every = 50
     t.save_every = 1000
     t.keep_checkpoints = 1
@@ -76,11 +88,21 @@ def get_config(arg=None):
 
     # Step 4: the sweep.
     c.eval = dict(methods=("ppm", "fastv", "visionzip", "dart", "random", "pool"),
-                  ratios=(1.0, 0.5, 0.25, 0.125, 0.0625), batch_size=250, in_llm_layer=2)
+                  ratios=(1.0, 0.5, 0.25, 0.125, 0.0625), batch_size=250,
+                  # FastV / DART prune after layer K: the papers' K = 2 of 32 layers is 6% of
+                  # the depth; 1 of 3 is the closest the demo's LLM has (33%).
+                  in_llm_layer=1)
 
     # --quick: a reduced run for tests (merged into this config, section by section).
-    c.quick = dict(demo=dict(n_train=2000, n_dev=100, n_validation=100, n_test=200),
-                   pretrain=dict(steps=60, eval_every=0, warmup_steps=10),
-                   train=dict(steps=(10, 10)), eval=dict(batch_size=100))
+    # 32x32 images (16 vision tokens, 2-4 objects): the smallest task the model learns above
+    # chance within a minute (at 64x64 it needs ~400 steps, measured: 0.31 vs chance 0.31 after
+    # 150).
+    c.quick = dict(task=dict(image_size=32, n_objects=(2, 4), counts=(1, 2), separate=False),
+                   model=dict(vision=dict(vision, image_size=32)),
+                   demo=dict(n_train=2000, n_dev=50, n_validation=0, n_test=200),
+                   pretrain=dict(steps=300, batch_size=32, eval_every=0, warmup_steps=20,
+                                 lr=2e-3),
+                   train=dict(steps=(8, 8), batch_size=16, warmup_steps=2),
+                   eval=dict(batch_size=100))
     _ = synthetic  # the task fields are synthetic.SyntheticConfig's
     return c

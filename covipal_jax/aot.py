@@ -393,12 +393,20 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     # Abstract trees are built outside the mesh context: Flax's init runs eagerly on
     # constant dummy inputs, which cannot execute on compile-only devices.
     step = build_step(req, config, cfg, mesh, rules)
-    with sh.use_mesh(mesh, rules):
-        compiled = jax.jit(step.fn, **step.jit_kw).lower(*step.args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
     chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
+    with sh.use_mesh(mesh, rules):
+        lowered = jax.jit(step.fn, **step.jit_kw).lower(*step.args)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            # The TPU compiler refuses programs whose temporaries exceed the HBM.
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return _oom_report(req, config, cfg, topology, gen, mesh, shape, len(devices),
+                               hbm_gib, str(e), time.perf_counter() - t0)
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
     arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
     tmp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
     code = mem.generated_code_size_in_bytes
@@ -413,13 +421,14 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
         method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
         keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
         decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
+        remat_policy=cfg.remat_policy,
         bytes=dict(argument=arg, output=out, temp=tmp, alias=alias, generated_code=code,
                    total=total),
         hbm_bytes=hbm, hbm_fraction=total / hbm, fits=total <= hbm,
         compile_s=compile_s, xla_optimal_seconds=xla.get("optimal_seconds"),
         xla_flops_scanned=xla.get("flops"))
     if flops:
-        g = hlo_flops(req, config)
+        g = hlo_flops(req, config)  # noqa: E501
         per_dev = g / n
         t_compute = per_dev / (peak_tflops * 1e12)
         t_memory = (arg - (alias if req.mode != "train_ppm" else 0)) / (hbm_gbps * 1e9)
@@ -427,6 +436,31 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
                    est_step_s=max(t_compute, t_memory), est_compute_s=t_compute,
                    est_memory_s=t_memory)
     return rep
+
+
+def _oom_report(req, config, cfg, topology, gen, mesh, shape, n, hbm_gib, msg, secs) -> dict:
+    """The report of a step the TPU compiler rejected as too big for the HBM."""
+    import re
+
+    from covipal_jax import sharding as sh
+
+    m = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", msg)
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    temp = int(float(m.group(1)) * scale[m.group(2)]) if m else None
+    first = msg.strip().splitlines()[-1][:300]
+    return dict(
+        topology=resolve_topology(topology)[0], chip=gen, devices=n,
+        mesh=dict(zip(sh.MESH_AXES, shape)), mode=req.mode,
+        stage=req.stage if req.mode == "train_ppm" else None, batch=req.batch,
+        text_len=req.text_len,
+        method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
+        keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
+        decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
+        remat_policy=cfg.remat_policy,
+        bytes=dict(argument=None, output=None, temp=temp, alias=None, generated_code=None,
+                   total=temp), hbm_bytes=int(hbm_gib * 2 ** 30),
+        hbm_fraction=None if temp is None else temp / (hbm_gib * 2 ** 30), fits=False,
+        compile_s=secs, compiler_error=first)
 
 
 def _kept(req, config, cfg) -> int:
@@ -444,7 +478,7 @@ def _human(x: float) -> str:
 
 
 def format_report(r: dict) -> str:
-    gib = _human
+    gib = lambda x: "?" if x is None else _human(x)  # noqa: E731
     b = r["bytes"]
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
     stage = "" if r["stage"] is None else f" (stage {r['stage']})"
@@ -455,16 +489,19 @@ def format_report(r: dict) -> str:
         f"layers, params {r['param_dtype']}",
         f"  per device: arguments {gib(b['argument'])}, outputs {gib(b['output'])}, "
         f"temporaries {gib(b['temp'])}, aliased {gib(b['alias'])}, code {gib(b['generated_code'])}",
-        f"  total {gib(b['total'])} of {gib(r['hbm_bytes'])} ({r['hbm_fraction']:.0%}): "
-        f"{'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"  total {gib(b['total'])} of {gib(r['hbm_bytes'])}"
+        + ("" if r["hbm_fraction"] is None else f" ({r['hbm_fraction']:.0%})")
+        + f": {'FITS' if r['fits'] else 'DOES NOT FIT'}",
     ]
+    if r.get("compiler_error"):
+        lines.append(f"  compiler: {r['compiler_error']}")
     if "flops_global" in r:
         lines.append(
             f"  FLOPs: {r['flops_global']:.3e} global, {r['flops_per_device']:.3e} per device; "
             f"estimated step >= {r['est_step_s'] * 1e3:.1f} ms (compute "
             f"{r['est_compute_s'] * 1e3:.1f} ms, argument reads {r['est_memory_s'] * 1e3:.1f} ms)")
     xo = r.get("xla_optimal_seconds")
-    if xo is not None:
+    if xo is not None and "compile_s" in r:
         lines.append(f"  XLA optimal_seconds: {xo:.4g}{' (not usable)' if xo < 0 else ''}; "
                      f"compile {r['compile_s']:.0f} s")
     return "\n".join(lines)
@@ -472,30 +509,30 @@ def format_report(r: dict) -> str:
 
 def table(reports: list[dict]) -> str:
     """A markdown table of several reports (e.g. the JSON files of a sweep)."""
-    gib = lambda x: f"{x / 2 ** 30:.2f}"  # noqa: E731
-    lines = ["| model | slice | mesh | step | batch | vision tokens | args GiB | temp GiB "
+    def gib(x):
+        return "?" if x is None else f"{x / 2 ** 30:.2f}"
+
+    lines = ["| run | slice | mesh | step | batch | vision tokens | args GiB | temp GiB "
              "| out GiB | total GiB / HBM | fits | TFLOP / device | est. step ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         b = r["bytes"]
-        mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
-        step = r["mode"] + ("" if r.get("stage") in (None, 1) else f" s{r['stage']}")
+        mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
         if r["mode"] == "train_ppm":
-            step = f"train PPM s{r.get('stage') or 1}"
+            step = f"train PPM stage {r.get('stage') or 1}"
+            if r.get("remat_policy", "none") != "none":
+                step += f" (remat {r['remat_policy']})"
         elif r["mode"] == "prefill":
             step = "prefill " + ("unpruned" if r["k"] == r["num_vision_tokens"] else "pruned")
-        name = r.get("name", "")
+        else:
+            step = r["mode"]
+        fl = (f"{r['flops_per_device'] / 1e12:.2f} | {r['est_step_s'] * 1e3:.0f}"
+              if "flops_per_device" in r else "– | –")
         lines.append(
-            f"| {name} | {r['chip']} x{r['devices']} | {mesh} | {step} | {r['batch']} "
-            f"| {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} | {gib(b['temp'])} "
-            f"| {gib(b['output'])} | {gib(b['total'])} / {gib(r['hbm_bytes'])} "
-            f"| {'yes' if r['fits'] else 'NO'} "
-            f"| {r['flops_per_device'] / 1e12:.2f} | {r['est_step_s'] * 1e3:.0f} |"
-            if "flops_per_device" in r else
-            f"| {name} | {r['chip']} x{r['devices']} | {mesh} | {step} | {r['batch']} "
-            f"| {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} | {gib(b['temp'])} "
-            f"| {gib(b['output'])} | {gib(b['total'])} / {gib(r['hbm_bytes'])} "
-            f"| {'yes' if r['fits'] else 'NO'} | – | – |")
+            f"| {r.get('name', '')} | {r['chip']} x{r['devices']} | {mesh} | {step} "
+            f"| {r['batch']} | {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} "
+            f"| {gib(b['temp'])} | {gib(b['output'])} | {gib(b['total'])} / "
+            f"{gib(r['hbm_bytes'])} | {'yes' if r['fits'] else 'NO'} | {fl} |")
     return "\n".join(lines)
 
 

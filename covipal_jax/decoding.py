@@ -7,6 +7,13 @@ cache; see `covipal_jax.prefill`) and `decode` (a `lax.while_loop` over the deco
 device, no Python per token; it stops when every row has emitted EOS or M tokens). The cache
 holds `prompt + M` slots, so nothing is reallocated while decoding. Prompts are left-padded,
 so every row writes the same cache index at each step.
+
+On XLA:CPU a dynamic (scan) or static slice of the stacked layer weights is a copy, so a decode
+loop that slices `layers/stack` per step moves every layer's weights twice per token.
+`unstack_layers` (default: on for the CPU backend) slices each decoder layer's weights ONCE per
+`decode` call, before the `while_loop`, and runs the step layer by layer on those slices
+(transient memory: one copy of the decoder layers). TPU / GPU fuse the slice into the matmul,
+so they keep the stacked scan.
 """
 from __future__ import annotations
 
@@ -88,13 +95,20 @@ class Generator:
 
     def __init__(self, model: Llava, spec: PruneSpec, *, max_new_tokens: int, eos_id: int,
                  pad_id: int = 0, sampling: Sampling = Sampling(),
-                 extra_stop_ids: tuple[int, ...] = (), ppm_module: Any = None):
+                 extra_stop_ids: tuple[int, ...] = (), ppm_module: Any = None,
+                 unstack_layers: bool | None = None):
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         self.model, self.spec, self.sampling = model, spec, sampling
         self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
         self.stop_ids = tuple(sorted({eos_id, *extra_stop_ids}))
         self.ppm_module = ppm_module
+        if unstack_layers is None:
+            unstack_layers = jax.default_backend() == "cpu"
+        self.unstack_layers = bool(unstack_layers)
+        text = model.cfg.text
+        # A one-layer twin of the model: runs one slice of the stacked decoder weights.
+        self._one_layer = Llava(model.cfg.replace(text=dataclasses.replace(text, num_layers=1)))
         self.prefill = jax.jit(self._prefill)
         self.decode_step = jax.jit(self._step, donate_argnums=(1,))
         self.decode = jax.jit(self._loop, donate_argnums=(1,))
@@ -116,8 +130,35 @@ class Generator:
                             out.next_position.astype(jnp.int32), out.segments, rng)
         return state, out.kept
 
-    def _step(self, params, state: DecodeState) -> DecodeState:
-        """Feed token step-1, emit token `step`."""
+    def _layer_params(self, params) -> list:
+        """Per decoder layer: `params` with `language_model/layers/stack` cut to that layer
+        ([1, ...] leaves), for `self._one_layer`."""
+        inner = params["params"]
+        stack = inner["language_model"]["layers"]["stack"]
+        out = []
+        for i in range(self.model.cfg.text.num_layers):
+            lm = dict(inner["language_model"])
+            lm["layers"] = {"stack": jax.tree.map(lambda a, i=i: a[i:i + 1], stack)}
+            out.append({**params, "params": {**inner, "language_model": lm}})
+        return out
+
+    def _run_segment(self, params, layers, x, seg: Segment, **kw):
+        """The layers [seg.start, seg.stop) on x with seg's cache (stacked or per layer)."""
+        model = self.model
+        if layers is None:
+            return model.apply(params, x, method=Llava.run, cache=seg.cache, start=seg.start,
+                               stop=seg.stop, **kw)
+        cache = seg.cache
+        for i in range(seg.start, seg.stop):
+            j = i - seg.start
+            c = jax.tree.map(lambda a: a[j:j + 1], cache)
+            x, c = self._one_layer.apply(layers[i], x, method=Llava.run, cache=c, **kw)
+            cache = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, j, 0),
+                                 cache, c)
+        return x, cache
+
+    def _step(self, params, state: DecodeState, layers: list | None = None) -> DecodeState:
+        """Feed token step-1, emit token `step` (`layers`: see `_layer_params`)."""
         model = self.model
         t = state.step
         last = jax.lax.dynamic_index_in_dim(state.tokens, t - 1, axis=1, keepdims=True)
@@ -128,9 +169,8 @@ class Generator:
             idx = seg.base + t - 1
             key_valid = jax.lax.dynamic_update_slice(
                 seg.key_valid, jnp.ones((x.shape[0], 1), bool), (0, idx))
-            x, cache = model.apply(params, x, method=Llava.run, positions=pos,
-                                   key_valid=key_valid, cache=seg.cache, cache_index=idx,
-                                   start=seg.start, stop=seg.stop)
+            x, cache = self._run_segment(params, layers, x, seg, positions=pos,
+                                         key_valid=key_valid, cache_index=idx)
             segments.append(Segment(cache, key_valid, seg.start, seg.stop, seg.base))
         logits = model.apply(params, x, method=Llava.logits)[:, 0]
         rng, r = jax.random.split(state.rng)
@@ -142,7 +182,8 @@ class Generator:
 
     def _loop(self, params, state: DecodeState) -> DecodeState:
         cond = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
-        return jax.lax.while_loop(cond, lambda s: self._step(params, s), state)
+        layers = self._layer_params(params) if self.unstack_layers else None
+        return jax.lax.while_loop(cond, lambda s: self._step(params, s, layers), state)
 
     # -- public -------------------------------------------------------------------------------
 

@@ -4,20 +4,26 @@
 outputs and a `done.json` with a fingerprint of the config it was made with; a rerun reuses a
 stage whose fingerprint still matches, `force=True` redoes everything):
 
-1. data (`DIR/data/`): the synthetic VQA set of `config.task` (`data/synthetic.py`).
-   Held-out design (decided by experiment, see below): 5 (shape, colour) combinations, no two
-   sharing a shape or a colour. Training never asks an existence, count or position question
-   about them (`data/scene_qa.py` `protected`), though they appear in training images, and
-   colour / shape questions do ask about them. The test split is `synthetic`'s `test` split:
-   EVERY question is about a held-out combination (the existence / count / position questions
-   therefore pair a question type with a combination never seen together in training).
-   Why not hold them out of colour / shape questions too (`synthetic`'s default)? Then "what
-   color is the triangle?" -> "red" asks for an answer that training never gave to that
-   question: the answer prior is exactly zero and a model trained from scratch scores 0% on
-   those questions (CLEVR-CoGenT's failure; measured here: 0-1% on held-out colour questions
-   with 77% on i.i.d. ones, also with held-out combinations shown as training distractors).
+1. data (`DIR/data/`): the synthetic VQA set of `config.task` (`data/synthetic.py`): colour of
+   a named shape, shape of a named colour, existence of a described object, count of a colour
+   (relative-position questions exist too, `task.qtypes`; measured at chance on the held-out
+   split within this budget, so the default leaves them out). Held-out design
+   (`demo.heldout`, decided by experiment): 5 (shape, colour) combinations, no two sharing a
+   shape or a colour, are never shown in the LEFT half of a training image (training may show
+   and ask about them on the right). Every test question is about a held-out combination that
+   lies in the left half: the (object, location) combination was never seen in training.
+   Why not hold the combinations out of training altogether (`synthetic`'s own test split,
+   `demo.heldout="qtype"` keeps a variant)? Then "what color is the triangle?" -> "red" asks
+   for an answer that training never gave to that question: the answer prior is exactly zero
+   and a model trained from scratch scores 0% on those questions (CLEVR-CoGenT's failure;
+   measured here: 0-1% on held-out colour questions with 77% on i.i.d. ones, also with the
+   held-out combinations shown as training distractors). The location split keeps what the
+   pruning comparison needs: the queried object sits in a part of the image where training
+   never had it, so a pruner (and the LLM) must find it from the text, not from where that
+   object usually was.
    Training images carry 1 + `extra_turns` questions each (multi-turn, as LLaVA's instruction
-   data): the example's own question first, then others about the same scene.
+   data): the example's own question first, then others about the same scene, then (with
+   `demo.caption`) a caption of the whole scene (LLaVA's stage-1 kind of data).
    Splits kept: train (images + turns), dev (held-out questions for the stop rule of step 2;
    test-split indices after the test range), validation (i.i.d.), test.
 2. pretrain (`DIR/llava/`): a LLaVA (`config.model`: CLIP-style ViT with a CLS token, GELU
@@ -170,16 +176,63 @@ def _progress(it, total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def _eval_split(split: str, start: int, n: int, seed: int, task, enabled: bool,
-                desc: str) -> dict[str, np.ndarray]:
+HELDOUT_DESIGNS = ("location", "qtype")
+
+
+def _left(o, task) -> bool:
+    """The object's grid cell is in the left half of the image (the held-out region)."""
+    return o[2] // task.cell_size < task.grid // 2
+
+
+def _accept(ex: dict, held: set, task, design: str, role: str) -> bool:
+    """Whether a generated example belongs to a split under the held-out design.
+
+    location: training / validation images never show a held-out combination in the left half;
+    test / dev examples ask about a held-out combination shown there (every queried held-out
+    object lies in the left half). qtype: every example is kept (the generator's pools do it).
+    """
+    if design != "location":
+        return True
+    objs = ex["objects"]
+    if role == "train":
+        return not any((o[0], o[1]) in held and _left(o, task) for o in objs)
+    queried = [objs[i] for i in ex["queried"] if (objs[i][0], objs[i][1]) in held]
+    return all(_left(o, task) for o in queried)
+
+
+def _generate(split: str, cfg, seed: int, n: int, accept, start: int, desc: str,
+              enabled: bool) -> tuple[list[dict], int]:
+    """`n` accepted examples of `split` in index order from `start`; returns (rows, next)."""
     from covipal_jax.data import synthetic
 
-    rows = list(_progress(synthetic.generate(split, n, seed, task, start=start), n, desc,
-                          enabled))
-    g = task.image_size // task.cell_size
+    rows, j = [], start
+    bar = _progress(None, n, desc, enabled)
+    while len(rows) < n:
+        ex = synthetic.make_example(split, j, seed, cfg)
+        j += 1
+        if accept(ex):
+            rows.append(ex)
+            bar.update(1)
+    bar.close()
+    return rows, j
+
+
+def _split_configs(task, design: str):
+    """(train-side config, test-side config) of the generator for a held-out design."""
+    if design == "location":
+        # Every combination may be asked about in training (only never shown on the left).
+        return dataclasses.replace(task, n_heldout=0), task
+    if design == "qtype":
+        return task, task
+    raise ValueError(f"demo.heldout must be one of {HELDOUT_DESIGNS}, got {design!r}")
+
+
+def _as_arrays(rows: list[dict], task) -> dict[str, np.ndarray]:
+    from covipal_jax.data import synthetic
+
     queried = np.stack([synthetic.object_patch_mask(r["objects"], task.image_size,
                                                     task.cell_size, r["queried"])
-                        for r in rows]) if rows else np.zeros((0, g * g), bool)
+                        for r in rows])
     return {"images": np.stack([r["image"] for r in rows]),
             "question": np.array([r["question"] for r in rows]),
             "answer": np.array([r["answer"] for r in rows]),
@@ -187,32 +240,38 @@ def _eval_split(split: str, start: int, n: int, seed: int, task, enabled: bool,
             "queried_patches": queried}
 
 
-def _train_split(n: int, seed: int, task, extra_turns: int, enabled: bool
-                 ) -> dict[str, np.ndarray]:
-    """Training images: first questions from two generator configs (colour / shape questions
-    may ask about every combination; existence / count / position never about a held-out one),
-    then `extra_turns` scene questions under the same rule."""
+def _train_split(n: int, seed: int, task, d, enabled: bool) -> dict[str, np.ndarray]:
+    """Training images with 1 + `extra_turns` questions each (see the module docstring)."""
     from covipal_jax.data import scene_qa, synthetic
 
-    held = synthetic.heldout_combos(task)
-    attr_types = tuple(q for q in task.qtypes if q not in scene_qa.PROTECTED_TYPES)
-    rel_types = tuple(q for q in task.qtypes if q in scene_qa.PROTECTED_TYPES)
-    cfgs = []
-    if attr_types:
-        cfgs.append(dataclasses.replace(task, qtypes=attr_types, n_heldout=0,
-                                        qtype_weights=None))
-    if rel_types:
-        cfgs.append(dataclasses.replace(task, qtypes=rel_types, qtype_weights=None))
-    share = np.array([len(attr_types), len(rel_types)], float)
-    share = share[share > 0] / share.sum()
-    pick = np.random.default_rng([seed, 7]).choice(len(cfgs), size=n, p=share)
-    images, turns = [], []
-    for i in _progress(range(n), n, "data: train", enabled):
-        ex = synthetic.make_example("train", i, seed, cfgs[int(pick[i])])
+    design = str(d.get("heldout", "location"))
+    held = set(synthetic.heldout_combos(task))
+    train_cfg, _ = _split_configs(task, design)
+    if design == "qtype":
+        attr = tuple(q for q in task.qtypes if q not in scene_qa.PROTECTED_TYPES)
+        rel = tuple(q for q in task.qtypes if q in scene_qa.PROTECTED_TYPES)
+        cfgs = [dataclasses.replace(task, qtypes=q, n_heldout=0 if q == attr else
+                                    task.n_heldout, qtype_weights=None)
+                for q in (attr, rel) if q]
+        share = np.array([len(q) for q in (attr, rel) if q], float)
+        pick = np.random.default_rng([seed, 7]).choice(len(cfgs), size=n,
+                                                       p=share / share.sum())
+        rows = [synthetic.make_example("train", i, seed, cfgs[int(pick[i])])
+                for i in _progress(range(n), n, "data: train", enabled)]
+        protected = held
+    else:
+        rows, _ = _generate("train", train_cfg, seed, n,
+                            lambda ex: _accept(ex, held, task, design, "train"), 0,
+                            "data: train", enabled)
+        protected = ()
+    turns = []
+    for i, ex in enumerate(rows):
         rng = np.random.default_rng([seed, 11, i])
-        images.append(ex["image"])
-        turns.append(scene_qa.turns_for_example(ex, task, extra_turns, rng, protected=held))
-    return {"images": np.stack(images),
+        turns.append(scene_qa.turns_for_example(
+            ex, task, int(d.extra_turns), rng, protected=protected,
+            with_caption=bool(d.get("caption", False)), grounded=bool(d.get("grounded", False)),
+            extra_types=tuple(d.get("extra_types", ()))))
+    return {"images": np.stack([r["image"] for r in rows]),
             "question": np.array([t[0][0] for t in turns]),
             "answer": np.array([t[0][1] for t in turns]),
             "turns": np.array([json.dumps(t) for t in turns])}
@@ -236,16 +295,23 @@ def data_stage(config: Any, workdir: str, stages: Stages, *, with_train: bool = 
     t0 = time.perf_counter()
     stages.fresh(directory)
     on = bool(d.get("progress", True))
-    n_test, n_dev = int(d.n_test), int(d.n_dev)
-    splits = {"test": ("test", 0, n_test), "dev": ("test", n_test, n_dev),
-              "validation": ("validation", 0, int(d.n_validation))}
-    for name, (split, start, n) in splits.items():
-        if n > 0:
-            np.savez(os.path.join(directory, f"{name}.npz"),
-                     **_eval_split(split, start, n, seed, task, on, f"data: {name}"))
+    design = str(d.get("heldout", "location"))
+    held = set(synthetic.heldout_combos(task))
+    train_cfg, test_cfg = _split_configs(task, design)
+    test_ok = lambda ex: _accept(ex, held, task, design, "test")
+    rows, nxt = _generate("test", test_cfg, seed, int(d.n_test), test_ok, 0, "data: test", on)
+    np.savez(os.path.join(directory, "test.npz"), **_as_arrays(rows, task))
+    if int(d.n_dev) > 0:  # the pretraining stop rule's held-out questions: after the test ones
+        rows, _ = _generate("test", test_cfg, seed, int(d.n_dev), test_ok, nxt, "data: dev", on)
+        np.savez(os.path.join(directory, "dev.npz"), **_as_arrays(rows, task))
+    if int(d.n_validation) > 0:  # i.i.d. with training
+        rows, _ = _generate("validation", train_cfg, seed, int(d.n_validation),
+                            lambda ex: _accept(ex, held, task, design, "train"), 0,
+                            "data: validation", on)
+        np.savez(os.path.join(directory, "validation.npz"), **_as_arrays(rows, task))
     if with_train:
         np.savez(os.path.join(directory, "train.npz"),
-                 **_train_split(int(d.n_train), seed, task, int(d.extra_turns), on))
+                 **_train_split(int(d.n_train), seed, task, d, on))
     held = synthetic.heldout_combos(task)
     stages.finish("data", directory, fp, time.perf_counter() - t0,
                   heldout=[list(h) for h in held],
@@ -256,10 +322,10 @@ def data_stage(config: Any, workdir: str, stages: Stages, *, with_train: bool = 
 # ----------------------------------------------------------------------------- step 2: pretrain
 
 def _tokenizer(task):
-    from covipal_jax.data import synthetic
+    from covipal_jax.data import scene_qa
     from covipal_jax.data import text as text_lib
 
-    return text_lib.BuiltinTokenizer(synthetic.vocabulary(task))
+    return text_lib.BuiltinTokenizer(scene_qa.vocabulary(task))
 
 
 def make_evaluator(model, params, processor, tokenizer, template: str, split: dict, *,
@@ -292,8 +358,7 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
 
     directory = os.path.join(workdir, "llava")
     fp = fingerprint("pretrain", upstream, config.model, config.pretrain, config.template,
-                     section(config, "demo").train_max_len, config.text_buckets,
-                     config.eval.batch_size)
+                     section(config, "demo").train_max_len, config.text_buckets)
     if stages.cached("pretrain", directory, fp):
         return directory
     t0 = time.perf_counter()
@@ -330,10 +395,15 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
     ev = make_evaluator(model, params, processor, tok, config.template, dev,
                         buckets=config.text_buckets, batch_size=int(config.eval.batch_size))
     none = PruneSpec("none", cfg.num_vision_tokens)
+    dev_types = dev["qtype"]
 
     def evaluate(p):
         ev.params = p
-        return ev.accuracy(none).accuracy
+        res = ev.accuracy(none)
+        log("[pretrain]   dev accuracy by question type: " + ", ".join(
+            f"{q} {res.correct[dev_types == q].mean():.3f}" for q in dict.fromkeys(
+                dev_types.tolist())))
+        return res.accuracy
 
     res = pt.pretrain(model, params, data, pc, processor=processor, evaluate=evaluate,
                       log=log, progress=bool(section(config, "demo").get("progress", True)))
@@ -436,6 +506,7 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
         hit = _queried_kept(test["queried_patches"], res.kept, n_v)
         row = dict(method=method, ratio=ratio, k=res.k, accuracy=res.accuracy,
                    seconds=res.seconds, queried_kept=hit,
+                   llm_budget=llm_budget(spec, n_v, cfg.text.num_layers),
                    by_qtype={q: float(res.correct[qtypes == q].mean())
                              for q in sorted(set(qtypes.tolist()))})
         out["rows"].append(row)
@@ -468,6 +539,17 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
                 r = mk(split).accuracy(PruneSpec("none", n_v))
                 out[f"{name}_unpruned"] = r.accuracy
     return out
+
+
+def llm_budget(spec, n_v: int, num_layers: int) -> float:
+    """The share of the LLM's (vision token, layer) pairs a method computes: k / n_v for a
+    pre-LLM method; (K n_v + (N - K) k) / (N n_v) for an in-LLM method pruning at layer K of N
+    (FastV / DART run layers [0, K) on every token). The equal-budget axis of the comparison:
+    the paper's K = 2 of 32 layers costs 6% of the depth, K = 1 of the demo's 3 layers 33%."""
+    if spec.info.stage != "in_llm":
+        return spec.k / n_v
+    K = min(spec.layer, num_layers)
+    return (K * n_v + (num_layers - K) * spec.k) / (num_layers * n_v)
 
 
 def _queried_kept(queried: np.ndarray, kept: np.ndarray, n_v: int) -> float:
@@ -506,15 +588,20 @@ def _rkey(ratio: float) -> str:
 def format_table(rows: list[dict]) -> str:
     base = next(r for r in rows if r["method"] == "none")
     acc0, t0 = base["accuracy"], base["seconds"]
-    lines = ["| method | keep | vision tokens | accuracy | vs unpruned | queried kept "
-             "| prefill time vs unpruned |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | keep | vision tokens | LLM budget | accuracy | vs unpruned "
+             "| queried kept | prefill time vs unpruned |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "unpruned" if r["method"] == "none" else r["method"]
         rel = r["accuracy"] / acc0 if acc0 else float("nan")
-        lines.append(f"| {name} | {r['ratio']:g} | {r['k']} | {r['accuracy']:.4f} | "
+        budget = r.get("llm_budget", r["k"] / base["k"])
+        lines.append(f"| {name} | {r['ratio']:g} | {r['k']} | {budget:.2f} | "
+                     f"{r['accuracy']:.4f} | "
                      f"{100 * rel:.1f}% | {100 * r['queried_kept']:.1f}% | "
                      f"{r['seconds'] / t0:.2f} |")
+    lines += ["", "LLM budget: the share of (vision token, decoder layer) pairs the LLM computes "
+              "(`llm_budget`); in-LLM methods (fastv, dart) run the layers before K on every "
+              "vision token."]
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "none"}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     acc = {(r["method"], r["ratio"]): r["accuracy"] for r in rows}
@@ -533,25 +620,34 @@ def plot(rows: list[dict], path: str, chance: float | None = None) -> None:
     import matplotlib.pyplot as plt
 
     base = next(r for r in rows if r["method"] == "none")
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=110, sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
-    for m in methods:
-        pts = sorted((r["ratio"], r["accuracy"]) for r in rows if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                linewidth=2.4 if m == "ppm" else 1.4, label=m, zorder=3 if m == "ppm" else 2)
-    ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1, label="unpruned")
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set_xscale("log", base=2)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "none"})
-    ax.set_xticks(ratios)
-    ax.set_xticklabels([f"{x:g}" for x in ratios])
-    ax.set_xlabel("keep ratio r (vision tokens kept / n_v)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Pruning before the LLM: accuracy vs keep ratio")
+    n_v = base["k"]
+    for ax, key, xlabel in (
+            (axes[0], "ratio", "keep ratio r (vision tokens kept / n_v)"),
+            (axes[1], "llm_budget", "LLM budget (share of vision token x decoder layer pairs)")):
+        for m in methods:
+            pts = sorted((r.get(key, r["k"] / n_v), r["accuracy"]) for r in rows
+                         if r["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linewidth=2.4 if m == "ppm" else 1.4, label=m,
+                    zorder=3 if m == "ppm" else 2)
+        ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
+                   label="unpruned")
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ratios)
+        ax.set_xticklabels([f"{x:g}" for x in ratios])
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[0].set_title("accuracy vs keep ratio", fontsize=10)
+    axes[1].set_title("accuracy vs LLM compute on vision tokens\n(in-LLM methods run the "
+                      "first K layers on all tokens)", fontsize=9)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -560,8 +656,12 @@ def plot(rows: list[dict], path: str, chance: float | None = None) -> None:
 # ----------------------------------------------------------------------------- the job
 
 def run(config: Any, workdir: str, *, force: bool = False, quick: bool = False,
-        data_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Steps 1-4 (or 3-4 with `config.checkpoint`); returns results.json's content."""
+        data_dir: str | None = None, log: Callable[[str], None] | None = None,
+        stop_after: str | None = None) -> dict | None:
+    """Steps 1-4 (or 3-4 with `config.checkpoint`); returns results.json's content (None when
+    `stop_after` names an earlier stage)."""
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     log = log or (lambda s: print(s, flush=True))
     if quick:
         config = apply_quick(config)
@@ -574,6 +674,8 @@ def run(config: Any, workdir: str, *, force: bool = False, quick: bool = False,
     progress = bool(d.get("progress", True))
 
     data = data_stage(config, workdir, stages, with_train=not real)
+    if stop_after == "data":
+        return None
     fp_data = json.load(open(stages.marker(data)))["fingerprint"]
     if real:
         llava_config = config
@@ -581,6 +683,8 @@ def run(config: Any, workdir: str, *, force: bool = False, quick: bool = False,
         upstream = fingerprint(fp_data, config.checkpoint)
     else:
         llava_dir = pretrain_stage(config, workdir, data, stages, fp_data)
+        if stop_after == "pretrain":
+            return None
         upstream = json.load(open(stages.marker(llava_dir)))["fingerprint"]
         llava_config = checkpoint_config(config, llava_dir)
         train = load_split(data, "train")
@@ -588,6 +692,8 @@ def run(config: Any, workdir: str, *, force: bool = False, quick: bool = False,
                    for im, q, a in zip(train["images"], train["question"], train["answer"])]
     ppm_dir, ppm_fp = ppm_stage(llava_config, workdir, stages, upstream,
                                 train_records=records, data_override=data_dir)
+    if stop_after == "ppm":
+        return None
     eval_dir = os.path.join(workdir, "evaluation")
     fp = fingerprint("evaluate", ppm_fp, section(config, "eval"), config.pruning)
     cached = stages.cached("evaluate", eval_dir, fp)

@@ -22,6 +22,7 @@ needs_libtpu = pytest.mark.skipif(
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)  # conftest's fast-compile CPU flags: not for the TPU compiler
     return env
 
 

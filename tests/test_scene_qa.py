@@ -108,3 +108,28 @@ def test_encode_turns_first_turn_matches_encode_example(examples):
     assert 1 <= tok.decode(short["ids"][short["mask"]],
                            skip_special_tokens=False).count("ANSWER:") < len(turns)
     assert Q.encode_turns(tok, turns, max_len=5) is None
+
+
+def test_where_questions_and_grounded_caption(examples):
+    rng = np.random.default_rng(3)
+    words = {w: i for i, w in enumerate(S.NUMBER_WORDS)}
+    for ex in examples[:50]:
+        cands = Q.scene_questions(ex["objects"], CFG, rng, protected=HELD,
+                                  extra_types=("where",))
+        for _, q, a in cands["where"]:
+            w = q.split()
+            assert (w[4], w[3]) not in HELD  # "where" is protected like position
+            o = next(o for o in ex["objects"] if (o[1], o[0]) == (w[3], w[4]))
+            col, row = (words[x] for x in a.split())
+            assert (col, row) == (o[2] // CFG.cell_size, o[3] // CFG.cell_size)
+        q, a = Q.caption(ex["objects"], CFG, grounded=True)
+        assert q == Q.CAPTION_QUESTION
+        parts = [p.split() for p in a.split(" , ")]
+        assert len(parts) == len(ex["objects"])
+        cells = [(words[p[4]], words[p[3]]) for p in parts]  # (row, column)
+        assert cells == sorted(cells)  # raster order
+        assert sorted((p[0], p[1]) for p in parts) == sorted((c, s) for s, c, *_ in
+                                                             ex["objects"])
+        assert Q.caption(ex["objects"], CFG)[1] == " , ".join(" ".join(p[:2]) for p in parts)
+    tok = T.BuiltinTokenizer(Q.vocabulary(CFG))
+    assert tok.token_to_id("<unk>") not in tok.encode(a) + tok.encode(Q.CAPTION_QUESTION)

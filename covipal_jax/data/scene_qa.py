@@ -37,24 +37,38 @@ from covipal_jax.data import synthetic
 from covipal_jax.data import text as text_lib
 
 Turn = tuple[str, str, str]  # (qtype, question, answer)
-PROTECTED_TYPES = ("exist", "count", "position")
+PROTECTED_TYPES = ("exist", "count", "position", "where")
 CAPTION_QUESTION = "describe the image ."
-EXTRA_WORDS = ("describe", "image")  # the caption question's words beyond synthetic's
+WHERE_TEMPLATE = "where is the {color} {shape} ?"
+# Words of the caption and `where` questions beyond synthetic's vocabulary: grid coordinates
+# are number words (column, then row).
+EXTRA_WORDS = ("describe", "image", "at", "where") + synthetic.NUMBER_WORDS
 
 
 def vocabulary(cfg: synthetic.SyntheticConfig) -> list[str]:
-    """`synthetic.vocabulary(cfg)` plus the caption question's words."""
+    """`synthetic.vocabulary(cfg)` plus the caption / `where` words."""
     return sorted(set(synthetic.vocabulary(cfg)) | set(EXTRA_WORDS))
 
 
+def _cell(o, cfg) -> tuple[int, int]:
+    """(column, row) of an object's grid cell."""
+    return o[2] // cfg.cell_size, o[3] // cfg.cell_size
+
+
+def _coords(o, cfg) -> str:
+    col, row = _cell(o, cfg)
+    return f"{synthetic.NUMBER_WORDS[col]} {synthetic.NUMBER_WORDS[row]}"
+
+
 def caption(objects: Sequence[tuple[str, str, int, int, int]],
-            cfg: synthetic.SyntheticConfig) -> tuple[str, str]:
+            cfg: synthetic.SyntheticConfig, *, grounded: bool = False) -> tuple[str, str]:
     """(CAPTION_QUESTION, "red circle , blue square , ..."): every object in raster order of
     its grid cell (LLaVA's first training stage is captioning: dense supervision of every
-    object's attributes and of the reading order)."""
-    cell = cfg.cell_size
-    order = sorted(objects, key=lambda o: (o[3] // cell, o[2] // cell))
-    return CAPTION_QUESTION, " , ".join(f"{c} {s}" for s, c, *_ in order)
+    object's attributes and of the reading order). `grounded`: each object followed by
+    "at <column> <row>" (grid coordinates as number words; LLaVA-1.5's region data gives boxes)."""
+    order = sorted(objects, key=lambda o: _cell(o, cfg)[::-1])
+    where = (lambda o: f" at {_coords(o, cfg)}") if grounded else (lambda o: "")
+    return CAPTION_QUESTION, " , ".join(f"{o[1]} {o[0]}{where(o)}" for o in order)
 
 
 def _template(qtype: str, cfg: synthetic.SyntheticConfig, rng: np.random.Generator) -> str:
@@ -65,9 +79,11 @@ def _template(qtype: str, cfg: synthetic.SyntheticConfig, rng: np.random.Generat
 def scene_questions(objects: Sequence[tuple[str, str, int, int, int]],
                     cfg: synthetic.SyntheticConfig, rng: np.random.Generator, *,
                     protected: Collection[tuple[str, str]] = (),
-                    protected_types: Collection[str] = PROTECTED_TYPES) -> dict[str, list[Turn]]:
-    """Every valid question about a scene, grouped by type (types not in `cfg.qtypes` are
-    skipped). Deterministic given `rng`."""
+                    protected_types: Collection[str] = PROTECTED_TYPES,
+                    extra_types: Sequence[str] = ()) -> dict[str, list[Turn]]:
+    """Every valid question about a scene, grouped by type (types not in `cfg.qtypes` or
+    `extra_types` are skipped). `extra_types` may hold "where" ("where is the red circle ?"
+    -> "<column> <row>", grid coordinates as number words). Deterministic given `rng`."""
     protected = set(protected)
     guard = lambda qtype, combos: qtype in protected_types and any(c in protected
                                                                    for c in combos)
@@ -75,11 +91,12 @@ def scene_questions(objects: Sequence[tuple[str, str, int, int, int]],
     cell = cfg.cell_size
     shape_n = collections.Counter(s for s, _ in combos)
     color_n = collections.Counter(c for _, c in combos)
-    out: dict[str, list[Turn]] = {q: [] for q in cfg.qtypes}
+    out: dict[str, list[Turn]] = {q: [] for q in (*cfg.qtypes, *extra_types)}
 
     def add(qtype, fills, answer, about):
         if qtype in out and not guard(qtype, about):
-            q = _template(qtype, cfg, rng).format(**{k: fills.get(k, "") for k in
+            template = WHERE_TEMPLATE if qtype == "where" else _template(qtype, cfg, rng)
+            q = template.format(**{k: fills.get(k, "") for k in
                                                      ("shape", "color", "shape2", "color2",
                                                       "rel")})
             out[qtype].append((qtype, q, answer))
@@ -90,6 +107,8 @@ def scene_questions(objects: Sequence[tuple[str, str, int, int, int]],
         if color_n[c] == 1:
             add("shape", {"color": c}, s, [(s, c)])
         add("exist", {"shape": s, "color": c}, "yes", [(s, c)])
+    for o in objects:
+        add("where", {"shape": o[0], "color": o[1]}, _coords(o, cfg), [(o[0], o[1])])
     present = set(combos)
     near = sorted({(s2, c2) for s2 in cfg.shapes for c2 in cfg.colors
                    if (s2, c2) not in present and (s2 in shape_n or c2 in color_n)})
@@ -172,12 +191,14 @@ def encode_turns(tokenizer: text_lib.Tokenizer, turns: Sequence[tuple[str, str]]
 def turns_for_example(example: dict[str, Any], cfg: synthetic.SyntheticConfig, n_extra: int,
                       rng: np.random.Generator, *,
                       protected: Collection[tuple[str, str]] = (),
-                      with_caption: bool = False) -> list[tuple[str, str]]:
+                      with_caption: bool = False, grounded: bool = False,
+                      extra_types: Sequence[str] = ()) -> list[tuple[str, str]]:
     """The example's own question first, then up to `n_extra` more about its image, then (with
     `with_caption`) the caption turn last (so no question can read the answer off it)."""
-    cands = scene_questions(example["objects"], cfg, rng, protected=protected)
+    cands = scene_questions(example["objects"], cfg, rng, protected=protected,
+                            extra_types=extra_types)
     extra = sample_turns(cands, n_extra, rng, avoid=[example["question"]])
     turns = [(example["question"], example["answer"])] + [(q, a) for _, q, a in extra]
     if with_caption:
-        turns.append(caption(example["objects"], cfg))
+        turns.append(caption(example["objects"], cfg, grounded=grounded))
     return turns

@@ -1,0 +1,39 @@
+#!/bin/bash
+# The README's AOT table: models x TPU slices x steps, compiled on this CPU host (needs
+# `pip install "jax[tpu]==0.10.2"`); one JSON report per run in $OUT, skipped when present.
+# Summary: python -m covipal_jax.aot --summarize launch/aot_reports
+cd "$(dirname "$0")/.."
+OUT=${OUT:-launch/aot_reports}
+for model in llava15_7b llava15_13b llava_ov_7b; do
+  for topo in v5e-8 v4-8 v5p-8; do
+    case $topo in v5e-8) nd=8;; *) nd=4;; esac
+    for mode in train_ppm prefill_full prefill_pruned; do
+      case $mode in
+        train_ppm) args="--mode train_ppm --batch 32 --text_len 128";;
+        prefill_full) args="--mode prefill --batch 8 --text_len 64 --keep 1.0";;
+        prefill_pruned) args="--mode prefill --batch 8 --text_len 64 --keep 0.25";;
+      esac
+      name=${model}_${topo}_${mode}
+      [ -f $OUT/$name.json ] && continue
+      echo "== $name $(date +%T)"
+      python -m covipal_jax.aot --config configs/$model.py --topology $topo $args \
+        --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 --json $OUT/$name.json \
+        > $OUT/$name.log 2>&1
+      echo "rc=$? $(date +%T)"; grep -v "^WARNING\|^E0000\|^===\|learning/\|^$" $OUT/$name.log | tail -6
+    done
+  done
+done
+# Larger prefill batches on the smallest-HBM slice (v5e-8).
+for model in llava15_7b llava15_13b llava_ov_7b; do
+  for spec in "prefill64_full:--mode prefill --batch 64 --text_len 64 --keep 1.0" \
+              "prefill64_pruned:--mode prefill --batch 64 --text_len 64 --keep 0.25"; do
+    tag=${spec%%:*}; args=${spec#*:}
+    name=${model}_v5e-8_${tag}
+    [ -f $OUT/$name.json ] && continue
+    echo "== $name $(date +%T)"
+    python -m covipal_jax.aot --config configs/$model.py --topology v5e-8 $args \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 --json $OUT/$name.json \
+      > $OUT/$name.log 2>&1
+    echo "rc=$? $(date +%T)"; grep -v "^WARNING\|^E0000\|^===\|learning/\|^$" $OUT/$name.log | tail -6
+  done
+done
