@@ -20,6 +20,9 @@ RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 
 def _run_quick(workdir, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    # The demo's own --quick XLA flags, not conftest's (whose optimization level 0 makes the
+    # pretraining steps 2x slower).
+    env.pop("XLA_FLAGS", None)
     res = subprocess.run([sys.executable, "-m", "covipal_jax.demo", "--workdir", str(workdir),
                           "--quick", *extra], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=False, timeout=1800)
@@ -111,7 +114,8 @@ def test_apply_quick_merges_sections():
     q = demo_lib.apply_quick(c)
     assert q.demo.n_train == c.quick.demo.n_train < c.demo.n_train
     assert tuple(q.train.steps) == tuple(c.quick.train.steps)
-    assert q.model == c.model  # untouched sections
+    assert q.model.vision.image_size == q.task.image_size == 32  # a section's key replaced
+    assert q.model.text == c.model.text and q.template == c.template  # the rest untouched
     assert c.demo.n_train != q.demo.n_train  # a copy
 
 
