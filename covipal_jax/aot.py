@@ -393,6 +393,7 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     # Abstract trees are built outside the mesh context: Flax's init runs eagerly on
     # constant dummy inputs, which cannot execute on compile-only devices.
     step = build_step(req, config, cfg, mesh, rules)
+    header = _report_header(req, config, cfg, topology, gen, shape, len(devices))
     chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
     with sh.use_mesh(mesh, rules):
@@ -403,8 +404,7 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
             # The TPU compiler refuses programs whose temporaries exceed the HBM.
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            return _oom_report(req, config, cfg, topology, gen, mesh, shape, len(devices),
-                               hbm_gib, str(e), time.perf_counter() - t0)
+            return _oom_report(header, hbm_gib, str(e), time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
@@ -415,20 +415,14 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     xla = _cost(compiled)
     n = len(devices)
     rep = dict(
-        topology=resolve_topology(topology)[0], chip=gen, devices=n,
-        mesh=dict(zip(sh.MESH_AXES, shape)), mode=req.mode, stage=req.stage if
-        req.mode == "train_ppm" else None, batch=req.batch, text_len=req.text_len,
-        method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
-        keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
-        decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
-        remat_policy=cfg.remat_policy,
+        header,
         bytes=dict(argument=arg, output=out, temp=tmp, alias=alias, generated_code=code,
                    total=total),
         hbm_bytes=hbm, hbm_fraction=total / hbm, fits=total <= hbm,
         compile_s=compile_s, xla_optimal_seconds=xla.get("optimal_seconds"),
         xla_flops_scanned=xla.get("flops"))
     if flops:
-        g = hlo_flops(req, config)  # noqa: E501
+        g = hlo_flops(req, config)
         per_dev = g / n
         t_compute = per_dev / (peak_tflops * 1e12)
         t_memory = (arg - (alias if req.mode != "train_ppm" else 0)) / (hbm_gbps * 1e9)
@@ -438,16 +432,10 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     return rep
 
 
-def _oom_report(req, config, cfg, topology, gen, mesh, shape, n, hbm_gib, msg, secs) -> dict:
-    """The report of a step the TPU compiler rejected as too big for the HBM."""
-    import re
-
+def _report_header(req, config, cfg, topology, gen, shape, n) -> dict:
+    """The fields of a report that describe the step (not its compiled sizes)."""
     from covipal_jax import sharding as sh
 
-    m = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", msg)
-    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-    temp = int(float(m.group(1)) * scale[m.group(2)]) if m else None
-    first = msg.strip().splitlines()[-1][:300]
     return dict(
         topology=resolve_topology(topology)[0], chip=gen, devices=n,
         mesh=dict(zip(sh.MESH_AXES, shape)), mode=req.mode,
@@ -456,7 +444,19 @@ def _oom_report(req, config, cfg, topology, gen, mesh, shape, n, hbm_gib, msg, s
         method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
         keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
         decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
-        remat_policy=cfg.remat_policy,
+        remat_policy=cfg.remat_policy)
+
+
+def _oom_report(header: dict, hbm_gib: float, msg: str, secs: float) -> dict:
+    """The report of a step the TPU compiler rejected as too big for the HBM."""
+    import re
+
+    m = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", msg)
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    temp = int(float(m.group(1)) * scale[m.group(2)]) if m else None
+    first = msg.strip().splitlines()[-1][:300]
+    return dict(
+        header,
         bytes=dict(argument=None, output=None, temp=temp, alias=None, generated_code=None,
                    total=temp), hbm_bytes=int(hbm_gib * 2 ** 30),
         hbm_fraction=None if temp is None else temp / (hbm_gib * 2 ** 30), fits=False,

@@ -312,9 +312,8 @@ def data_stage(config: Any, workdir: str, stages: Stages, *, with_train: bool = 
     if with_train:
         np.savez(os.path.join(directory, "train.npz"),
                  **_train_split(int(d.n_train), seed, task, d, on))
-    held = synthetic.heldout_combos(task)
     stages.finish("data", directory, fp, time.perf_counter() - t0,
-                  heldout=[list(h) for h in held],
+                  heldout=[list(h) for h in synthetic.heldout_combos(task)],
                   chance=synthetic.chance_accuracy(task, "test"))
     return directory
 
@@ -427,19 +426,6 @@ def _count(tree) -> int:
 
 # ----------------------------------------------------------------------------- step 3: PPM
 
-def _ppm_trainer(config, workdir, records):
-    """`train.loop.Trainer` on in-memory records (the synthetic demo set is not a TFDS config).
-
-    Works around the trainer building its source from `config.data` alone: the records are
-    set as its (already built) source."""
-    from covipal_jax.train import loop
-
-    trainer = loop.Trainer(config, workdir)
-    trainer._source, trainer._skipped = records, {}
-    trainer._eval_source = None
-    return trainer
-
-
 def checkpoint_config(config: Any, llava_dir: str) -> Any:
     """`config` pointed at the exported LLaVA (weights, tokenizer) like a real checkpoint."""
     c = copy.deepcopy(config)
@@ -450,9 +436,10 @@ def checkpoint_config(config: Any, llava_dir: str) -> Any:
 
 
 def ppm_stage(config: Any, workdir: str, stages: Stages, upstream: str, *,
-              data_dir: str | None = None, train_records=None, data_override: str | None = None
-              ) -> tuple[str, str]:
-    """Trains (or reuses) the PPM; returns (its exported directory, the stage fingerprint)."""
+              train_records=None, data_override: str | None = None) -> tuple[str, str]:
+    """Trains (or reuses) the PPM; returns (its exported directory, the stage fingerprint).
+
+    `train_records` (the synthetic demo set, in memory) replaces `config.data`'s TFDS set."""
     directory = os.path.join(workdir, "ppm_train")
     ppm_dir = os.path.join(directory, "ppm")
     given = config.pruning.get("ppm_checkpoint", "")
@@ -467,11 +454,8 @@ def ppm_stage(config: Any, workdir: str, stages: Stages, upstream: str, *,
     stages.fresh(directory)
     from covipal_jax.train import loop
 
-    if train_records is not None:
-        summary = _ppm_trainer(config, directory, train_records).run()
-    else:
-        summary = loop.train(config, directory, data_dir=data_override,
-                             log=stages.log)
+    summary = loop.train(config, directory, data_dir=data_override, log=stages.log,
+                         source=train_records)
     last = [s["last"] for s in summary["stages"] if s.get("last")]
     stages.finish("ppm", directory, fp, time.perf_counter() - t0,
                   stages=[{k: v for k, v in (s or {}).items()
