@@ -10,6 +10,7 @@ and a generated image when `--image` is omitted.
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import sys
 import time
 
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 def _define_flags():
     """Flags are registered only when run as a program (importing this module adds none)."""
     global _CONFIG, _IMAGE, _PROMPT, _RAW
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.",
+    _CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("tiny"), "Config file.",
                                               lock_config=True)
     _IMAGE = flags.DEFINE_string("image", None, "Image path (default: a generated image).")
     _PROMPT = flags.DEFINE_string("prompt", None,
@@ -35,11 +36,13 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False) -
     import jax
     import numpy as np
 
-    from covipal_jax import decoding, loading, ppm_io, sharding
+    from covipal_jax import sharding
+    from covipal_jax.inference import decoding, loading
+    from covipal_jax.weights import ppm_io
     from covipal_jax.data import image as image_lib
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
     from covipal_jax.data import text as text_lib
-    from covipal_jax.prefill import PruneSpec
+    from covipal_jax.inference.prefill import PruneSpec
 
     if image_path is None and config.checkpoint:
         raise ValueError("--image is required with a real checkpoint")

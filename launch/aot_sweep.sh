@@ -1,7 +1,7 @@
 #!/bin/bash
 # The README's AOT table: models x TPU slices x steps, compiled on this CPU host (needs
 # `pip install "jax[tpu]==0.10.2"`); one JSON report per run in $OUT, skipped when present.
-# Summary: python -m covipal_jax.aot --summarize launch/aot_reports
+# Summary: python -m covipal_jax.tools.aot --summarize launch/aot_reports
 cd "$(dirname "$0")/.."
 OUT=${OUT:-launch/aot_reports}
 for model in llava15_7b llava15_13b llava_ov_7b; do
@@ -16,7 +16,7 @@ for model in llava15_7b llava15_13b llava_ov_7b; do
       name=${model}_${topo}_${mode}
       [ -f $OUT/$name.json ] && continue
       echo "== $name $(date +%T)"
-      python -m covipal_jax.aot --config configs/$model.py --topology $topo $args \
+      python -m covipal_jax.tools.aot --config configs/$model.py --topology $topo $args \
         --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 --json $OUT/$name.json \
         > $OUT/$name.log 2>&1
       echo "rc=$? $(date +%T)"; grep -v "^WARNING\|^E0000\|^===\|learning/\|^$" $OUT/$name.log | tail -6
@@ -31,7 +31,7 @@ for model in llava15_7b llava15_13b llava_ov_7b; do
     name=${model}_v5e-8_${tag}
     [ -f $OUT/$name.json ] && continue
     echo "== $name $(date +%T)"
-    python -m covipal_jax.aot --config configs/$model.py --topology v5e-8 $args \
+    python -m covipal_jax.tools.aot --config configs/$model.py --topology v5e-8 $args \
       --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 --json $OUT/$name.json \
       > $OUT/$name.log 2>&1
     echo "rc=$? $(date +%T)"; grep -v "^WARNING\|^E0000\|^===\|learning/\|^$" $OUT/$name.log | tail -6

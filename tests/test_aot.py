@@ -1,4 +1,4 @@
-"""Tests for covipal_jax/aot.py: TPU ahead-of-time compiles of the tiny config (in a
+"""Tests for covipal_jax/tools/aot.py: TPU ahead-of-time compiles of the tiny config (in a
 subprocess: libtpu's environment must not touch this process's CPU backend), and the FLOP
 count of unrolled layers (in process, CPU only)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from covipal_jax import aot
+from covipal_jax.tools import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(
@@ -38,9 +38,9 @@ def tiny_reports():
         pytest.skip("libtpu is not installed")
     res = _python("""
         import json
-        from covipal_jax import aot
+        from covipal_jax.tools import aot
         aot.setup_host()
-        from configs import tiny
+        from covipal_jax.configs import tiny
         out = {}
         def run(name, mode, keep=1.0, mesh=None, batch=4, **kw):
             config = tiny.get_config()
@@ -102,7 +102,7 @@ def test_decode_and_train_donate_their_state(tiny_reports):
 def test_cli_json_and_exit_status(tmp_path):
     """The CLI writes its report, and exits 1 when the step does not fit the HBM given."""
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "covipal_jax.aot", "--config", "configs/tiny.py",
+    cmd = [sys.executable, "-m", "covipal_jax.tools.aot", "--config", "configs/tiny.py",
            "--topology", "v5e-4", "--mode", "prefill", "--batch", "4", "--text_len", "16",
            "--noflops", "--hbm_gib", "1e-6", "--json", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -125,7 +125,7 @@ def test_resolve_topology():
 
 
 def _tiny_config(layers: int):
-    from configs import tiny
+    from covipal_jax.configs import tiny
 
     config = tiny.get_config()
     with config.unlocked():
@@ -156,7 +156,7 @@ def test_hlo_flops_include_every_ppm_block():
     with config.unlocked():
         config.ppm.num_layers = 3
     three = aot.hlo_flops(req, config)
-    from covipal_jax import ppm_io
+    from covipal_jax.weights import ppm_io
 
     pcfg = ppm_io.ppm_config(config, aot.model_config(config))
     block = aot.ppm_block_cost(pcfg, 1, 16, grad=False)

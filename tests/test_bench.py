@@ -1,4 +1,4 @@
-"""Tests for covipal_jax/bench.py (and bench_peer.py): a --quick run end to end, the derived
+"""Tests for covipal_jax/tools/bench.py (and bench_peer.py): a --quick run end to end, the derived
 numbers, the target verdicts, and the PyTorch peer holding exactly our weights."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from covipal_jax import bench
+from covipal_jax.tools import bench
 
 SETTING_KEYS = {"keep", "k", "label", "method", "seq_len", "ours", "peer", "times_s", "kv_bytes",
                 "kv_bytes_full_depth", "flops", "derived"}

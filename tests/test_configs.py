@@ -12,7 +12,7 @@ import math
 import jax
 import pytest
 
-from configs import llava15_7b, llava15_13b, llava_ov_7b
+from covipal_jax.configs import llava15_7b, llava15_13b, llava_ov_7b
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.weights import abstract_params, config_from_hf
 

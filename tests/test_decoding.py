@@ -8,9 +8,9 @@ import torch
 
 import hf_models
 import tiny
-from covipal_jax import decoding
+from covipal_jax.inference import decoding
 from covipal_jax.models.llava import Llava
-from covipal_jax.prefill import PruneSpec
+from covipal_jax.inference.prefill import PruneSpec
 from covipal_jax.weights import load_llava
 
 NONE = PruneSpec("none", 0)

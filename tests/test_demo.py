@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo as demo_config
-from covipal_jax import demo_lib
+from covipal_jax.configs import demo as demo_config
+from covipal_jax.demo import lib as demo_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("ppm", "fastv", "visionzip", "dart", "random", "pool")

@@ -47,7 +47,7 @@ def data(tmp_path_factory):
                                     question="what shape is the blue object ?",
                                     options=["circle", "square", "triangle"],
                                     answer=i % 3)) + "\n")
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
     from covipal_jax.data import text as text_lib
 
     # The tiny model's word tokenizer plus the option letters (for option scoring).
@@ -95,7 +95,7 @@ def test_parse_helpers():
 
 
 def test_option_token_ids():
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
     from covipal_jax.data import text as text_lib
     from covipal_jax.eval.predictor import option_token_ids
 
@@ -179,11 +179,11 @@ def test_sweep_writes_jsonl_tables_and_resumes(data, tmp_path):
 PREDICTOR_CHECK = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from configs import tiny
-    from covipal_jax import loading
+    from covipal_jax.configs import tiny
+    from covipal_jax.inference import loading
     from covipal_jax.data import image as image_lib, synthetic, text as text_lib
     from covipal_jax.eval.predictor import LlavaPredictor, prune_spec
-    from covipal_jax.prefill import forward
+    from covipal_jax.inference.prefill import forward
 
     config = tiny.get_config()
     config.tokenizer = sys.argv[1]

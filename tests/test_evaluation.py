@@ -1,14 +1,15 @@
-"""Tests for covipal_jax/evaluation.py: first-answer-token accuracy equals generation's first
+"""Tests for covipal_jax/demo/evaluation.py: first-answer-token accuracy equals generation's first
 token, static batches, answer ids, timing."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from covipal_jax import decoding, evaluation, loading
-from covipal_jax.data import synthetic as S
+from covipal_jax.inference import decoding, loading
+from covipal_jax.demo import evaluation
+from covipal_jax.data.synthetic import task as S
 from covipal_jax.data import text as T
-from covipal_jax.prefill import PruneSpec
+from covipal_jax.inference.prefill import PruneSpec
 
 from tests import tiny
 

@@ -9,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from configs import ppm_tiny
-from covipal_jax import loading
+from covipal_jax.configs import ppm_tiny
+from covipal_jax.inference import loading
 from covipal_jax.data import image as image_lib
 from covipal_jax.data import pipeline as pl
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import tiny
-from covipal_jax import decoding
+from covipal_jax.inference import decoding
 from covipal_jax.models.llava import Llava
-from covipal_jax.prefill import PruneSpec, forward, prefill
+from covipal_jax.inference.prefill import PruneSpec, forward, prefill
 
 
 def jprefill(model, params, pixels, ids, mask, spec, extra):
@@ -89,7 +89,7 @@ def test_pruned_generation_equals_hand_removed_tokens(method):
     gen = decoding.Generator(model, spec, max_new_tokens=5, eos_id=-1)
     out = gen(params, pixels, ids, mask)
     # By hand: the kept tokens the method produced, spliced with Python lists.
-    from covipal_jax.prefill import build_context, select_pre_llm
+    from covipal_jax.inference.prefill import build_context, select_pre_llm
     ctx, text = jax.jit(lambda p: build_context(model, p, pixels, ids, mask, spec.info))(params)
     res = jax.jit(lambda p, c: select_pre_llm(model, p, c, spec))(params, ctx)
     np.testing.assert_array_equal(res.indices, out.kept)

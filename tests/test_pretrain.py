@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from covipal_jax import loading
-from covipal_jax.data import synthetic as S
+from covipal_jax.inference import loading
+from covipal_jax.data.synthetic import task as S
 from covipal_jax.models.llava import init_params
 from covipal_jax.train import pretrain as P
 

@@ -1,4 +1,4 @@
-"""Tests for covipal_jax/data/scene_qa.py: questions are true of the scene, the held-out rule,
+"""Tests for covipal_jax/data/synthetic/scene_qa.py: questions are true of the scene, the held-out rule,
 multi-turn encoding."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import collections
 import numpy as np
 import pytest
 
-from covipal_jax.data import scene_qa as Q
-from covipal_jax.data import synthetic as S
+from covipal_jax.data.synthetic import scene_qa as Q
+from covipal_jax.data.synthetic import task as S
 from covipal_jax.data import text as T
 
 CFG = S.SyntheticConfig(heldout_distractors_in_train=True)

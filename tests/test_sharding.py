@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     assert len(jax.devices()) == 8, jax.devices()
     import flax.linen as nn
-    from configs import tiny as tc
+    from covipal_jax.configs import tiny as tc
     from covipal_jax import sharding
     from covipal_jax.models.config import LlavaConfig
     from covipal_jax.models import llava

@@ -1,4 +1,4 @@
-"""Tests for covipal_jax/data/synthetic.py: determinism, uniqueness, held-out split, balance."""
+"""Tests for covipal_jax/data/synthetic/task.py: determinism, uniqueness, held-out split, balance."""
 from __future__ import annotations
 
 import collections
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from covipal_jax.data import synthetic as S
+from covipal_jax.data.synthetic import task as S
 
 CFG = S.SyntheticConfig()
 

@@ -10,9 +10,9 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from covipal_jax.data import synthetic as S
+from covipal_jax.data.synthetic import task as S
 from covipal_jax.data import tfds_llava as L
-from covipal_jax.data import tfds_synthetic as T
+from covipal_jax.data.synthetic import tfds_builder as T
 
 # ------------------------------------------------------------------------- synthetic builder
 

@@ -53,7 +53,7 @@ def test_tiny_stage1_recall_rises_then_stage2(runs):
 
 
 def test_checkpoints_and_export(runs):
-    from covipal_jax import ppm_io
+    from covipal_jax.weights import ppm_io
     from covipal_jax.models.config import LlavaConfig
     from covipal_jax.train.checkpoint import Checkpointer
 
@@ -67,7 +67,7 @@ def test_checkpoints_and_export(runs):
     assert meta["data_position"] == tu.STEPS[1] and meta["ppm"]["width"] == 32
     assert meta["config"]["train"]["stages"] == [1, 2] and "base_model" in meta
     # The exported PPM is the last checkpoint's params, loadable for inference.
-    import configs.ppm_tiny as ppm_tiny
+    from covipal_jax.configs import ppm_tiny as ppm_tiny
 
     cfg = LlavaConfig.from_config(ppm_tiny.get_config().model)
     _, variables, info = ppm_io.load_ppm(os.path.join(ref, "ppm"), cfg)
@@ -111,7 +111,7 @@ def test_checkpoint_for_another_ppm_is_refused(runs):
 
 
 def test_stage_plan_and_schedule():
-    import configs.ppm_tiny as ppm_tiny
+    from covipal_jax.configs import ppm_tiny as ppm_tiny
     from covipal_jax.train import loop
 
     c = ppm_tiny.get_config("stages=12,steps=7")
@@ -135,8 +135,8 @@ def test_llava15_7b_config_steps_trace():
     import jax
     import jax.numpy as jnp
 
-    import configs.ppm_llava15_7b as cfg_7b
-    from covipal_jax import ppm_io
+    from covipal_jax.configs import ppm_llava15_7b as cfg_7b
+    from covipal_jax.weights import ppm_io
     from covipal_jax.models.config import LlavaConfig
     from covipal_jax.models.llava import Llava, init_params
     from covipal_jax.pruning.ppm import PPM

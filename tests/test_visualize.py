@@ -1,4 +1,4 @@
-"""Tests for covipal_jax.visualize: pixel-exact greying, VisionZip markers, the CLI's PNG."""
+"""Tests for covipal_jax.tools.visualize: pixel-exact greying, VisionZip markers, the CLI's PNG."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny as tiny_config
-from covipal_jax import visualize as vis
+from covipal_jax.configs import tiny as tiny_config
+from covipal_jax.tools import visualize as vis
 from covipal_jax.data import image as image_lib
-from covipal_jax.data import synthetic
+from covipal_jax.data.synthetic import task as synthetic
 from covipal_jax.models.config import LlavaConfig
-from covipal_jax.prefill import PruneSpec
+from covipal_jax.inference.prefill import PruneSpec
 from covipal_jax.pruning.simple import pool_indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,13 +116,13 @@ def test_markers_visionzip_cls_and_contextual():
 
 
 def test_cli_writes_png_with_pruned_patches_greyed(tmp_path):
-    """`python -m covipal_jax.visualize` on the tiny model: the pool method keeps a known
+    """`python -m covipal_jax.tools.visualize` on the tiny model: the pool method keeps a known
     sub-grid; the PNG shows exactly those patches in colour."""
     out = tmp_path / "kept.png"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(
-        [sys.executable, "-m", "covipal_jax.visualize", "--config", "configs/tiny.py",
+        [sys.executable, "-m", "covipal_jax.tools.visualize", "--config", "configs/tiny.py",
          "--config.pruning.method=pool", "--config.pruning.keep=0.25",
          "--config.max_new_tokens=2", f"--out={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

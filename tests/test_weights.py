@@ -424,7 +424,7 @@ def test_sharded_load_on_a_mesh(llava_tiny, llava_loaded, tmp_path):
         jax.config.update("jax_num_cpu_devices", 4)
         import numpy as np
         from jax.sharding import PartitionSpec as P
-        from configs.common import LOGICAL_AXIS_RULES
+        from covipal_jax.configs.common import LOGICAL_AXIS_RULES
         from covipal_jax import sharding
         from covipal_jax.weights import load_llava
         from flax import traverse_util

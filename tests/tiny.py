@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from configs import tiny as tiny_config
+from covipal_jax.configs import tiny as tiny_config
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava, init_params
 

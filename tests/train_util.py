@@ -89,7 +89,7 @@ def workdir(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def build_data() -> str:
     """The synthetic TFDS set, built once (concurrent runs then only read it)."""
-    from covipal_jax.data import tfds_synthetic
+    from covipal_jax.data.synthetic import tfds_builder as tfds_synthetic
 
     tfds_synthetic.builder(DATA, "tiny").download_and_prepare()
     return DATA

@@ -232,7 +232,7 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
     """
     d = config.data
     if d.kind == "synthetic":
-        from covipal_jax.data import tfds_synthetic
+        from covipal_jax.data.synthetic import tfds_builder as tfds_synthetic
 
         b = tfds_synthetic.builder(directory, d.name)
         if prepare:

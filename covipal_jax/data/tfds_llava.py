@@ -58,7 +58,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
-from covipal_jax.data.tfds_synthetic import default_to_array_record
+from covipal_jax.data.synthetic.tfds_builder import default_to_array_record
 
 IMAGE_TOKEN = "<image>"
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}

@@ -30,6 +30,7 @@ protocol) unless `--score_options` (likelihood of the option letters as the firs
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import fractions
 import json
 import logging
@@ -41,7 +42,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("tiny"), "Config file.",
                                           lock_config=True)
 _BENCHMARK = flags.DEFINE_list("benchmark", None, "Benchmark name(s): gqa, mme, pope, textvqa, "
                                "scienceqa, mmbench, seed, ai2d, mmstar.")
@@ -173,7 +174,7 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
     benchmark; returns `summarize(...)` of `out/results.json` (see the module docstring)."""
     import dataclasses
 
-    from covipal_jax import loading
+    from covipal_jax.inference import loading
     from covipal_jax.eval import benchmarks as bm
     from covipal_jax.eval import harness, metrics
     from covipal_jax.eval.predictor import LlavaPredictor, prune_spec
@@ -220,7 +221,7 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
             pred = base
         else:
             if spec.method == "ppm" and ppm is None:
-                from covipal_jax import ppm_io
+                from covipal_jax.weights import ppm_io
                 ppm = ppm_io.load_for_inference(config, loaded.cfg)
             pred = base.with_spec(spec, ppm=ppm)
         ppm = ppm or pred.ppm

@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from covipal_jax import decoding, sharding
+from covipal_jax import sharding
+from covipal_jax.inference import decoding
 from covipal_jax.data import image as image_lib
 from covipal_jax.data import text as text_lib
-from covipal_jax.loading import Loaded
-from covipal_jax.prefill import PruneSpec, prefill
+from covipal_jax.inference.loading import Loaded
+from covipal_jax.inference.prefill import PruneSpec, prefill
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -135,7 +136,7 @@ class LlavaPredictor:
                     batch_size: int | None = None) -> "LlavaPredictor":
         """Spec from `config.pruning` unless given; the PPM is loaded when the spec needs it.
         `batch_size` defaults to `config.batch_size`."""
-        from covipal_jax import ppm_io
+        from covipal_jax.weights import ppm_io
 
         spec = spec or PruneSpec.from_config(config.pruning, loaded.cfg.num_vision_tokens)
         if spec.method == "ppm" and ppm is None:

@@ -3,7 +3,7 @@
 Letters: B batch, T text length (bucket), k vision tokens in the sequence, L = T - 1 + k,
 D width, V vocab, n_v vision tokens per image.
 
-This module holds the pieces; `covipal_jax.prefill` is where a pruning method is applied
+This module holds the pieces; `covipal_jax.inference.prefill` is where a pruning method is applied
 between them (encode -> project -> method -> splice -> decoder). Calling the module itself runs
 the unpruned model on a batch of (image, left-padded prompt with one image placeholder), the
 path that is checked for parity against Hugging Face.

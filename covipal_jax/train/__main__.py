@@ -14,13 +14,14 @@ good checkpoint is left as it was).
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ppm_tiny.py", "Config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("ppm_tiny"), "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, ppm/).",
                                required=True)

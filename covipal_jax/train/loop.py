@@ -47,7 +47,9 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from covipal_jax import loading, ppm_io, sharding
+from covipal_jax import sharding
+from covipal_jax.inference import loading
+from covipal_jax.weights import ppm_io
 from covipal_jax.data import pipeline as pipeline_lib
 from covipal_jax.pruning.ppm import PPM
 from covipal_jax.train import checkpoint as ckpt_lib

@@ -430,7 +430,7 @@ def load_llava(path: str | os.PathLike, *, cfg: LlavaConfig | None = None, mesh=
     cfg: the config to run with (its architecture must match the checkpoint's config.json;
     None: taken from config.json). mesh / rules: shard every leaf by its logical axis names
     (`covipal_jax.sharding.logical_shardings`); rules default to
-    `configs.common.LOGICAL_AXIS_RULES`. No mesh: the first local device.
+    `covipal_jax.sharding.LOGICAL_AXIS_RULES`. No mesh: the first local device.
     dtype: parameter dtype (default `cfg.param_dtype`; with no cfg, float32 for both the
     parameter and the compute dtype unless given).
     Returns (cfg, params) with params `{"params": ...}` of plain arrays, ready for
@@ -450,7 +450,7 @@ def load_llava(path: str | os.PathLike, *, cfg: LlavaConfig | None = None, mesh=
     if mesh is not None:
         from covipal_jax import sharding as shard_lib
         if rules is None:
-            from configs.common import LOGICAL_AXIS_RULES as rules  # noqa: N811
+            from covipal_jax.sharding import LOGICAL_AXIS_RULES as rules  # noqa: N811
         shardings = _flat_leaves(shard_lib.logical_shardings(abstract, mesh, rules))
     else:
         shardings = None

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the real sharded steps for a TPU topology, on a CPU host.
 
-    python -m covipal_jax.aot --config configs/llava15_7b.py --topology v5e:2x4 \
+    python -m covipal_jax.tools.aot --config configs/llava15_7b.py --topology v5e:2x4 \
         --mode prefill --batch 8 --keep 0.25 --config.mesh.fsdp=-1 --config.mesh.data=1
 
 Needs libtpu (`pip install "jax[tpu]==0.10.2"`); no TPU is touched: the compiler targets the
@@ -36,6 +36,7 @@ device / HBM bandwidth) from the table below. It is not a measurement.
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import dataclasses
 import json
 import math
@@ -119,7 +120,7 @@ class Request:
 
 def _with_train(config):
     """`config` with a `train` (and `data`) section; common defaults when it has none."""
-    from configs import common
+    from covipal_jax.configs import common
 
     if "train" in config:
         return config
@@ -187,7 +188,7 @@ def _batch_sds(shape, dtype, mesh):
 
 
 def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
-    from covipal_jax import ppm_io
+    from covipal_jax.weights import ppm_io
     from covipal_jax.pruning.ppm import PPM
 
     pcfg = ppm_io.ppm_config(config, cfg)
@@ -223,8 +224,8 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
     b, t = req.batch, req.text_len
     v = cfg.vision
     if req.mode in ("prefill", "decode"):
-        from covipal_jax.decoding import Generator
-        from covipal_jax.prefill import PruneSpec
+        from covipal_jax.inference.decoding import Generator
+        from covipal_jax.inference.prefill import PruneSpec
 
         spec = PruneSpec.from_config(_pruning(config, req), cfg.num_vision_tokens)
         ppm_module, ppm_vars, pcfg = None, None, None
@@ -599,7 +600,7 @@ def _define_flags():
     from ml_collections import config_flags
 
     global _CONFIG
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/llava15_7b.py", "Config file.",
+    _CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("llava15_7b"), "Config file.",
                                               lock_config=True)
     flags.DEFINE_string("topology", "v5e:2x4", "TPU topology (v5e:2x4, v4:2x2x1, v5p-8, ...).")
     flags.DEFINE_string("mode", "prefill", f"One of {MODES}.")

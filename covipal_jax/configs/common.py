@@ -8,32 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-# Logical axis name -> mesh axes. Parameters: `embed`-like dims are FSDP-sharded, head / MLP /
-# vocab dims tensor-parallel. Activations: batch over (data, fsdp), heads and MLP over tensor.
-LOGICAL_AXIS_RULES = (
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("vision_embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("vision_mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vision_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_length", None),
-    ("cache_heads", "tensor"),
-    ("ppm_embed", None),
-    ("ppm_mlp", None),
-    ("ppm_heads", None),
-)
+from covipal_jax.sharding import LOGICAL_AXIS_RULES  # noqa: F401  (re-exported)
+
 
 
 def parse_arg(arg: str | None, **defaults):

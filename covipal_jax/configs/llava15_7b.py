@@ -3,7 +3,7 @@
 Args (after a colon): `layers=N` truncates the decoder (benchmarks on small hosts),
 `dtype=bfloat16|float32` sets compute and parameter dtype.
 """
-from configs import common
+from covipal_jax.configs import common
 
 
 def get_config(arg=None):

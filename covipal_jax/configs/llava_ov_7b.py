@@ -3,7 +3,7 @@
 Single base-resolution crop: 729 vision tokens (27 x 27); the multi-crop "anyres" packing is
 not used. Args: `layers=N`, `dtype=...` as in llava15_7b.
 """
-from configs import common
+from covipal_jax.configs import common
 
 
 def get_config(arg=None):

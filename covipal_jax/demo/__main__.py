@@ -6,7 +6,7 @@
 Writes `DIR/results.json` (`{"unpruned": acc, "methods": {method: {ratio: acc}}}`),
 `DIR/results_detail.json`, `DIR/results.md` and `DIR/accuracy_vs_keep.png`, and prints the table.
 A rerun reuses the finished stages in DIR (`--force` redoes them). Stages and the held-out
-design: `covipal_jax/demo_lib.py`; sizes: `configs/demo.py`.
+design: `covipal_jax/demo/lib.py`; sizes: `configs/demo.py`.
 
 On a real checkpoint (steps 3-4 only: train the PPM on local LLaVA-format data, then the sweep on
 the synthetic held-out split):
@@ -19,13 +19,14 @@ the synthetic held-out split):
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("demo"), "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (stages, results).",
                                required=True)
@@ -48,7 +49,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if _QUICK.value and "jax" not in sys.modules:
         os.environ.setdefault("XLA_FLAGS", QUICK_XLA_FLAGS)
-    from covipal_jax import demo_lib
+    from covipal_jax.demo import lib as demo_lib
 
     try:
         demo_lib.run(_CONFIG.value, _WORKDIR.value, force=_FORCE.value, quick=_QUICK.value,

@@ -18,7 +18,7 @@ import jax
 
 from covipal_jax import sharding
 from covipal_jax.data import image as image_lib
-from covipal_jax.data import synthetic
+from covipal_jax.data.synthetic import task as synthetic
 from covipal_jax.data import text as text_lib
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava, init_params

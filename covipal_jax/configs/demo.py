@@ -2,11 +2,11 @@
 the synthetic VQA set, its PPM (stages 1 and 2), and the pruning sweep on the held-out split.
 
 Sizes are chosen for 2 CPU cores and 15 minutes in all; `--quick` merges `config.quick` (per-section
-overrides) for a reduced run (tests). See `covipal_jax/demo_lib.py` for what each stage does.
+overrides) for a reduced run (tests). See `covipal_jax/demo/lib.py` for what each stage does.
 Args: `image=64` (or 96: 144 vision tokens), `patch=8`.
 """
-from configs import common
-from covipal_jax.data import synthetic
+from covipal_jax.configs import common
+from covipal_jax.data.synthetic import task as synthetic
 
 
 def get_config(arg=None):
@@ -22,7 +22,7 @@ def get_config(arg=None):
                   qtypes=("color", "shape", "exist", "count"))  # + "position": measured at chance
                                                                   # (held-out) within the budget
     c.demo = dict(
-        heldout="location",     # location | qtype (see covipal_jax/demo_lib.py)
+        heldout="location",     # location | qtype (see covipal_jax/demo/lib.py)
         n_train=20000,          # training images (each with 1 + extra_turns questions)
         n_dev=400,              # held-out-combination questions for the pretraining stop rule
         n_validation=400,       # i.i.d. questions (reported, never used for decisions)

@@ -1,8 +1,8 @@
 """Prefill / decode benchmark: pruned vs unpruned, against the FLOP bound and against PyTorch.
 
-    python -m covipal_jax.bench --out /tmp/bench            # LLaVA-1.5-7B widths, 2 layers
-    python -m covipal_jax.bench --out /tmp/bench --full     # + batch-8 prefill, NeXT tower
-    python -m covipal_jax.bench --out /tmp/bench --quick    # tiny widths (seconds; tests)
+    python -m covipal_jax.tools.bench --out /tmp/bench            # LLaVA-1.5-7B widths, 2 layers
+    python -m covipal_jax.tools.bench --out /tmp/bench --full     # + batch-8 prefill, NeXT tower
+    python -m covipal_jax.tools.bench --out /tmp/bench --quick    # tiny widths (seconds; tests)
 
 Letters: B batch, T text length, n_v vision tokens per image, k kept, L = T - 1 + k.
 
@@ -37,6 +37,7 @@ Outputs: `DIR/bench.json` (everything), `DIR/bench.md` (tables), `DIR/bench.png`
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import dataclasses
 import json
 import math
@@ -52,19 +53,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from covipal_jax.decoding import Generator
+from covipal_jax.inference.decoding import Generator
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import init_cache
 from covipal_jax.models.llava import Llava, image_positions, init_params
-from covipal_jax.ppm_io import init_ppm
-from covipal_jax.prefill import PruneSpec, prefill
+from covipal_jax.weights.ppm_io import init_ppm
+from covipal_jax.inference.prefill import PruneSpec, prefill
 from covipal_jax.pruning import ppm as ppm_lib
 from covipal_jax.pruning import select
 from covipal_jax.pruning.base import PruneContext, resolve_keep
 
 Array = jax.Array
-DEFAULT_CONFIG = "configs/llava15_7b.py:layers=2,dtype=float32"
-QUICK_CONFIG = "configs/tiny.py"
+DEFAULT_CONFIG = configs_lib.path("llava15_7b:layers=2,dtype=float32")
+QUICK_CONFIG = configs_lib.path("tiny")
 FULL_DEPTH = {"llama": 32}  # decoder depth the reduced-depth numbers are extrapolated to
 
 
@@ -322,7 +323,7 @@ class Bench:
                 print(f"{time.perf_counter() - t_start:7.1f}s {msg}", flush=True)
         self.cfg, self.opts, self.log = cfg, opts, log
         if ppm is None:
-            from configs import common
+            from covipal_jax.configs import common
             ppm = common.ppm_config()
         self.ppm_section = ppm
         self.n_v = cfg.num_vision_tokens
@@ -339,7 +340,7 @@ class Bench:
         self.log(f"[bench] params ready ({time.perf_counter() - t0:.1f} s)")
         self.peer = None
         if opts.peer:
-            from covipal_jax.bench_peer import TorchPeer, torch_llava
+            from covipal_jax.tools.bench_peer import TorchPeer, torch_llava
             t0 = time.perf_counter()
             self.peer = TorchPeer(torch_llava(self.params, cfg), cfg, threads=opts.threads)
             self.log(f"[bench] torch peer ready ({time.perf_counter() - t0:.1f} s)")
@@ -905,7 +906,7 @@ def _parse_keeps(s: str) -> tuple:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m covipal_jax.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m covipal_jax.tools.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--config", default=None,

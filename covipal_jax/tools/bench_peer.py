@@ -1,4 +1,4 @@
-"""The PyTorch peer of `covipal_jax.bench`: Hugging Face transformers LLaVA on OUR weights.
+"""The PyTorch peer of `covipal_jax.tools.bench`: Hugging Face transformers LLaVA on OUR weights.
 
 Letters: B batch, T text length (one image placeholder per row), n_v vision tokens, k kept,
 L = T - 1 + k, D width, V vocab.

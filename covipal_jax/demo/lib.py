@@ -91,7 +91,7 @@ def fingerprint(*parts: Any) -> str:
 
 def demo_defaults():
     """configs/demo.py: the defaults of sections a real-checkpoint config lacks."""
-    from configs import demo
+    from covipal_jax.configs import demo
 
     return demo.get_config()
 
@@ -117,7 +117,7 @@ def apply_quick(config: Any) -> Any:
 
 
 def task_config(config: Any):
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
 
     t = dict(_plain(section(config, "task")))
     for k, v in list(t.items()):
@@ -203,7 +203,7 @@ def _accept(ex: dict, held: set, task, design: str, role: str) -> bool:
 def _generate(split: str, cfg, seed: int, n: int, accept, start: int, desc: str,
               enabled: bool) -> tuple[list[dict], int]:
     """`n` accepted examples of `split` in index order from `start`; returns (rows, next)."""
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
 
     rows, j = [], start
     bar = _progress(None, n, desc, enabled)
@@ -228,7 +228,7 @@ def _split_configs(task, design: str):
 
 
 def _as_arrays(rows: list[dict], task) -> dict[str, np.ndarray]:
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
 
     queried = np.stack([synthetic.object_patch_mask(r["objects"], task.image_size,
                                                     task.cell_size, r["queried"])
@@ -242,7 +242,7 @@ def _as_arrays(rows: list[dict], task) -> dict[str, np.ndarray]:
 
 def _train_split(n: int, seed: int, task, d, enabled: bool) -> dict[str, np.ndarray]:
     """Training images with 1 + `extra_turns` questions each (see the module docstring)."""
-    from covipal_jax.data import scene_qa, synthetic
+    from covipal_jax.data.synthetic import scene_qa, task as synthetic
 
     design = str(d.get("heldout", "location"))
     held = set(synthetic.heldout_combos(task))
@@ -283,7 +283,7 @@ def load_split(data_dir: str, split: str) -> dict[str, np.ndarray]:
 
 
 def data_stage(config: Any, workdir: str, stages: Stages, *, with_train: bool = True) -> str:
-    from covipal_jax.data import synthetic
+    from covipal_jax.data.synthetic import task as synthetic
 
     task = task_config(config)
     d = section(config, "demo")
@@ -321,7 +321,7 @@ def data_stage(config: Any, workdir: str, stages: Stages, *, with_train: bool = 
 # ----------------------------------------------------------------------------- step 2: pretrain
 
 def _tokenizer(task):
-    from covipal_jax.data import scene_qa
+    from covipal_jax.data.synthetic import scene_qa
     from covipal_jax.data import text as text_lib
 
     return text_lib.BuiltinTokenizer(scene_qa.vocabulary(task))
@@ -329,7 +329,7 @@ def _tokenizer(task):
 
 def make_evaluator(model, params, processor, tokenizer, template: str, split: dict, *,
                    buckets, batch_size: int, cased: bool = False, seed: int = 0):
-    from covipal_jax import evaluation
+    from covipal_jax.demo import evaluation
     from covipal_jax.data import text as text_lib
 
     questions = [str(q) for q in split["question"]]
@@ -347,11 +347,11 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
     import flax.linen as nn
     import jax
 
-    from covipal_jax import loading
-    from covipal_jax.data import scene_qa
+    from covipal_jax.inference import loading
+    from covipal_jax.data.synthetic import scene_qa
     from covipal_jax.models.config import LlavaConfig
     from covipal_jax.models.llava import Llava, init_params
-    from covipal_jax.prefill import PruneSpec
+    from covipal_jax.inference.prefill import PruneSpec
     from covipal_jax.train import pretrain as pt
     from covipal_jax.weights import hf
 
@@ -468,8 +468,10 @@ def ppm_stage(config: Any, workdir: str, stages: Stages, upstream: str, *,
 def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
           *, cased: bool = False, progress: bool = True) -> dict:
     """Accuracy / tokens / prefill time for unpruned and every method x ratio on `test`."""
-    from covipal_jax import loading, ppm_io, sharding
-    from covipal_jax.prefill import PruneSpec
+    from covipal_jax import sharding
+    from covipal_jax.inference import loading
+    from covipal_jax.weights import ppm_io
+    from covipal_jax.inference.prefill import PruneSpec
 
     ev_cfg = section(config, "eval")
     loaded = loading.load(llava_config)

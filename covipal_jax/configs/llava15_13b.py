@@ -2,7 +2,7 @@
 
 Args as in llava15_7b.py.
 """
-from configs import common
+from covipal_jax.configs import common
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@
 Letters: B batch, T prompt bucket, k kept vision tokens, M = max_new_tokens, V vocab.
 
 `Generator` compiles two functions per (bucket, k): `prefill` (encode, prune, splice, fill the
-cache; see `covipal_jax.prefill`) and `decode` (a `lax.while_loop` over the decode step, on
+cache; see `covipal_jax.inference.prefill`) and `decode` (a `lax.while_loop` over the decode step, on
 device, no Python per token; it stops when every row has emitted EOS or M tokens). The cache
 holds `prompt + M` slots, so nothing is reallocated while decoding. Prompts are left-padded,
 so every row writes the same cache index at each step.
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from covipal_jax.models.llava import Llava
-from covipal_jax.prefill import PrefillOutput, PruneSpec, Segment, prefill
+from covipal_jax.inference.prefill import PrefillOutput, PruneSpec, Segment, prefill
 
 Array = jax.Array
 

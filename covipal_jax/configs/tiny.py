@@ -3,7 +3,7 @@
 With no `checkpoint` it runs on random weights with the built-in tokenizer. Args:
 `kind=llama|qwen2`, `image=64`, `patch=8`.
 """
-from configs import common
+from covipal_jax.configs import common
 
 
 def get_config(arg=None):

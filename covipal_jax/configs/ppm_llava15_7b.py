@@ -9,7 +9,7 @@ layer 18 of 32 (the paper found 16 of 28 strong for LLaVA-OneVision-7B: the same
 fraction). Stage 1 then stage 2 by default. Mesh: FSDP over all devices (`mesh.fsdp=-1`).
 Args (after a colon): `layers=N` truncates the decoder (smoke tests), `stages=1|2|12`.
 """
-from configs import common, llava15_7b
+from covipal_jax.configs import common, llava15_7b
 
 
 def get_config(arg=None):

@@ -32,7 +32,7 @@ import numpy as np
 from covipal_jax.data import image as image_lib
 from covipal_jax.data import text as text_lib
 from covipal_jax.models.llava import Llava
-from covipal_jax.prefill import PruneSpec, prefill
+from covipal_jax.inference.prefill import PruneSpec, prefill
 
 Array = jax.Array
 

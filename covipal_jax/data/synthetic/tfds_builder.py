@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from covipal_jax.data import synthetic
+from covipal_jax.data.synthetic import task as synthetic
 
 DEFAULT_FILE_FORMAT = "array_record"
 

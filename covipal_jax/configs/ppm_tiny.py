@@ -12,7 +12,7 @@ scale is dominated by fitting the constant 1 and learns the ranking slowly (eval
 0.57 after 200 steps vs 0.90 for listwise, 0.89 pairwise, 0.80 kl; random = 0.25). A trained
 LLaVA's attention is peaked, where the paper's MSE (configs/ppm_llava15_7b.py) is the default.
 """
-from configs import common, tiny
+from covipal_jax.configs import common, tiny
 
 
 def get_config(arg=None):

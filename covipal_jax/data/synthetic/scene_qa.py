@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from covipal_jax.data import synthetic
+from covipal_jax.data.synthetic import task as synthetic
 from covipal_jax.data import text as text_lib
 
 Turn = tuple[str, str, str]  # (qtype, question, answer)

@@ -1,10 +1,10 @@
 """Show which image patches a pruning method kept: pruned patches greyed out.
 
-    python -m covipal_jax.visualize --config configs/llava15_7b.py \
+    python -m covipal_jax.tools.visualize --config configs/llava15_7b.py \
         --config.checkpoint=/ckpt/llava-1.5-7b-hf --image cat.jpg --prompt "What is this?" \
         --config.pruning.method=visionzip --config.pruning.keep=0.25 --out kept.png
     # several methods side by side (same keep), each panel titled with its answer:
-    python -m covipal_jax.visualize --config configs/tiny.py --methods visionzip,fastv,pool \
+    python -m covipal_jax.tools.visualize --config configs/tiny.py --methods visionzip,fastv,pool \
         --config.pruning.keep=0.25 --out grid.png
 
 The picture is what the vision tower saw (the processor's resize / crop / pad, without the
@@ -25,6 +25,7 @@ Library: `render_kept(image, kept, grid, ...) -> PIL.Image`, `render_grid(panels
 """
 from __future__ import annotations
 
+from covipal_jax import configs as configs_lib
 import dataclasses
 import math
 import sys
@@ -229,8 +230,8 @@ def run(config: Any, image: Any, prompt: str | None, methods: Sequence[str] | No
     Returns {"image": PIL grid, "panels": [...], "rows": [{method, k, answer, kept, ...}],
     "prompt"} and saves the grid to `out` when given.
     """
-    from covipal_jax import loading
-    from covipal_jax.data import synthetic
+    from covipal_jax.inference import loading
+    from covipal_jax.data.synthetic import task as synthetic
     from covipal_jax.eval.predictor import LlavaPredictor, prune_spec
 
     if image is None and config.checkpoint:
@@ -284,7 +285,7 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.",
+    _CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("tiny"), "Config file.",
                                               lock_config=True)
     _IMAGE = flags.DEFINE_string("image", None, "Image path (default: a generated image).")
     _PROMPT = flags.DEFINE_string("prompt", None, "The question (plain; the template is added).")

@@ -1,0 +1,1 @@
+"""The end-to-end demo (`python -m covipal_jax.demo`): data, tiny LLaVA, PPM, sweep."""

@@ -1,0 +1,1 @@
+"""Inference: pruned prefill (where the model and a pruning method meet), decoding, loading."""

@@ -1,0 +1,1 @@
+"""Tools around the library: benchmarks, ahead-of-time TPU compilation, visualization."""
