@@ -12,8 +12,9 @@ Two kinds of methods share these types:
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import flax.struct
 import jax
@@ -129,3 +130,161 @@ class PruneResult:
     tokens: Array
     indices: Array
     scores: Array | None = None
+
+
+# ============================================================================= methods as values
+
+def parse_keep(value: Any) -> float | int:
+    """The one keep parser: a config / CLI value -> a ratio (float in (0, 1]) or a count (int).
+
+    `0.25`, `"0.25"` -> 0.25; `64`, `"64"`, `64.0` (ConfigDict stores floats) -> 64; `1`, `1.0`,
+    `"1.0"` -> 1.0 (keep everything). Anything else raises `ValueError`; `resolve_keep` checks
+    the range against n_v.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"keep must be a ratio or a count, got the bool {value!r}")
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            value = int(s) if s.lstrip("+-").isdigit() else float(s)
+        except ValueError:
+            raise ValueError(f"keep {value!r} is neither a ratio nor a count") from None
+    if isinstance(value, numbers.Integral):
+        return 1.0 if int(value) == 1 else int(value)
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if v > 1 and v.is_integer():
+            return int(v)
+        return v
+    raise ValueError(f"keep must be a ratio or a count, got {type(value).__name__}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PruningMethod:
+    """A pruning method is a value: a frozen, hashable dataclass holding its budget and options.
+
+    Jitted code receives the instance as a static argument (one compilation per distinct value
+    and input shape), exactly like gemma's sampling methods (`gemma/gm/text/_sampling.py`).
+    Subclasses are registered with `@register` and declare, as class-level facts:
+
+    name:      registry key (`pruning.method` in configs, `--method` on command lines).
+    where:     "pre_llm" (selects/merges the projected vision tokens before LLM layer 0) or
+               "in_llm" (selects at one or more decoder layers, see `InLLMMethod`).
+    needs:     the vision-tower signals it reads from `PruneContext` (any of "cls",
+               "cls_attention", "vision_keys", "mean_attention_received", "vision_features",
+               "rng"); prefill materializes exactly these.
+    trainable: it has variables (the PPM); prefill takes them as a separate pytree argument.
+    merges:    it returns tokens that are not a subset of its inputs (no "mask" realization).
+    config_keys: its own `config.pruning.<key>` options, read by `from_config` into fields of
+               the same name.
+
+    Fields shared by every method:
+    keep:      a reserve ratio r in (0, 1] or an absolute count (see `resolve_keep`).
+    positions: "contiguous" (kept tokens renumbered) | "original" (kept tokens keep the
+               positions they had in the unpruned sequence).
+    """
+
+    name: ClassVar[str] = ""
+    where: ClassVar[str] = "pre_llm"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    trainable: ClassVar[bool] = False
+    merges: ClassVar[bool] = False
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    keep: float | int = 1.0
+    positions: str = "contiguous"
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep", parse_keep(self.keep))
+        if self.positions not in ("contiguous", "original"):
+            raise ValueError(f"positions must be contiguous|original, got {self.positions!r}")
+
+    def k(self, n_v: int) -> int:
+        """The static number of vision tokens the LLM keeps out of n_v (`resolve_keep`)."""
+        return resolve_keep(self.keep, n_v)
+
+    @classmethod
+    def from_config(cls, p: Any) -> "PruningMethod":
+        """From a `config.pruning` section: `keep`, `positions` and `cls.config_keys`
+        (None / absent keys keep the dataclass default)."""
+        kw: dict[str, Any] = {"keep": p.get("keep", 1.0),
+                              "positions": p.get("positions", "contiguous")}
+        for key in cls.config_keys:
+            v = p.get(key)
+            if v is not None:
+                kw[key] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreLLMMethod(PruningMethod):
+    """Acts before LLM layer 0 on the projected vision tokens (and the text embeddings)."""
+
+    where: ClassVar[str] = "pre_llm"
+
+    def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        """Pick (or merge) `k` tokens: f32[B, k, D] + source indices i32[B, k].
+
+        `variables`: the method's trainable variables (trainable methods only). A merging
+        method that must run the projector itself receives it as `ctx.project`.
+        """
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InLLMMethod(PruningMethod):
+    """Acts inside the LLM: layers [0, K_1) see every vision token, then at each stage
+    (K_s, k_s) the method picks k_s of the vision tokens still present from signals of layer
+    K_s - 1 (a `LayerProbe`), the others are dropped for layers [K_s, ...). One KV-cache
+    segment per layer range.
+
+    layer: K of a single-stage method (FastV's and DART's K = 2).
+    """
+
+    where: ClassVar[str] = "in_llm"
+    layer: int = 2
+
+    def stages(self, n_v: int, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """((K_1, k_1), (K_2, k_2), ...): strictly increasing layers in [1, num_layers),
+        non-increasing kept counts. Default: one stage (self.layer, self.k(n_v))."""
+        if not 1 <= self.layer < num_layers:
+            raise ValueError(f"{self.name}: pruning layer K={self.layer} must be in "
+                             f"[1, {num_layers})")
+        return ((self.layer, self.k(n_v)),)
+
+    def select_in_llm(self, probe: "LayerProbe", k: int, stage: int) -> Array:
+        """i32[B, k]: which of the `probe.n_vision` current vision tokens to keep (indices into
+        the current vision tokens, ascending), at stage `stage` (0-based)."""
+        raise NotImplementedError
+
+
+class LayerProbe(Protocol):
+    """What prefill offers an in-LLM method at layer K-1 (computed on demand, so the main pass
+    stays fused: only the requested rows / keys are recomputed).
+
+    Shapes: B batch, S current sequence length, n current vision tokens, N query heads,
+    R requested rows, K kv heads, H head dim, D width.
+    """
+
+    hidden: Array            # f32[B, S, D]  input of layer K-1
+    seq_mask: Array          # bool[B, S]    real tokens
+    positions: Array         # i32[B, S]
+    vision_index: Array      # i32[B, n]     sequence index of each current vision token
+    text_mask: Array         # bool[B, S]    real text tokens (not vision, not padding)
+    last_index: Array        # i32[B]        sequence index of the last prompt token
+
+    @property
+    def n_vision(self) -> int: ...
+
+    def attention_rows(self, rows: Array) -> Array:
+        """f32[B, N, R, S]: layer K-1's attention probabilities of query rows i32[B, R]."""
+
+    def vision_columns(self, x: Array) -> Array:
+        """Gather the vision columns of the last axis: f32[..., S] -> f32[..., n]."""
+
+    def keys(self) -> Array:
+        """f32[B, S, K, H]: layer K-1's keys (after RoPE) for the whole sequence."""
+
+    def next_hidden_normed(self) -> Array:
+        """f32[B, S, D]: the output of layer K-1 through the final norm (DART)."""
