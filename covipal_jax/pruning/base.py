@@ -253,10 +253,27 @@ class InLLMMethod(PruningMethod):
                              f"[1, {num_layers})")
         return ((self.layer, self.k(n_v)),)
 
-    def select_in_llm(self, probe: "LayerProbe", k: int, stage: int) -> Array:
-        """i32[B, k]: which of the `probe.n_vision` current vision tokens to keep (indices into
-        the current vision tokens, ascending), at stage `stage` (0-based)."""
+    def select_in_llm(self, probe: "LayerProbe", k: int, stage: int) -> "Array | InLLMResult":
+        """Which of the `probe.n_vision` current vision tokens to keep at stage `stage`
+        (0-based): i32[B, k] indices into the current vision tokens, ascending; or an
+        `InLLMResult` when the method also adds merged tokens (SparseVLM's recycling)."""
         raise NotImplementedError
+
+
+@flax.struct.dataclass
+class InLLMResult:
+    """An in-LLM selection with merged tokens (the stage's budget k = k_keep + m).
+
+    kept:    i32[B, k_keep]  indices into the current vision tokens, ascending.
+    merged:  f32[B, m, D] | None  new hidden states placed right after the kept vision tokens
+             (their position: `merged_positions`).
+    merged_positions: i32[B, m] | None  index (into the current vision tokens) whose position
+             id each merged token takes.
+    """
+
+    kept: Array
+    merged: Array | None = None
+    merged_positions: Array | None = None
 
 
 class LayerProbe(Protocol):
@@ -277,8 +294,11 @@ class LayerProbe(Protocol):
     @property
     def n_vision(self) -> int: ...
 
-    def attention_rows(self, rows: Array) -> Array:
-        """f32[B, N, R, S]: layer K-1's attention probabilities of query rows i32[B, R]."""
+    def attention_rows(self, rows: Array, *, layer: str = "previous") -> Array:
+        """f32[B, N, R, S]: attention probabilities of query rows i32[B, R] (causal, padding
+        masked). layer="previous": layer K-1 on its input (FastV, SparseVLM); "next": layer K on
+        its input, i.e. on layer K-1's output (PyramidDrop: the next layer's input norm, q/k
+        projections and RoPE)."""
 
     def vision_columns(self, x: Array) -> Array:
         """Gather the vision columns of the last axis: f32[..., S] -> f32[..., n]."""
