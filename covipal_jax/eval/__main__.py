@@ -213,20 +213,15 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
         specs = [(None, prune_spec(config, m, keep, n_v)) for m, keep in methods]
     max_new = max_new_tokens or config.max_new_tokens
     base = None
-    ppm = None
     results_path, runs_path = os.path.join(out, "results.json"), os.path.join(out, "runs.json")
     for name, spec in specs:
         if base is None:
             base = LlavaPredictor.from_config(config, loaded, spec, processor=processor)
             pred = base
         else:
-            if spec.method == "ppm" and ppm is None:
-                from covipal_jax.weights import ppm_io
-                ppm = ppm_io.load_for_inference(config, loaded.cfg)
-            pred = base.with_spec(spec, ppm=ppm)
-        ppm = ppm or pred.ppm
-        method = name or spec.method
-        k = spec.k or n_v
+            pred = base.with_method(spec)  # the shared Sampler loads a PPM once
+        method = name or spec.name
+        k = spec.k(n_v)
         rdir = os.path.join(out, run_label(method, k))
         for b in names:
             use_scores = score_options and b in bm.MULTIPLE_CHOICE

@@ -3,12 +3,12 @@
 Shapes: `B` batch, `n_v` vision tokens of one image (CLS excluded), `k` kept vision tokens,
 `D` LLM width, `Dv` vision-tower width, `Hv` vision head dim, `T` text length.
 
-Two kinds of methods share these types:
-- pre-LLM methods (`ppm`, `visionzip`, `random`, `pool`, `none`) are called as
-  `fn(ctx: PruneContext, k: int, **params) -> PruneResult` and hand the LLM `k` projected
-  vision tokens;
-- in-LLM methods (`fastv`, `dart`) expose `select_in_llm(<signal>, k) -> i32[B, k]`, called by
-  the decoder at layer K on its own hidden states / attention (see their modules).
+A method is a value (`PruningMethod`, a frozen dataclass registered in `registry.py`):
+- `PreLLMMethod.select(ctx: PruneContext, k, variables) -> PruneResult` hands the LLM `k`
+  projected vision tokens (ppm, visionzip, random, pool, none);
+- `InLLMMethod.select_in_llm(probe: LayerProbe, k, stage) -> i32[B, k] | InLLMResult` picks
+  the vision tokens that stay, at each layer of `stages(n_v, num_layers)` (fastv, dart, ...).
+`inference/prefill.py` branches only on `method.where`.
 """
 from __future__ import annotations
 
@@ -77,7 +77,11 @@ class PruneContext:
         score for towers without CLS (SigLIP), as in cokeshao/HoliTom
         `LLaVA-NeXT/llava/model/multimodal_encoder/siglip_encoder.py` (WRAPPER=visionzip).
     grid:           (h, w) static patch grid, h * w == n_v.
-    rng:            PRNG key (or keys [B]) for stochastic methods (`random`); may be None.
+    rng:            PRNG keys [B] (one per example, so a draw never depends on the batch it
+        sits in) or a single key (row b then uses `fold_in(key, b)`), for stochastic methods
+        (`random`); may be None.
+    project:        f32[B, M, Dv] -> f32[B, M, D], the model's projector (static; for methods
+        that merge tower features before projecting, VisionZip).
     """
 
     vision_tokens: Array
@@ -90,6 +94,7 @@ class PruneContext:
     mean_attention_received: Array | None = None
     rng: Any = None
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
+    project: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def n_v(self) -> int:
@@ -175,8 +180,10 @@ class PruningMethod:
                "rng"); prefill materializes exactly these.
     trainable: it has variables (the PPM); prefill takes them as a separate pytree argument.
     merges:    it returns tokens that are not a subset of its inputs (no "mask" realization).
-    config_keys: its own `config.pruning.<key>` options, read by `from_config` into fields of
-               the same name.
+    budgeted:  it takes a budget (False: `none`, which keeps everything; sweeps skip its keep).
+    config_keys: its own `config.pruning.<key>` options, read by `from_config`: a key names
+               the field it fills, or `"config_key:field"` when the config's name differs
+               (e.g. `"pool_mode:mode"`).
 
     Fields shared by every method:
     keep:      a reserve ratio r in (0, 1] or an absolute count (see `resolve_keep`).
@@ -189,6 +196,7 @@ class PruningMethod:
     needs: ClassVar[frozenset[str]] = frozenset()
     trainable: ClassVar[bool] = False
     merges: ClassVar[bool] = False
+    budgeted: ClassVar[bool] = True
     config_keys: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
@@ -196,7 +204,10 @@ class PruningMethod:
     positions: str = "contiguous"
 
     def __post_init__(self):
-        object.__setattr__(self, "keep", parse_keep(self.keep))
+        keep = parse_keep(self.keep)
+        if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
+            raise ValueError(f"keep must be a ratio in (0, 1] or a count >= 1, got {self.keep!r}")
+        object.__setattr__(self, "keep", keep)
         if self.positions not in ("contiguous", "original"):
             raise ValueError(f"positions must be contiguous|original, got {self.positions!r}")
 
@@ -210,11 +221,33 @@ class PruningMethod:
         (None / absent keys keep the dataclass default)."""
         kw: dict[str, Any] = {"keep": p.get("keep", 1.0),
                               "positions": p.get("positions", "contiguous")}
-        for key in cls.config_keys:
+        for entry in cls.config_keys:
+            key, _, field = entry.partition(":")
             v = p.get(key)
             if v is not None:
-                kw[key] = tuple(v) if isinstance(v, list) else v
+                kw[field or key] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
+
+    def with_keep(self, keep: float | int) -> "PruningMethod":
+        """The same method at another budget."""
+        return dataclasses.replace(self, keep=keep)
+
+    def load_variables(self, model_cfg: Any) -> "tuple[PruningMethod, Any]":
+        """(method, variables) ready for prefill: a trainable method reads its checkpoint (and
+        may fill config fields from it); others return (self, None)."""
+        del model_cfg
+        return self, None
+
+    def kept_layout(self, k: int, has_cls: bool) -> tuple[bool, int]:
+        """How the `kept` row of k tokens reads (for drawing): (the first token is the tower's
+        CLS, how many tokens after it are plain patches; the rest are merged tokens placed at
+        their target patch)."""
+        del has_cls
+        return False, k
+
+    def kept_realized_by_mask(self) -> bool:
+        """Whether the kept set can be realized by masking the full sequence (not merging)."""
+        return not self.merges
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -227,7 +260,7 @@ class PreLLMMethod(PruningMethod):
         """Pick (or merge) `k` tokens: f32[B, k, D] + source indices i32[B, k].
 
         `variables`: the method's trainable variables (trainable methods only). A merging
-        method that must run the projector itself receives it as `ctx.project`.
+        method that must run the projector itself finds it as `ctx.project`.
         """
         raise NotImplementedError
 
@@ -243,6 +276,7 @@ class InLLMMethod(PruningMethod):
     """
 
     where: ClassVar[str] = "in_llm"
+    config_keys: ClassVar[tuple[str, ...]] = ("layer",)
     layer: int = 2
 
     def stages(self, n_v: int, num_layers: int) -> tuple[tuple[int, int], ...]:
