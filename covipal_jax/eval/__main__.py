@@ -242,7 +242,7 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
             _write_json(results_path, results)
             runs = _read_json(runs_path, {})
             runs[f"{run_label(method, k)}/{b}"] = dict(
-                method=method, spec=dataclasses.asdict(spec), k=k, n_v=n_v, benchmark=b,
+                method=method, spec=spec.to_dict(n_v), k=k, n_v=n_v, benchmark=b,
                 score=score, n_examples=m.get("run", {}).get("n_examples"),
                 answered_now=m.get("run", {}).get("answered"),
                 model_seconds=pred.stats["seconds"] - before["seconds"],

@@ -217,8 +217,6 @@ class LlavaPredictor:
         batch = list(batch)
         used = sorted({c for _, _, letters in batch for c in letters})
         table = dict(zip(used, self.letter_ids(used)))
-        # One static [26] id vector (unused letters -> 0): one program for any option count.
-        letter_ids = jnp.asarray([table.get(c, 0) for c in LETTERS], jnp.int32)
         out: list[list[float]] = []
         for chunk in self._chunks(batch):
             t0 = time.perf_counter()

@@ -228,6 +228,13 @@ class PruningMethod:
                 kw[field or key] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
 
+    def to_dict(self, n_v: int | None = None) -> dict[str, Any]:
+        """A JSON-able record: {"method": name, <fields>..., "k": k(n_v) when n_v given}."""
+        d = {"method": self.name, **dataclasses.asdict(self)}
+        if n_v is not None:
+            d["k"] = self.k(n_v)
+        return d
+
     def with_keep(self, keep: float | int) -> "PruningMethod":
         """The same method at another budget."""
         return dataclasses.replace(self, keep=keep)
