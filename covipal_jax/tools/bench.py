@@ -391,7 +391,7 @@ class Bench:
                 thunks[f"{i}/ours_ppm"] = clocked(
                     lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
             row: dict[str, Any] = dict(keep=keep, k=k, label=_label(keep, k, n_v),
-                                       method=spec.method, seq_len=o.text_len - 1 + k)
+                                       method=spec.name, seq_len=o.text_len - 1 + k)
             if self.peer:
                 import torch
                 emb = self.peer.embeds(ids, o.image_pos,
