@@ -61,7 +61,7 @@ class TwoStageMerge(pruning.InLLMMethod):
         keep = jnp.sort(jax.lax.top_k(att, k - stage)[1], axis=-1).astype(jnp.int32)
         if stage == 0:
             return keep
-        h = jnp.take_along_axis(probe.hidden, probe.vision_index[..., None], axis=1)
+        h = jnp.take_along_axis(probe.next_hidden(), probe.vision_index[..., None], axis=1)
         merged = h.mean(axis=1, keepdims=True)
         return pruning.InLLMResult(kept=keep, merged=merged, merged_positions=keep[:, -1:])
 

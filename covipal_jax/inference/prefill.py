@@ -206,6 +206,9 @@ class Probe:
         return self.model.apply(self.params, self.hidden, method=Llava.layer_keys,
                                 layer=self.layer, positions=self.positions)
 
+    def next_hidden(self) -> Array:
+        return self._layer_output()
+
     def next_hidden_normed(self) -> Array:
         return self.model.apply(self.params, self._layer_output(), method=Llava.final_norm)
 
@@ -235,6 +238,10 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
         res = method.select_in_llm(probe, k, s)
         if not isinstance(res, InLLMResult):
             res = InLLMResult(kept=res)
+        got = res.kept.shape[1] + (0 if res.merged is None else res.merged.shape[1])
+        if got != k:
+            raise ValueError(f"{method.name}: stage {s} returned {got} vision tokens "
+                             f"(kept + merged), its budget is k={k}")
         h, seg_b = _run_segment(model, params, h, positions, seq_mask, kk - 1, kk, extra)
         segments.append(seg_b if seg is None else _merge(seg, seg_b))
         keep_seq = mm.keep_sequence_indices(vision_index, res.kept, length)

@@ -306,8 +306,9 @@ class InLLMResult:
     """An in-LLM selection with merged tokens (the stage's budget k = k_keep + m).
 
     kept:    i32[B, k_keep]  indices into the current vision tokens, ascending.
-    merged:  f32[B, m, D] | None  new hidden states placed right after the kept vision tokens
-             (their position: `merged_positions`).
+    merged:  f32[B, m, D] | None  new hidden states placed right after the kept vision tokens;
+             they enter layer K (like `probe.next_hidden()`, the output of layer K-1) with the
+             position id of `merged_positions`.
     merged_positions: i32[B, m] | None  index (into the current vision tokens) whose position
              id each merged token takes.
     """
@@ -346,6 +347,9 @@ class LayerProbe(Protocol):
 
     def keys(self) -> Array:
         """f32[B, S, K, H]: layer K-1's keys (after RoPE) for the whole sequence."""
+
+    def next_hidden(self) -> Array:
+        """f32[B, S, D]: the output of layer K-1 (the input of layer K)."""
 
     def next_hidden_normed(self) -> Array:
         """f32[B, S, D]: the output of layer K-1 through the final norm (DART)."""
