@@ -11,9 +11,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
 
 import tiny
