@@ -172,6 +172,8 @@ class Probe:
     vision_index: Array      # i32[B, n]
     text_mask: Array         # bool[B, S]
     last_index: Array        # i32[B]
+    input_embeds: Array | None = None        # f32[B, S0, D] LLM input, unpruned (SparseVLM)
+    input_vision_index: Array | None = None  # i32[B, n_v] its vision rows
     _out: Array | None = None
 
     @property
@@ -224,6 +226,7 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
                                                "contiguous", n_v)
     vision_index = image_pos[:, None] + jnp.arange(n_v, dtype=jnp.int32)[None, :]
     text_mask = seq_mask & ~is_vis
+    h0, vision_index0 = h, vision_index
     segments, start, prev_k = [], 0, n_v
     for s, (kk, k) in enumerate(stages):
         if not start < kk < n_layers or not 1 <= k <= prev_k:
@@ -234,7 +237,7 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
             h, seg = _run_segment(model, params, h, positions, seq_mask, start, kk - 1, extra)
         length = h.shape[1]
         probe = Probe(model, params, kk - 1, h, seq_mask, positions, vision_index, text_mask,
-                      jnp.full((b,), length - 1, jnp.int32))
+                      jnp.full((b,), length - 1, jnp.int32), h0, vision_index0)
         res = method.select_in_llm(probe, k, s)
         if not isinstance(res, InLLMResult):
             res = InLLMResult(kept=res)
