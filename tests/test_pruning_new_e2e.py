@@ -3,14 +3,19 @@ through prefill and generation, one compilation per (bucket, k), stage segments 
 as the methods' schedules say."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tiny
 from covipal_jax import pruning
 from covipal_jax.inference import decoding
-from covipal_jax.inference.prefill import prefill
+from covipal_jax.inference.prefill import build_context, prefill
+from covipal_jax.models import multimodal as mm
+from covipal_jax.models.llava import Llava
 
 
 def spec_for(method, keep, **extra):
@@ -84,3 +89,100 @@ def test_divprune_prefill_keeps_its_selection():
     out = jprefill(model, params, pixels, ids, mask, spec, extra=2)
     assert out.kept.shape == (2, 16)
     assert out.segments[0].cache["k"].shape[2] == ids.shape[1] - 1 + 16 + 2
+
+
+# ----------------------------------------------------------------------------- positions
+
+_STAGE_KEPT: list = []
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _RecordingPDrop(pruning.PyramidDrop):
+    """PyramidDrop that records each stage's kept set (run un-jitted)."""
+
+    def select_in_llm(self, probe, k, stage):
+        kept = super().select_in_llm(probe, k, stage)
+        _STAGE_KEPT.append(np.asarray(kept))
+        return kept
+
+
+def _reference_logits(model, params, pixels, ids, mask, spec, stage_kept, generated, renumber):
+    """f32[B, V]: next-token logits of the prompt + `generated` i32[B, t], no cache, with the
+    vision tokens pruned by hand between the stages' layers (rows dropped with NumPy; positions
+    renumbered `0..` per stage when `renumber`, else the unpruned ones kept)."""
+    ctx, text = build_context(model, params, pixels, ids, mask, spec)
+    n_v, b = ctx.n_v, ids.shape[0]
+    image_pos = np.asarray(mm.image_positions(ids, model.cfg.image_token_id))
+    src = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
+    h, seq_mask, positions, _ = mm.splice(text, mask, image_pos, ctx.vision_tokens, src,
+                                          "contiguous", n_v)
+    t = generated.shape[1]
+    if t:
+        h = jnp.concatenate([h, model.apply(params, generated, method=Llava.embed_text)], 1)
+        seq_mask = jnp.concatenate([seq_mask, jnp.ones((b, t), bool)], axis=1)
+        positions = jnp.concatenate(
+            [positions, positions[:, -1:] + 1 + jnp.arange(t, dtype=jnp.int32)[None]], axis=1)
+    seq_mask, positions = np.asarray(seq_mask), np.asarray(positions)
+    vis_rows = image_pos[:, None] + np.arange(n_v)[None]          # current vision rows
+    start = 0
+    for (kk, _), kept in zip(spec.stages(n_v, model.cfg.text.num_layers), stage_kept):
+        h, _ = model.apply(params, h, method=Llava.run, positions=jnp.asarray(positions),
+                           key_valid=jnp.asarray(seq_mask), start=start, stop=kk)
+        rows, new_vis = [], []
+        for i in range(b):
+            drop = set(vis_rows[i].tolist()) - set(vis_rows[i][kept[i]].tolist())
+            r = [j for j in range(h.shape[1]) if j not in drop]
+            rows.append(r)
+            new_vis.append([r.index(j) for j in vis_rows[i][kept[i]]])
+        rows, vis_rows = np.asarray(rows), np.asarray(new_vis)
+        h = jnp.take_along_axis(h, jnp.asarray(rows)[..., None], axis=1)
+        seq_mask = np.take_along_axis(seq_mask, rows, axis=1)
+        positions = np.take_along_axis(positions, rows, axis=1)
+        if renumber:
+            positions = np.maximum(np.cumsum(seq_mask, axis=1) - 1, 0).astype(np.int32)
+        start = kk
+    h, _ = model.apply(params, h, method=Llava.run, positions=jnp.asarray(positions),
+                       key_valid=jnp.asarray(seq_mask), start=start)
+    return np.asarray(model.apply(params, h[:, -1:], method=Llava.logits)[:, 0])
+
+
+@pytest.mark.parametrize("positions", ["contiguous", "original"])
+def test_pdrop_generation_matches_hand_pruned_reference(positions, monkeypatch):
+    """Prefill + cached decode of PyramidDrop == the model run without cache on the sequence
+    pruned by hand before each stage's layers: with "contiguous" every stage renumbers its
+    positions and its KV segment decodes at position - (n_v - k_s) (the official PDrop);
+    with "original" the kept tokens keep their ids. The other mode's reference must differ."""
+    model, params = tiny.model_and_params()
+    pixels, ids, mask = tiny.batch()
+    spec = spec_for("pdrop", 1.0, positions=positions)
+    rec = _RecordingPDrop(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    logits = []
+
+    def greedy(lg, rng, sampling):
+        logits.append(np.asarray(lg))
+        return jnp.argmax(lg, axis=-1).astype(jnp.int32)
+
+    monkeypatch.setattr(decoding, "sample", greedy)
+    _STAGE_KEPT.clear()
+    steps = 3
+    gen = decoding.Generator(model, rec, max_new_tokens=steps, eos_id=-1, unstack_layers=False)
+    state, _ = gen.prefill_fn(params, None, pixels, ids, mask, jax.random.key(0))
+    stage_kept = list(_STAGE_KEPT)
+    assert len(stage_kept) == len(spec.stages(model.cfg.num_vision_tokens,
+                                               model.cfg.text.num_layers))
+    if positions == "contiguous":
+        n_v = model.cfg.num_vision_tokens
+        offsets = [seg.offset for seg in state.segments]
+        assert offsets == [0] + [n_v - k for _, k in spec.stages(n_v, model.cfg.text.num_layers)]
+    for _ in range(steps - 1):
+        state = gen.decode_step_fn(params, state)
+    tokens = np.asarray(state.tokens)
+    assert len(logits) == steps
+    worst_other = 0.0
+    for t in range(steps):
+        args = (model, params, pixels, ids, mask, spec, stage_kept, jnp.asarray(tokens[:, :t]))
+        ref = _reference_logits(*args, renumber=positions == "contiguous")
+        np.testing.assert_allclose(logits[t], ref, rtol=1e-4, atol=1e-4)
+        other = _reference_logits(*args, renumber=positions != "contiguous")
+        worst_other = max(worst_other, float(np.abs(other - logits[t]).max()))
+    assert worst_other > 1e-3          # 10x the tolerance: the test tells the schemes apart

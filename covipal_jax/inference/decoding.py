@@ -194,9 +194,9 @@ class Generator:
             idx = seg.base + t - 1
             key_valid = jax.lax.dynamic_update_slice(
                 seg.key_valid, jnp.ones((x.shape[0], 1), bool), (0, idx))
-            x, cache = self._run_segment(params, layers, x, seg, positions=pos,
+            x, cache = self._run_segment(params, layers, x, seg, positions=pos - seg.offset,
                                          key_valid=key_valid, cache_index=idx)
-            segments.append(Segment(cache, key_valid, seg.start, seg.stop, seg.base))
+            segments.append(seg.replace(cache=cache, key_valid=key_valid))
         logits = model.apply(params, x, method=Llava.logits)[:, 0]
         rng, r = jax.random.split(state.rng)
         tok = sample(logits, r, self.sampling)

@@ -15,7 +15,9 @@ The method (`covipal_jax.pruning`) is a static value; prefill branches only on `
   layer K_s - 1 (attention rows recomputed for the rows it asks, keys, normed next hidden
   states) and returns which current vision tokens stay (optionally plus merged tokens, an
   `InLLMResult`); hidden states, masks and position ids are gathered (kept tokens keep their
-  position ids). The KV cache has one segment per layer range.
+  position ids, or, for methods that `renumbers_stages` with positions="contiguous", every
+  stage is renumbered and its segment decodes at position - (n_v - k_s)). The KV cache has one
+  segment per layer range.
 
 Two realizations of a pre-LLM keep set:
 - "gather" (inference): the LLM really sees only k tokens; prefill FLOPs and KV cache shrink.
@@ -49,7 +51,9 @@ class Segment:
     """A KV cache for the decoder layers [start, stop).
 
     cache: {"k", "v": [stop - start, B, S, K, H]}; key_valid: bool[B, S]; base: the number of
-    prompt tokens in this segment (decode step t writes at index base + t).
+    prompt tokens in this segment (decode step t writes at index base + t); offset: subtracted
+    from the decode position in this segment's layers (in-LLM "contiguous" positions: the
+    vision tokens dropped before it, n_v - k_s, the official PDrop `position_ids - dropped`).
     """
 
     cache: dict
@@ -57,6 +61,7 @@ class Segment:
     start: int = flax.struct.field(pytree_node=False)
     stop: int = flax.struct.field(pytree_node=False)
     base: int = flax.struct.field(pytree_node=False)
+    offset: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -104,7 +109,7 @@ def _pad_valid(seq_mask: Array, extra: int) -> Array:
     return jnp.concatenate([seq_mask, jnp.zeros(seq_mask.shape[:1] + (extra,), bool)], axis=1)
 
 
-def _run_segment(model, params, x, positions, seq_mask, start, stop, extra):
+def _run_segment(model, params, x, positions, seq_mask, start, stop, extra, offset=0):
     """Run layers [start, stop) over a prompt x [B, L, D] into a fresh cache of L + extra."""
     cfg: LlavaConfig = model.cfg
     key_valid = _pad_valid(seq_mask, extra)
@@ -112,7 +117,7 @@ def _run_segment(model, params, x, positions, seq_mask, start, stop, extra):
     h, cache = model.apply(params, x, method=Llava.run, positions=positions,
                            key_valid=key_valid, cache=cache, cache_index=0, start=start,
                            stop=stop)
-    return h, Segment(cache, key_valid, start, stop, x.shape[1])
+    return h, Segment(cache, key_valid, start, stop, x.shape[1], offset)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -138,21 +143,22 @@ def prefill(model: Llava, params: Any, pixels: Array, ids: Array, mask: Array,
                                                 res.indices, method.positions, n_v)
         h, seg = _run_segment(model, params, seq, positions, seq_mask, 0, n_layers, extra)
         segments, kept, scores = (seg,), res.indices, res.scores
+        next_position = positions[:, -1] + 1
     elif method.where == "in_llm":
-        h, segments, positions, kept = _in_llm(model, params, ctx, text, mask, image_pos,
-                                               method, extra)
+        h, segments, next_position, kept = _in_llm(model, params, ctx, text, mask, image_pos,
+                                                   method, extra)
         scores = None
     else:
         raise ValueError(f"{type(method).__name__}.where={method.where!r}")
 
     last = model.apply(params, h[:, -1:], method=Llava.logits)[:, 0]
-    return PrefillOutput(last, segments, positions[:, -1] + 1, kept, scores)
+    return PrefillOutput(last, segments, next_position, kept, scores)
 
 
 def _merge(a: Segment, b: Segment) -> Segment:
     """Two adjacent segments over the same sequence -> one."""
     cache = jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a.cache, b.cache)
-    return Segment(cache, a.key_valid, a.start, b.stop, a.base)
+    return Segment(cache, a.key_valid, a.start, b.stop, a.base, a.offset)
 
 
 @dataclasses.dataclass
@@ -215,9 +221,20 @@ class Probe:
         return self.model.apply(self.params, self._layer_output(), method=Llava.final_norm)
 
 
+def renumbers_stages(method: PruningMethod) -> bool:
+    """Whether an in-LLM method renumbers positions contiguously after each stage (its
+    `positions == "contiguous"` and its class opts in with `renumbers_stages = True`, as PDrop
+    and SparseVLM v1.5 do officially); otherwise kept tokens keep their position ids (FastV,
+    DART: the official `position_ids = keep_indexs`)."""
+    return method.positions == "contiguous" and bool(getattr(method, "renumbers_stages", False))
+
+
 def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, extra):
-    """In-LLM pruning, stage by stage: returns (h of the last layer, segments, positions,
-    kept source patch indices i32[B, k_last])."""
+    """In-LLM pruning, stage by stage: returns (h of the last layer, segments, next decode
+    position i32[B] in the unpruned numbering, kept source patch indices i32[B, k_last]).
+
+    With `renumbers_stages(method)` every stage's sequence is renumbered `cumsum(mask) - 1`
+    and its KV segment carries the decode offset n_v - k_s (tokens dropped before it)."""
     n_layers = model.cfg.text.num_layers
     b, n_v = ctx.batch, ctx.n_v
     stages = method.stages(n_v, n_layers)
@@ -227,6 +244,8 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
     vision_index = image_pos[:, None] + jnp.arange(n_v, dtype=jnp.int32)[None, :]
     text_mask = seq_mask & ~is_vis
     h0, vision_index0 = h, vision_index
+    next_position = positions[:, -1] + 1
+    renumber = renumbers_stages(method)
     segments, start, prev_k = [], 0, n_v
     for s, (kk, k) in enumerate(stages):
         if not start < kk < n_layers or not 1 <= k <= prev_k:
@@ -234,7 +253,8 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
                              f"({start}, {n_layers}) and k in [1, {prev_k}]")
         seg = None
         if kk - 1 > start:
-            h, seg = _run_segment(model, params, h, positions, seq_mask, start, kk - 1, extra)
+            h, seg = _run_segment(model, params, h, positions, seq_mask, start, kk - 1, extra,
+                                  n_v - prev_k if renumber else 0)
         length = h.shape[1]
         probe = Probe(model, params, kk - 1, h, seq_mask, positions, vision_index, text_mask,
                       jnp.full((b,), length - 1, jnp.int32), h0, vision_index0)
@@ -245,7 +265,8 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
         if got != k:
             raise ValueError(f"{method.name}: stage {s} returned {got} vision tokens "
                              f"(kept + merged), its budget is k={k}")
-        h, seg_b = _run_segment(model, params, h, positions, seq_mask, kk - 1, kk, extra)
+        h, seg_b = _run_segment(model, params, h, positions, seq_mask, kk - 1, kk, extra,
+                                n_v - prev_k if renumber else 0)
         segments.append(seg_b if seg is None else _merge(seg, seg_b))
         keep_seq = mm.keep_sequence_indices(vision_index, res.kept, length)
         new_pos = jnp.cumsum(jnp.zeros((b, length), jnp.int32).at[
@@ -268,10 +289,13 @@ def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, ext
             new_vis = jnp.concatenate(
                 [new_vis, after[:, None] + 1 + jnp.arange(m, dtype=jnp.int32)[None]], axis=1)
             new_src = jnp.concatenate([new_src, jnp.take_along_axis(src, mpos, axis=1)], axis=1)
+        if renumber:
+            positions = mm.text_positions(seq_mask)
         vision_index, src, start, prev_k = new_vis.astype(jnp.int32), new_src, kk, k
-    h, seg = _run_segment(model, params, h, positions, seq_mask, start, n_layers, extra)
+    h, seg = _run_segment(model, params, h, positions, seq_mask, start, n_layers, extra,
+                          n_v - prev_k if renumber else 0)
     segments.append(seg)
-    return h, tuple(segments), positions, src
+    return h, tuple(segments), next_position, src
 
 
 # ----------------------------------------------------------------------------- full forward
