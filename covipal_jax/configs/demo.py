@@ -87,11 +87,17 @@ def get_config(arg=None):
     c.pruning.keep = t.keep
 
     # Step 4: the sweep.
-    c.eval = dict(methods=("ppm", "fastv", "visionzip", "dart", "random", "pool"),
+    c.eval = dict(methods=("ppm", "fastv", "visionzip", "dart", "random", "pool",
+                           "divprune", "pdrop", "sparsevlm"),
                   ratios=(1.0, 0.5, 0.25, 0.125, 0.0625), batch_size=250,
                   # FastV / DART prune after layer K: the papers' K = 2 of 32 layers is 6% of
                   # the depth; 1 of 3 is the closest the demo's LLM has (33%).
-                  in_llm_layer=1)
+                  in_llm_layer=1,
+                  # PDrop / SparseVLM on the 3-layer LLM: two stages, before layers 1 and 2
+                  # (given in 32-layer units, as the methods scale them: PDrop K = round(l *
+                  # 3 / 32), SparseVLM K = round(l * 3 / 32) + 1), keeping sqrt(r) then r of
+                  # the vision tokens at demo ratio r (the last stage keeps r, as FastV does).
+                  staged_layers=dict(pdrop=(11, 21), sparsevlm=(0, 11)))
 
     # --quick: a reduced run for tests (merged into this config, section by section).
     # 32x32 images (16 vision tokens, 2-4 objects): the smallest task the model learns above

@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -518,6 +519,7 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
         with pc.unlocked():
             pc.method, pc.keep = method, ratio if cls.budgeted else 1.0
             pc.layer = int(ev_cfg.get("in_llm_layer", pc.layer))
+            pc.update(staged_schedule(method, ratio, n_v, ev_cfg.get("staged_layers", {})))
             if cls.trainable and not pc.get("ppm_checkpoint"):
                 pc.ppm_checkpoint = ppm_dir
         m = cls.from_config(pc)
@@ -546,6 +548,23 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
                 r = mk(split).accuracy(pruning.NoneMethod())
                 out[f"{name}_unpruned"] = r.accuracy
     return out
+
+
+def staged_schedule(method: str, ratio: float, n_v: int, staged_layers) -> dict:
+    """Config overrides of the multi-stage in-LLM methods at demo ratio r (`staged_layers`:
+    {method: stage layers in 32-layer units}): stages keep sqrt(r), then r of the n_v vision
+    tokens (PDrop `ratios`, SparseVLM `counts`, before its recycled tokens). {} otherwise."""
+    if method not in staged_layers:
+        return {}
+    layers = tuple(int(l) for l in staged_layers[method])
+    if len(layers) != 2:
+        raise ValueError(f"eval.staged_layers.{method}: two stage layers, got {layers}")
+    if method == "pdrop":
+        return {"layers": layers, "ratios": (math.sqrt(ratio), ratio)}
+    if method == "sparsevlm":
+        return {"layers": layers, "counts": tuple(max(1, round(x * n_v))
+                                                  for x in (math.sqrt(ratio), ratio))}
+    raise ValueError(f"eval.staged_layers: no demo schedule for {method!r}")
 
 
 def llm_budget(spec, n_v: int, num_layers: int) -> float:
