@@ -186,3 +186,40 @@ def test_pdrop_generation_matches_hand_pruned_reference(positions, monkeypatch):
         other = _reference_logits(*args, renumber=positions != "contiguous")
         worst_other = max(worst_other, float(np.abs(other - logits[t]).max()))
     assert worst_other > 1e-3          # 10x the tolerance: the test tells the schemes apart
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def test_generate_cli_selects_pdrop_from_config():
+    """`python -m covipal_jax.generate --config.pruning.method=pdrop` (the in-process run)."""
+    from covipal_jax import generate
+
+    c = tiny.config()
+    c.max_new_tokens = 2
+    c.pruning.method, c.pruning.keep = "pdrop", 1.0
+    r = generate.run(c, None, None)
+    n_v = r["vision_tokens_total"]
+    assert r["method"] == "pdrop" and r["vision_tokens_kept"] == n_v // 8
+    assert len(set(r["kept_indices"])) == n_v // 8
+
+
+def test_eval_harness_selects_the_new_methods():
+    """`python -m covipal_jax.eval --config.pruning.method=sparsevlm` builds its predictor from
+    config.pruning; `--sweep --methods=divprune,pdrop` goes through `method_for`."""
+    from covipal_jax.eval import __main__ as eval_cli
+    from covipal_jax.eval.predictor import LlavaPredictor, method_for
+    from covipal_jax.inference import loading
+
+    c = tiny.config()
+    c.pruning.method, c.pruning.keep = "sparsevlm", 1 / 3
+    c.batch_size = 2
+    pred = LlavaPredictor.from_config(c, loading.load(c))
+    assert type(pred.method).__name__ == "SparseVLM"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    out = pred.generate([(im, "what color is the square ?") for im in images], 2)
+    n_v = pred.sampler.loaded.cfg.num_vision_tokens
+    assert len(out.texts) == 2 and out.num_vision_tokens == pred.method.stages(
+        n_v, pred.sampler.loaded.cfg.text.num_layers)[-1][1]
+    grid = eval_cli.sweep_methods(["divprune", "pdrop"], ["16"], False, False)
+    assert [type(method_for(c, m, k)).__name__ for m, k in grid] == ["DivPrune", "PyramidDrop"]
