@@ -559,12 +559,15 @@ def staged_schedule(method: str, ratio: float, n_v: int, staged_layers) -> dict:
     layers = tuple(int(l) for l in staged_layers[method])
     if len(layers) != 2:
         raise ValueError(f"eval.staged_layers.{method}: two stage layers, got {layers}")
-    if method == "pdrop":
-        return {"layers": layers, "ratios": (math.sqrt(ratio), ratio)}
-    if method == "sparsevlm":
-        return {"layers": layers, "counts": tuple(max(1, round(x * n_v))
-                                                  for x in (math.sqrt(ratio), ratio))}
-    raise ValueError(f"eval.staged_layers: no demo schedule for {method!r}")
+    from covipal_jax import pruning
+
+    keys, fractions = pruning.get(method).config_keys, (math.sqrt(ratio), ratio)
+    if "ratios" in keys:           # PDrop: kept ratios of n_v per stage
+        return {"layers": layers, "ratios": fractions}
+    if "counts" in keys:           # SparseVLM: kept counts per stage (before recycling)
+        return {"layers": layers, "counts": tuple(max(1, round(x * n_v)) for x in fractions)}
+    raise ValueError(f"eval.staged_layers: no demo schedule for {method!r} (it takes neither "
+                     "`ratios` nor `counts`)")
 
 
 def llm_budget(spec, n_v: int, num_layers: int) -> float:
