@@ -36,7 +36,8 @@ frame): `f32[B, F*p*p + 1, D]`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,48 @@ def grid_capacity(grids: Iterable[tuple[int, int]], grid: int, max_crops: int = 
 def packed_length(grids: Iterable[tuple[int, int]], grid: int, max_crops: int = 0) -> int:
     """N: the static packed length for images with these crop layouts."""
     return grid * grid + grid_capacity(grids, grid, max_crops)
+
+
+# ---- from a model config / a Hugging Face config ----------------------------------------------
+# transformers' defaults when a config.json omits `image_grid_pinpoints`.
+HF_DEFAULT_PINPOINTS = {
+    "llava_next": ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    "llava_onevision": tuple((384 * r, 384 * c) for r in range(1, 7) for c in range(1, 7)),
+}
+
+
+def crop_grids(cfg) -> tuple[tuple[int, int], ...]:
+    """The crop layouts (rows, cols) of a LlavaConfig's `image_grid_pinpoints`."""
+    s = cfg.vision.image_size
+    if not cfg.image_grid_pinpoints:
+        raise ValueError("this model config has no image_grid_pinpoints (not an AnyRes model)")
+    return tuple(sorted({(h // s, w // s) for h, w in cfg.image_grid_pinpoints}))
+
+
+def capacity(cfg, grids: Iterable[tuple[int, int]] | None = None) -> int:
+    """Static grid capacity for a LlavaConfig (all its layouts, or the given bucket's)."""
+    grids = crop_grids(cfg) if grids is None else tuple(grids)
+    return grid_capacity(grids, cfg.vision.grid[0], cfg.anyres_max_crops)
+
+
+def hf_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """LlavaConfig fields of a transformers `config.json` dict that `weights` does not map:
+    image_newline, image_grid_pinpoints, anyres_max_crops, video_token_id.
+
+    For `llava` (1.5): no AnyRes. `llava_next`: pinpoints, no downsampling (HF NeXT has none).
+    `llava_onevision`: pinpoints, `vision_aspect_ratio` ("anyres_max_9"), `video_token_index`.
+    """
+    mt = hf.get("model_type")
+    if mt not in HF_DEFAULT_PINPOINTS:
+        return dict(image_newline=False)
+    pins = hf.get("image_grid_pinpoints") or HF_DEFAULT_PINPOINTS[mt]
+    out = dict(image_newline=True, image_grid_pinpoints=tuple(tuple(int(x) for x in p)
+                                                              for p in pins))
+    if mt == "llava_onevision":
+        out["anyres_max_crops"] = parse_aspect_ratio(hf.get("vision_aspect_ratio")
+                                                     or "anyres_max_9")
+        out["video_token_id"] = int(hf.get("video_token_id", hf.get("video_token_index", 151647)))
+    return out
 
 
 # ---- device side ---------------------------------------------------------------------------
