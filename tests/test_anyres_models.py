@@ -204,3 +204,77 @@ def test_plan_geometry():
     assert 729 + 9 * 729 < n < 729 + 163 * 162, n
     nxt = data_anyres.AnyResConfig.next()
     assert anyres.packed_length(nxt.grids, 24, 0) == 576 + 48 * 49  # 672 x 672 square
+
+
+def _prompts(lengths, token, n_tokens, vocab, seed=0):
+    """Left-padded prompts with one placeholder `token` (ours) and HF's expanded copy with
+    n_tokens[b] placeholders: (ids, mask, hf_ids, hf_mask, hf_positions)."""
+    rng = np.random.default_rng(seed)
+    b, t = len(lengths), max(lengths) + 1
+    ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), bool)
+    rows = []
+    for r, n in enumerate(lengths):
+        toks = rng.integers(10, min(vocab, 250), size=n)  # below every special id
+        toks[min(1 + r, n - 1)] = token
+        ids[r, t - n:], mask[r, t - n:] = toks, True
+        rows.append([x for tok in toks for x in ([tok] * n_tokens[r] if tok == token else [tok])])
+    width = max(len(x) for x in rows)
+    hf_ids = np.zeros((b, width), np.int64)
+    hf_mask = np.zeros((b, width), np.int64)
+    for r, row in enumerate(rows):
+        hf_ids[r, width - len(row):], hf_mask[r, width - len(row):] = row, 1
+    pos = np.maximum(np.cumsum(hf_mask, -1) - 1, 0)
+    return ids, mask, hf_ids, hf_mask, pos
+
+
+def _logit_diff(ours, seq_mask, hf, hf_mask):
+    d = 0.0
+    for b in range(ours.shape[0]):
+        a, r = ours[b][seq_mask[b]], hf[b][hf_mask[b].astype(bool)]
+        assert a.shape == r.shape
+        d = max(d, float(np.abs(a - r).max()))
+    return d
+
+
+@pytest.mark.parametrize("kind", ["onevision", "next"])
+def test_anyres_logits_match_hf(kind, tmp):
+    model, cfg, params, proc, g, max_crops = _build(kind, tmp, "anyres_max_2")
+    cfg = cfg.replace(image_grid_pinpoints=proc.pinpoints, anyres_max_crops=max_crops)
+    inputs = data_anyres.preprocess(_images([(37, 91), (120, 100)], seed=5), proc)
+    plan = anyres.pack_plan(inputs.layout, g, max_crops)
+    lens = anyres.packed_lengths(plan, g)
+    assert lens[0] != lens[1]
+    ids, mask, hf_ids, hf_mask, pos = _prompts((9, 5), cfg.image_token_id, lens,
+                                               cfg.text.vocab_size)
+    fwd = jax.jit(functools.partial(Llava(cfg).apply, method=Llava.forward_anyres,
+                                    capacity=anyres.capacity(cfg)))
+    logits, seq_mask = map(np.asarray, fwd(params, inputs.pixels, plan, ids, mask))
+    kw = dict(vision_aspect_ratio="anyres_max_2") if kind == "onevision" else {}
+    with torch.no_grad():
+        hf = model(input_ids=torch.from_numpy(hf_ids), pixel_values=_nchw(inputs.pixels),
+                   image_sizes=torch.from_numpy(inputs.layout[:, 2:]),
+                   attention_mask=torch.from_numpy(hf_mask),
+                   position_ids=torch.from_numpy(pos), **kw).logits.numpy()
+    d = _logit_diff(logits, seq_mask, hf, hf_mask)
+    print(f"{kind} anyres logits: {d:.2e}")
+    assert d < ATOL
+
+
+def test_video_logits_match_hf(tmp):
+    model, cfg, params, proc, g, _ = _build("onevision", tmp)
+    cfg = cfg.replace(video_token_id=model.config.video_token_id)
+    rng = np.random.default_rng(6)
+    frames = rng.standard_normal((2, 4, cfg.vision.image_size, cfg.vision.image_size, 3))
+    frames = frames.astype(np.float32)
+    n = 4 * (-(-g // 2)) ** 2 + 1
+    ids, mask, hf_ids, hf_mask, pos = _prompts((8, 6), cfg.video_token_id, [n, n],
+                                               cfg.text.vocab_size, seed=7)
+    fwd = jax.jit(functools.partial(Llava(cfg).apply, method=Llava.forward_video))
+    logits, seq_mask = map(np.asarray, fwd(params, frames, ids, mask))
+    with torch.no_grad():
+        hf = model(input_ids=torch.from_numpy(hf_ids), pixel_values_videos=_nchw(frames),
+                   attention_mask=torch.from_numpy(hf_mask),
+                   position_ids=torch.from_numpy(pos)).logits.numpy()
+    d = _logit_diff(logits, seq_mask, hf, hf_mask)
+    print(f"video logits: {d:.2e}")
+    assert d < ATOL

@@ -260,3 +260,19 @@ def pack_video_features(feats: Array, newline: Array, *, grid: int) -> Array:
     pooled = pooled.reshape(b, -1, pooled.shape[-1])
     nl = jnp.broadcast_to(newline.astype(pooled.dtype), (b, 1, pooled.shape[-1]))
     return jnp.concatenate([pooled, nl], axis=1)
+
+
+def mask_invalid_slots(seq_mask: Array, is_vision: Array, start: Array,
+                       valid: Array) -> tuple[Array, Array]:
+    """After splicing a padded packed span of N slots at `start`: drop its invalid slots.
+
+    seq_mask bool[B, L], is_vision bool[B, L] (the splice's), start i32[B] first vision index,
+    valid bool[B, N]. Returns (mask bool[B, L] with invalid vision slots False, positions
+    i32[B, L] = `cumsum(mask) - 1` clamped at 0): the LLM then sees exactly HF's compact
+    sequence (invalid slots are never attended to and take no position).
+    """
+    j = jnp.arange(seq_mask.shape[1], dtype=jnp.int32)[None, :]
+    src = jnp.clip(j - start.astype(jnp.int32)[:, None], 0, valid.shape[1] - 1)
+    mask = jnp.where(is_vision, jnp.take_along_axis(valid, src, axis=1), seq_mask)
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return mask, positions.astype(jnp.int32)
