@@ -278,3 +278,24 @@ def test_video_logits_match_hf(tmp):
     d = _logit_diff(logits, seq_mask, hf, hf_mask)
     print(f"video logits: {d:.2e}")
     assert d < ATOL
+
+
+def test_one_compilation_per_crop_bucket(tmp):
+    """Images of different sizes and crop layouts in one bucket share one compiled forward."""
+    model, cfg, params, proc, g, max_crops = _build("onevision", tmp, "anyres_max_2")
+    cfg = cfg.replace(image_grid_pinpoints=proc.pinpoints, anyres_max_crops=max_crops)
+    views = proc.buckets[-1]
+    fwd = jax.jit(functools.partial(Llava(cfg).apply, method=Llava.forward_anyres,
+                                    capacity=anyres.bucket_capacity(cfg, views)))
+    ids, mask, *_ = _prompts((9, 5), cfg.image_token_id, [1, 1], cfg.text.vocab_size)
+    layouts = set()
+    for shapes in ([(37, 91), (120, 100)], [(250, 9), (64, 64)], [(13, 200), (77, 53)]):
+        x = data_anyres.preprocess(_images(shapes), proc, num_views=views)
+        plan = anyres.pack_plan(x.layout, g, max_crops)
+        layouts |= {tuple(r) for r in plan[:, :2]}
+        logits, seq_mask = fwd(params, x.pixels, plan, ids, mask)
+        assert int(np.asarray(seq_mask).sum(1)[0]) == 8 + anyres.packed_lengths(plan, g)[0]
+    assert len(layouts) >= 4 and fwd._cache_size() == 1
+    # a smaller bucket is a second (and smaller) program
+    small = proc.bucket_for(3)
+    assert anyres.bucket_capacity(cfg, small) < anyres.bucket_capacity(cfg, views)

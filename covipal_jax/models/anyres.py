@@ -154,6 +154,15 @@ def capacity(cfg, grids: Iterable[tuple[int, int]] | None = None) -> int:
     return grid_capacity(grids, cfg.vision.grid[0], cfg.anyres_max_crops)
 
 
+def bucket_capacity(cfg, num_views: int) -> int:
+    """Static grid capacity for a crop bucket of `num_views` views (base + crops): the layouts
+    with `1 + rows*cols <= num_views`. One compilation per bucket: (num_views, this)."""
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    grids = [g for g in crop_grids(cfg) if 1 + g[0] * g[1] <= num_views]
+    return grid_capacity(grids, cfg.vision.grid[0], cfg.anyres_max_crops)
+
+
 def hf_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     """LlavaConfig fields of a transformers `config.json` dict that `weights` does not map:
     image_newline, image_grid_pinpoints, anyres_max_crops, video_token_id.
