@@ -99,6 +99,7 @@ def test_tiny_configs_match_transformers(module, cls_name):
     proc = (data_anyres.AnyResConfig.onevision if module is tiny_ov
             else data_anyres.AnyResConfig.next)(s, cfg.image_grid_pinpoints)
     assert proc.grids == anyres.crop_grids(cfg)
+    assert data_anyres.AnyResConfig.for_model(cfg) == proc
 
 
 def test_config_validation():
@@ -107,4 +108,10 @@ def test_config_validation():
     assert hash(_cfg(tiny_ov))  # pinpoints normalized to tuples: usable as a jit static arg
     with pytest.raises(ValueError, match="no image_grid_pinpoints"):
         anyres.crop_grids(_cfg(llava_ov_7b, "anyres=0"))
+    with pytest.raises(ValueError, match="no image_grid_pinpoints"):
+        data_anyres.AnyResConfig.for_model(_cfg(llava_ov_7b, "anyres=0"))
+    assert data_anyres.AnyResConfig.for_model(_cfg(llava_ov_7b)) == \
+        data_anyres.AnyResConfig.onevision()
+    assert data_anyres.AnyResConfig.for_model(_cfg(llava_next_7b)) == \
+        data_anyres.AnyResConfig.next()
     assert anyres.hf_fields({"model_type": "llava"}) == dict(image_newline=False)

@@ -139,6 +139,15 @@ class AnyResConfig:
         return cls(tuple(map(tuple, pinpoints)), crop, image_size, (image_size, image_size), **kw)
 
     @classmethod
+    def for_model(cls, cfg, **kw) -> AnyResConfig:
+        """The processor of a `LlavaConfig` with `image_grid_pinpoints`: OneVision's for a
+        SigLIP tower, NeXT's for a CLIP tower (defaults of the released checkpoints)."""
+        if not cfg.image_grid_pinpoints:
+            raise ValueError("the model config has no image_grid_pinpoints (not AnyRes)")
+        preset = cls.onevision if cfg.vision.kind == "siglip" else cls.next
+        return preset(cfg.vision.image_size, cfg.image_grid_pinpoints, **kw)
+
+    @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **kw) -> AnyResConfig:
         """From a LlavaNext / LlavaOnevision `preprocessor_config.json` dict."""
         ptype = str(d.get("image_processor_type", ""))

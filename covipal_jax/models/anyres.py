@@ -28,6 +28,15 @@ OneVision's 6x6 pinpoints a 2-D buffer would hold 162 x 163 slots, the packed ma
 `coords i32[B, N, 3]` = (kind, row, col) per slot, kind 0 base / 1 grid / 2 newline / -1 invalid:
 the layout a position-aware pruner (PPM) reads.
 
+Use (one compiled program per crop bucket C):
+
+    proc = data.anyres.AnyResConfig.for_model(cfg)
+    x = data.anyres.preprocess(images, proc)                  # pixels f32[B, C, H, W, 3]
+    plan = pack_plan(x.layout, cfg.vision.grid[0], cfg.anyres_max_crops)
+    cap = bucket_capacity(cfg, x.pixels.shape[1])
+    logits, mask = Llava(cfg).apply(params, x.pixels, plan, ids, mask,
+                                    method=Llava.forward_anyres, capacity=cap)
+
 Video (OneVision `get_video_features`): every frame through the tower and projector, then
 `apply_pooling`: bilinear resize g x g -> ceil(g/2) x ceil(g/2) (27 -> 14: 196 tokens), frames
 concatenated, and ONE `image_newline` after the last frame (HF appends one per video, not per
