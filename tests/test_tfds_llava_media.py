@@ -65,6 +65,9 @@ def media(tmp_path_factory):
     (vid / "garbage.mp4").write_bytes(b"\x00" * 300)
     for i in range(6):
         PIL.Image.fromarray(_frame(i)).save(vid / "folder" / f"f{i}.png")
+    (vid / "few").mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(_frame(i)).save(vid / "few" / f"f{i}.png")
     ask = lambda q: _turns((q, "An answer."))
     good = [
         {"id": "single", "image": "a.png", "conversations": ask("<image>\nWhat?")},
@@ -82,6 +85,7 @@ def media(tmp_path_factory):
          "unreadable_video"),
         ({"id": "v_short", "video": "short.mp4", "conversations": ask("<image>")},
          "too_few_frames"),
+        ({"id": "v_few", "video": "few", "conversations": ask("<image>")}, "too_few_frames"),
         ({"id": "v_two", "video": "clip.mp4", "conversations": ask("<image> <video>")},
          "extra_placeholder"),
         ({"id": "v_none", "video": "clip.mp4", "conversations": ask("no token")},
@@ -132,7 +136,7 @@ def test_skips_counted_by_reason(media, built):
     assert b.info.metadata["kept"] == {"train": len(media["good"])}
     saved = json.loads((b.data_path / L.SKIPPED_FILE).read_text())
     assert saved["skipped"] == {"train": media["expected"]}
-    assert saved["skipped_ids"]["train"]["too_few_frames"] == ["v_short"]
+    assert saved["skipped_ids"]["train"]["too_few_frames"] == ["v_short", "v_few"]
     assert set(built["recs"]) == {r["id"] for r in media["good"]}
 
 
@@ -207,7 +211,7 @@ def test_single_image_pipeline_skips_multi_and_video(media, tmp_path):
     c.data.json, c.data.images = media["json"], media["images"]
     src, skipped = pl.build_source(c, str(tmp_path / "tfds"))
     assert len(src) == 1 and src[0]["id"] == b"single"
-    assert skipped["video_not_enabled"] == 8  # every video record, missing files included
+    assert skipped["video_not_enabled"] == 9  # every video record, missing files included
     assert skipped["too_many_images"] == 6
     image, q, a = pl.qa_from_record(src[0])
     np.testing.assert_array_equal(image, media["arrays"]["a"])
