@@ -1,7 +1,7 @@
 """Readers' shared helpers: tables (TSV, CSV, JSON, JSONL, parquet), image cells, prompts.
 
 Every path goes through `covipal_jax.paths.as_path` (local or `gs://`). `.parquet` files
-(lmms-eval / Hugging Face exports) are read with pandas + pyarrow, imported only then.
+(lmms-eval / Hugging Face exports) are read with pyarrow, imported only then.
 """
 from __future__ import annotations
 
@@ -236,21 +236,15 @@ def read_json_or_jsonl(path: str, report: ReadReport) -> Any:
 
 
 def read_parquet(path: str) -> list[dict[str, Any]]:
-    """Rows of a parquet file (lmms-eval / HF datasets exports) as dicts; numpy arrays in
-    cells become lists, HF image cells stay `{"bytes", "path"}` dicts."""
+    """Rows of a parquet file (lmms-eval / HF datasets exports) as dicts: list cells are
+    lists, HF image cells `{"bytes", "path"}` dicts. Needs pyarrow (imported only here)."""
     try:
-        import pandas as pd  # noqa: PLC0415  (optional dependency)
+        import pyarrow.parquet as pq  # noqa: PLC0415  (optional dependency)
     except ImportError as e:
-        raise ImportError(f"reading {path} needs pandas + pyarrow "
-                          "(pip install pandas pyarrow); or export it to TSV") from e
+        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); or export it "
+                          "to TSV / JSONL") from e
     with paths.as_path(path).open("rb") as f:
-        frame = pd.read_parquet(f)
-    rows = frame.to_dict("records")
-    for row in rows:
-        for k, v in row.items():
-            if hasattr(v, "tolist") and not isinstance(v, (bytes, str)):
-                row[k] = v.tolist()
-    return rows
+        return pq.read_table(f).to_pylist()
 
 
 def read_table(path: str, report: ReadReport | None = None) -> list[dict[str, Any]]:
