@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # two tiny-model evaluations of 24 cells: ~2-4 min on 2 cores
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHES = ("gqa", "mme", "seed", "mmstar", "ai2d", "ocrvqa", "textvqa", "infovqa")
 RUNS = ("none_k64", "pool_k32", "pool_k16")
