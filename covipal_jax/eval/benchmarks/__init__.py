@@ -31,6 +31,8 @@ read_textvqa, read_scienceqa = textvqa.read_textvqa, scienceqa.read_scienceqa
 read_mmbench, read_seed, read_ai2d = mmbench.read_mmbench, seed.read_seed, ai2d.read_ai2d
 read_mmstar, read_ocrvqa, read_infovqa = mmstar.read_mmstar, ocrvqa.read_ocrvqa, \
     infovqa.read_infovqa
+read_videomme, read_mvbench = videomme.read_videomme, mvbench.read_mvbench
+read_nextqa = nextqa.read_nextqa
 MME_PERCEPTION, MME_COGNITION = mme.MME_PERCEPTION, mme.MME_COGNITION
 POPE_SPLITS = pope.POPE_SPLITS
 
