@@ -1,7 +1,7 @@
-"""lmms-eval model adapter: evaluate a covipal_jax model, with pruning, in lmms-eval.
+r"""lmms-eval model adapter: evaluate a covipal_jax model, with pruning, in lmms-eval.
 
     python -m covipal_jax.eval.lmms_eval_model --model covipal_jax \
-        --model_args config=llava_ov_7b,checkpoint=/ckpt/llava-onevision-qwen2-7b-ov-hf,method=ppm,keep=0.25,ppm=/ckpt/ppm \
+        --model_args config=llava_ov_7b,checkpoint=/ckpt/ov7b,method=ppm,keep=0.25,ppm=/ckpt/ppm \
         --tasks gqa,mme --batch_size 8 --output_path logs/
 
 runs lmms-eval's own command line with `covipal_jax` registered as a model (any lmms-eval
