@@ -224,3 +224,19 @@ def test_mme_reports_perception_and_total():
     protos = bench.protocols()
     assert "perception" in protos["mme_p"] and "2000" in protos["mme_p"]
     assert "perception + cognition" in protos["mme"] and "2800" in protos["mme"]
+
+
+def test_harness_table_names_protocols_and_averages_one_mme_column(tmp_path, capsys):
+    assert bm.column_protocol("mme_p").startswith("MME-P") and bm.column_protocol("x") is None
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({
+        "none": {"64": {"gqa": 60.0, "mme_p": 1500.0, "mme": 1800.0}},
+        "ppm": {"16": {"gqa": 54.0, "mme_p": 1200.0, "mme": 1700.0}}}))
+    assert hs.main(["table", "--unpruned", "none", "--mme_score", "perception", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "| 16 | ppm | 54.00 | 1200.0 | 1700.0 | 85.00% |" in out  # (0.9 + 0.8) / 2
+    assert "Avg: mean over gqa, mme_p of score / unpruned score" in out
+    assert "- mme: MME: total = perception + cognition" in out
+    assert hs.main(["table", "--unpruned", "none", str(res)]) == 0
+    assert f"| 16 | ppm | 54.00 | 1200.0 | 1700.0 | {100 * (0.9 + 17 / 18) / 2:.2f}% |" in \
+        capsys.readouterr().out

@@ -404,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("table", help="markdown table from {method: {keep: {bench: score}}}")
     p.add_argument("--unpruned", required=True)
     p.add_argument("--ratio", action="store_true")
+    p.add_argument("--mme_score", choices=("perception", "total"), default="total",
+                   help="the MME column in Avg when both mme_p and mme are present")
     p.add_argument("results_json")
     args = parser.parse_args(argv)
     if args.cmd == "score":
@@ -411,7 +413,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                          indent=1, default=str))
     else:
         results = json.loads(paths.as_path(args.results_json).read_text())
-        print(summary_table(results, args.unpruned, show_ratio=args.ratio), end="")
+        columns = dict.fromkeys(c for per in results.values() for s in per.values() for c in s)
+        drop = {"perception": "mme", "total": "mme_p"}[args.mme_score]
+        avg = [c for c in columns if not (c == drop and {"mme", "mme_p"} <= set(columns))]
+        print(summary_table(results, args.unpruned, show_ratio=args.ratio, avg_columns=avg),
+              end="")
+        print(f"\nAvg: mean over {', '.join(avg)} of score / unpruned score")
+        print("Protocols:")
+        for c in columns:
+            print(f"- {c}: {bm.column_protocol(c) or '(not a registered benchmark column)'}")
     return 0
 
 

@@ -17,7 +17,8 @@ from typing import Any
 from covipal_jax.eval.benchmarks.base import (LETTERS, MC_SUFFIX, REGISTRY, SHORT_ANSWER_SUFFIX,
                                               Benchmark, BenchmarkData, Example, ImageRef,
                                               Malformed, ReadReport, Skip, VideoRef,
-                                              canonical_name, collect, get, register)
+                                              canonical_name, collect, column_protocol,
+                                              get, register)
 from covipal_jax.eval.benchmarks.common import mc_prompt, read_table, short_answer_prompt
 
 # The registry is filled by importing the benchmark modules (order = listing order).
@@ -51,6 +52,6 @@ def load_benchmark(name: str, path: str, **kwargs: Any) -> BenchmarkData:
 __all__ = [
     "LETTERS", "MC_SUFFIX", "REGISTRY", "SHORT_ANSWER_SUFFIX", "Benchmark", "BenchmarkData",
     "Example", "ImageRef", "Malformed", "ReadReport", "Skip", "VideoRef", "canonical_name",
-    "collect", "get", "load_benchmark", "mc_prompt", "read_table", "register",
+    "collect", "column_protocol", "get", "load_benchmark", "mc_prompt", "read_table", "register",
     "short_answer_prompt",
 ]

@@ -275,6 +275,14 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def column_protocol(column: str) -> str | None:
+    """The protocol of a results-table column (`mme_p`, `gqa`, ...), or None if unknown."""
+    for bench in REGISTRY.values():
+        if column in bench.protocols():
+            return bench.protocols()[column]
+    return None
+
+
 def get(name: str) -> Benchmark:
     """The registered `Benchmark` for `name` or one of its aliases (KeyError otherwise)."""
     return REGISTRY[canonical_name(name)]
