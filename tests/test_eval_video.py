@@ -166,3 +166,46 @@ def test_nextqa_csv_mapping_and_groups(tmp_path):
                          batch_size=2, progress=False)
     assert m["score"] == pytest.approx(200 / 3)
     assert (m["causal"], m["temporal"], m["descriptive"]) == (100.0, 0.0, 100.0)
+
+
+class FramesPredictor:
+    """A predictor that takes decoded frames (the interface a video LlavaPredictor will have)."""
+
+    num_frames = 4
+
+    def __init__(self, batch_size):
+        self.batch_size, self.shapes = batch_size, []
+
+    def predict(self, batch, max_new_tokens):
+        raise AssertionError("video examples must not go through predict()")
+
+    def predict_frames(self, batch, max_new_tokens):
+        assert len(batch) == self.batch_size
+        self.shapes += [frames.shape for frames, _ in batch]
+        # answer with the option whose index is the first frame's red value // 50
+        return ["ABCDE"[int(frames[0, 0, 0, 0]) // 50] for frames, _ in batch]
+
+
+def test_frames_are_decoded_per_example_with_data_video(tmp_path):
+    """Frame folders go through `covipal_jax.data.video.load` (4 frames sampled); a video with
+    too few frames becomes an error record, left out of the metrics and retried."""
+    from PIL import Image
+
+    vdir = tmp_path / "NExTVideo"
+    for vid, n, red in (("100", 6, 100), ("200", 2, 0)):
+        (vdir / vid).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (12, 8), (red, i, 0)).save(vdir / vid / f"{i:03d}.png")
+    with open(tmp_path / "val.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3", "a4"])
+        w.writerow(["100", "what happens", 2, 1, "TN", "a", "b", "c", "d", "e"])
+        w.writerow(["200", "what happens", 0, 2, "TN", "a", "b", "c", "d", "e"])
+    data = bm.read_nextqa(str(tmp_path / "val.csv"))
+    pred = FramesPredictor(batch_size=2)
+    out = tmp_path / "o.jsonl"
+    m = hs.run_benchmark(pred, data, str(out), batch_size=2, progress=False, num_workers=0)
+    assert pred.shapes == [(4, 8, 12, 3), (4, 8, 12, 3)]  # one real + its padding copy
+    assert m["score"] == 100.0 and m["n"] == 1 and m["errors"] == 1
+    bad = [json.loads(x) for x in out.read_text().splitlines() if "error" in json.loads(x)]
+    assert bad[0]["qid"] == "200_2" and bad[0]["error"].startswith("video: VideoError")

@@ -160,12 +160,17 @@ class _LineWriter:
 # --------------------------------------------------------------------------------------------
 # run_benchmark.
 # --------------------------------------------------------------------------------------------
-def _load_images(examples: Sequence[bm.Example], pool: concurrent.futures.Executor | None
-                 ) -> list[Image.Image | Exception]:
-    def load(ex: bm.Example) -> Image.Image | bm.VideoRef | Exception:
-        if isinstance(ex.image, bm.VideoRef):
-            return ex.image  # decoded by the predictor (see covipal_jax/eval/video.py)
+def _media(ex: bm.Example) -> str:
+    return "video" if isinstance(ex.image, bm.VideoRef) else "image"
+
+
+def _load_images(examples: Sequence[bm.Example], pool: concurrent.futures.Executor | None,
+                 predictor: Any = None) -> list[Any]:
+    """Per example: a PIL image, a video input (`video.load_input`), or the load error."""
+    def load(ex: bm.Example) -> Any:
         try:
+            if isinstance(ex.image, bm.VideoRef):
+                return video_lib.load_input(ex.image, predictor)
             return ex.image.load()
         except Exception as e:  # noqa: BLE001  (any decode error is a per-example failure)
             return e
@@ -217,7 +222,7 @@ def run_benchmark(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if bench.kind == "video" and not video_lib.supports_video(predictor):
-        video_lib.predict_video(predictor, [], max_new_tokens)  # raises, naming what is missing
+        video_lib.predict_video(predictor, [], max_new_tokens)  # raises: what is missing
     if use_option_scores:
         if bench.kind == "video":
             raise ValueError(f"option scoring is not available for video benchmarks ({benchmark})")
@@ -245,14 +250,14 @@ def run_benchmark(
     stats = {"answered": 0, "image_errors": 0, "batches": 0}
     try:
         for chunk in iter_batches(todo, batch_size):
-            images = _load_images(chunk, pool)
+            images = _load_images(chunk, pool, predictor)
             lines = []
             good: list[tuple[bm.Example, Any]] = []
             for ex, img in zip(chunk, images):
                 if isinstance(img, Exception):
                     stats["image_errors"] += 1
                     lines.append(dict(ex.to_record(), pred="", benchmark=benchmark,
-                                      error=f"image: {type(img).__name__}: {img}"))
+                                      error=f"{_media(ex)}: {type(img).__name__}: {img}"))
                 else:
                     good.append((ex, img))
             if good:
@@ -300,7 +305,7 @@ def _predict(predictor: Any, padded: list[tuple[bm.Example, Image.Image]], n_rea
             out.append(dict(ex.to_record(), pred=bm.LETTERS[best], choice=bm.LETTERS[best],
                             option_scores=[float(x) for x in row], benchmark=benchmark))
         return out
-    if isinstance(padded[0][1], bm.VideoRef):
+    if isinstance(padded[0][0].image, bm.VideoRef):
         texts = video_lib.predict_video(predictor, [(v, ex.prompt, ex.meta) for ex, v in padded],
                                         max_new_tokens)
     else:
