@@ -138,11 +138,9 @@ def _make(rng, prefix, suffix, n_v, n, embed_scale=1.0):
 
 def _official_for_example(probe, i, prefix, n_v, n, count):
     valid = np.asarray(probe.seq_mask[i])
-    valid0 = np.asarray(probe.input_embeds[i]).any(-1) | True
     s0 = probe.input_embeds.shape[1]
     length0 = int(valid.sum()) - n + n_v
     emb = torch.from_numpy(np.asarray(probe.input_embeds[i])[s0 - length0:])
-    del valid0
     return _official_stage(emb, torch.from_numpy(np.asarray(probe.hidden[i])[valid]),
                            torch.from_numpy(np.asarray(probe.out[i])[valid]), probe.prev,
                            prefix, n_v, n, count)
@@ -246,6 +244,10 @@ def test_plans_and_config():
         SparseVLM(keep=300).stage_counts(576)
     with pytest.raises(ValueError):
         SparseVLM(counts=(10, 5))
+    probe = _make(np.random.default_rng(0), [1], [4], 16, 16)
+    with pytest.raises(ValueError, match="input_embeds"):
+        SparseVLM(keep=6).select_in_llm(
+            FakeProbe(**{**probe.__dict__, "input_embeds": None}), 7, 0)
     assert registry.get("sparsevlm") is SparseVLM
     m = registry.from_config(ml_collections.ConfigDict(
         {"method": "sparsevlm", "keep": 128, "layers": [2, 6, 15], "counts": None,

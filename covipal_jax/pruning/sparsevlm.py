@@ -159,6 +159,7 @@ class SparseVLM(InLLMMethod):
     """
 
     name = "sparsevlm"
+    merges = True                      # recycled tokens are not a subset of the inputs
     config_keys = ("layers", "counts", "recycle")
     description = "SparseVLM v1.5: text-rater attention, stages 2/6/15, token recycling"
 
@@ -175,6 +176,10 @@ class SparseVLM(InLLMMethod):
             if len(self.counts) != len(self.layers) or min(self.counts) < 1:
                 raise ValueError(f"SparseVLM: counts {self.counts} must be positive, one per "
                                  f"layer {self.layers}")
+
+    def kept_realized_by_mask(self) -> bool:
+        """Without recycling the kept set is a plain subset (maskable)."""
+        return not self.recycle
 
     def stage_counts(self, n_v: int) -> tuple[int, ...]:
         """Requested kept counts per stage at this n_v (before the `n_cur - 1` cap)."""
@@ -208,6 +213,11 @@ class SparseVLM(InLLMMethod):
         return tuple((k, keep + m) for k, (keep, m) in zip(ks, self.plan(n_v)))
 
     def select_in_llm(self, probe: LayerProbe, k: int, stage: int) -> InLLMResult | Array:
+        missing = [a for a in ("input_embeds", "input_vision_index", "next_hidden")
+                   if getattr(probe, a, None) is None]
+        if missing:
+            raise ValueError(f"SparseVLM needs LayerProbe.{missing} (the LLM input sequence "
+                             "for the raters, layer K-1's output for recycling)")
         n = probe.n_vision
         s = probe.seq_mask.shape[1]
         keep, m = self._stage(probe.input_vision_index.shape[1], n, stage)
