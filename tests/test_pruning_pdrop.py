@@ -177,7 +177,10 @@ def test_schedules():
     with pytest.raises(ValueError, match="not reachable"):
         budget_schedule(576, 32, 64, layers=(8, 16, 24))
     with pytest.raises(ValueError, match="strictly"):
-        PyramidDrop().stages(576, 2)
+        PyramidDrop().stages(576, 3)
+    assert PyramidDrop(keep=0.5).stages(64, 4)[0][0] == 1          # 2/10/20 -> 1/2/3
+    with pytest.raises(ValueError, match="not reachable"):          # layer 0 sees all 64
+        PyramidDrop(keep=0.25).stages(64, 4)
     with pytest.raises(ValueError):
         PyramidDrop(ratios=(0.25, 0.5))
 

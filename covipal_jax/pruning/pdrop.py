@@ -56,8 +56,13 @@ BUDGET_FALLBACK_LAYERS = (2, 10, 20)  # when a budget is below what 8/16/24 can 
 
 
 def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
-    """Stage layers given for a 32-layer LLM -> this depth; strictly increasing in [1, L)."""
-    out = tuple(int(round(l * num_layers / REF_LAYERS)) for l in layers)
+    """Stage layers given for a 32-layer LLM -> this depth: `round(l * L / 32)`, raised where
+    needed to stay >= 1 and strictly increasing; an error if they do not fit in [1, L)."""
+    out, prev = [], 0
+    for l in layers:
+        prev = max(int(round(l * num_layers / REF_LAYERS)), prev + 1)
+        out.append(prev)
+    out = tuple(out)
     if any(not 1 <= l < num_layers for l in out) or any(a >= b for a, b in zip(out, out[1:])):
         raise ValueError(f"PyramidDrop: layers {layers} (for {REF_LAYERS} layers) scale to "
                          f"{out} for a {num_layers}-layer LLM; they must be strictly "
@@ -85,7 +90,12 @@ def budget_schedule(n_v: int, num_layers: int, target: float,
     """
     candidates = [layers] if layers is not None else [OFFICIAL_LAYERS, BUDGET_FALLBACK_LAYERS]
     for cand in candidates:
-        ls = scale_layers(tuple(cand), num_layers)
+        try:
+            ls = scale_layers(tuple(cand), num_layers)
+        except ValueError:
+            if layers is not None:
+                raise
+            continue
 
         def avg(lam, ls=ls):
             return average_tokens(n_v, num_layers, ls,
