@@ -1,4 +1,4 @@
-"""Evaluate (pruned) LLaVA on image benchmarks; one method or a sweep, with the papers' table.
+r"""Evaluate (pruned) LLaVA on image benchmarks; one method or a sweep, with the papers' table.
 
 One method (the config's `pruning`):
 
@@ -303,4 +303,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)
