@@ -84,7 +84,8 @@ def enable_compilation_cache(directory: str | None = DEFAULT_CACHE) -> str | Non
     """Turns on JAX's persistent compilation cache in `directory` (None / "": off).
 
     Every program is cached (no minimum compile time: the tiny models' programs compile in
-    well under JAX's default 1 s threshold). Returns the directory used.
+    well under JAX's default 1 s threshold) unless the JAX_PERSISTENT_CACHE_MIN_* variables
+    say otherwise. Returns the directory used.
     """
     if not directory:
         return None
@@ -92,8 +93,10 @@ def enable_compilation_cache(directory: str | None = DEFAULT_CACHE) -> str | Non
 
     directory = directory if "://" in directory else os.path.expanduser(directory)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
 
 
