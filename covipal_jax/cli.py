@@ -131,6 +131,11 @@ def quiet_logging() -> None:
 def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
     """`absl.app.run(main)` with the project's command-line setup (see the module docstring)."""
     configure_environment()
+    main_module = sys.argv[0] if argv is None else argv[0]
+    flags.FLAGS["verbosity"].help = ("Logging verbosity: -1 warnings (default; hides the "
+                                     "INFO lines of Orbax, TFDS and JAX), 0 info, 1 debug.")
+    for name in ("verbosity", "compilation_cache"):   # listed by --help with the program's own
+        flags.FLAGS.register_key_flag_for_module(main_module, flags.FLAGS[name])
 
     def wrapped(args):
         quiet_logging()

@@ -65,9 +65,9 @@ def test_help_exits_zero_with_examples(tmp_path):
         r = _run([sys.executable, "-m", f"covipal_jax.{module}", flag], _env(), tmp_path,
                  timeout=120)
         assert example in r.stdout and "flags:" in r.stdout, r.stdout
-    # The examples' line continuations survive (module docstrings are raw strings).
-    r = _run([sys.executable, "-m", "covipal_jax.generate", "--help"], _env(), tmp_path)
-    assert "configs/llava15_7b.py \\\n        --config.checkpoint" in r.stdout
+        assert "--verbosity" in r.stdout and "--compilation_cache" in r.stdout
+        if module == "generate":   # line continuations survive (raw module docstrings)
+            assert "configs/llava15_7b.py \\\n        --config.checkpoint" in r.stdout
 
 
 def test_default_platforms(monkeypatch):
