@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -315,11 +316,28 @@ def preprocess(images: ImageLike | Sequence[ImageLike], cfg: ImageProcessorConfi
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open and decode an image file as RGB (alpha composited onto white).
 
-    Raises ValueError naming the path when the file is missing or not a readable image.
+    Raises ValueError naming the path, in one line, when the file is missing, not readable
+    (permissions), not an image, or a decompression bomb (more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS`, e.g. a 20000x20000 PNG).
     """
+    name = os.fspath(path)
     try:
-        with PIL.Image.open(path) as im:
-            im.load()
-            return to_rgb(im).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as im:
+                im.load()
+                return to_rgb(im).copy()
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+        raise ValueError(
+            f"image {name!r} is too large to decode safely: {str(e).split(',')[0]} (PIL's "
+            f"limit is {PIL.Image.MAX_IMAGE_PIXELS} pixels); resize it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+    except PermissionError:
+        raise ValueError(f"cannot read image {name!r}: permission denied") from None
+    except FileNotFoundError:
+        raise ValueError(f"cannot read image {name!r}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"cannot read image {name!r}: it is a directory") from None
     except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+        msg = " ".join(str(e).split())
+        raise ValueError(f"cannot read image {name!r}: {msg}") from e
