@@ -102,8 +102,8 @@ def load_llava(path: paths.PathLike, *, cfg: LlavaConfig | None = None, mesh=Non
 
     path: local directory or `gs://` URI. cfg: the config to run with (every field that changes
     the computation must match the checkpoint's config.json, `hf_config.resolve_config`; its
-    runtime choices are kept; None: taken from config.json). mesh / rules: shard every leaf by its logical axis names
-    (`covipal_jax.sharding.logical_shardings`); rules default to
+    runtime choices are kept; None: taken from config.json). mesh / rules: shard every leaf
+    by its logical axis names (`covipal_jax.sharding.logical_shardings`); rules default to
     `covipal_jax.sharding.LOGICAL_AXIS_RULES`. No mesh: the first local device.
     dtype: parameter dtype (default `cfg.param_dtype`; with no cfg, float32 for both the
     parameter and the compute dtype unless given).
