@@ -41,7 +41,6 @@ from covipal_jax.weights.safetensors_io import (  # noqa: F401  (re-exported)
     Checkpoint,
     SafetensorsFile,
     listing as _listing,
-    safetensors_header,
     save_safetensors,
 )
 

@@ -36,7 +36,7 @@ from covipal_jax import paths
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own cap
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap (MAX_HEADER_SIZE)
 MAX_LISTED = 20  # keys shown in an error message
 
 ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
