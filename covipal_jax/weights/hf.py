@@ -257,7 +257,8 @@ def export_llava(params, cfg: LlavaConfig, out_dir: paths.PathLike, layout: str 
         with paths.user_path_errors(out, "export directory"):
             out.mkdir(parents=True, exist_ok=True)
             (out / CONFIG_FILE).unlink(missing_ok=True)  # incomplete from here on
-            for p in out.iterdir():  # stale shards of an earlier export confuse loaders
+            stale = list(out.iterdir()) if out.is_dir() else []  # (an empty bucket prefix)
+            for p in stale:  # stale shards of an earlier export confuse loaders
                 if p.name.endswith(".safetensors") or p.name == INDEX_FILE:
                     p.unlink()
 
