@@ -56,21 +56,39 @@ def test_check_config_compares_every_computation_field(field):
     assert "1 fields differ" in str(e.value)  # exactly the edited one
 
 
-def test_check_config_ignores_only_runtime_fields():
+def test_check_config_ignores_only_runtime_and_input_packing_fields():
     from covipal_jax.weights import hf_config
 
-    ckpt = H.llava_cfg()
-    runtime = ckpt.replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
-                           remat_policy="full", attention_impl=None)
-    check_config(runtime, ckpt)
+    ckpt = H.onevision_cfg()
+    given = ckpt.replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
+                         remat_policy="full", attention_impl=None, image_grid_pinpoints=(),
+                         anyres_max_crops=0, video_token_id=-1)
+    check_config(given, ckpt)
     assert set(hf_config.RUNTIME_FIELDS) == {"dtype", "param_dtype", "scan_layers",
                                              "remat_policy", "attention_impl"}
+    assert set(hf_config.INPUT_FIELDS) == {"image_grid_pinpoints", "anyres_max_crops",
+                                           "video_token_id"}
     # Every other LlavaConfig field is compared (a new field is compared by default).
-    keys = set(hf_config.computation_dict(ckpt))
-    assert {"text.rms_norm_eps", "vision.layer_norm_eps", "text.rope_theta"} <= keys
-    assert not keys & set(hf_config.RUNTIME_FIELDS)
-    assert hf_config.resolve_config(runtime, ckpt) == runtime
-    check_config(_txt(ckpt, rms_norm_eps=1.0000001e-5), ckpt)  # float noise is not a change
+    keys = {k.split(".")[0] for k in hf_config.computation_dict(ckpt)}
+    fields = {f.name for f in dataclasses.fields(ckpt)}
+    assert keys == fields - set(hf_config.RUNTIME_FIELDS) - set(hf_config.INPUT_FIELDS)
+    assert {"text.rms_norm_eps", "vision.layer_norm_eps", "text.rope_theta"} <= set(
+        hf_config.computation_dict(ckpt))
+    assert hf_config.resolve_config(given, ckpt) == given
+    check_config(_txt(ckpt, rms_norm_eps=1.0000001e-6), ckpt)  # float noise is not a change
+
+
+def test_input_packing_comes_from_config_json_and_round_trips():
+    from covipal_jax.weights import hf_config
+
+    d = H.onevision_hf_config()
+    got = hf_config.config_from_hf(dict(d, vision_aspect_ratio="anyres_max_4"))
+    assert got.image_grid_pinpoints == ((28, 28), (28, 56), (56, 28), (56, 56))
+    assert got.anyres_max_crops == 4 and got.video_token_id == 291
+    assert hf_config.config_from_hf(hf_config.hf_config_dict(got)) == got
+    llava = hf_config.config_from_hf(H.llava_hf_config())
+    assert (llava.image_grid_pinpoints, llava.video_token_id) == ((), -1)
+    assert hf_config.config_from_hf(hf_config.hf_config_dict(llava)) == llava
 
 
 def test_eps_override_refused_by_loader_and_model_config(llava_tiny):

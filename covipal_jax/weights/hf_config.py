@@ -7,7 +7,8 @@
   windows, biased LLaMA attention/MLP) raises `ValueError`. The path may be local or `gs://`.
 - `computation_dict(cfg)`: every field that changes what the model computes (shapes, eps,
   RoPE theta, activations, feature layer, select strategy, biases, tying, image token...):
-  everything but the runtime choices in `RUNTIME_FIELDS`.
+  everything but the runtime choices in `RUNTIME_FIELDS` and the input packing in
+  `INPUT_FIELDS`.
 - `check_config(given, from_ckpt)`: `ValueError` listing every such field that differs.
 - `resolve_config(given, from_ckpt)`: THE rule every entry point uses (the HF loader and
   `inference.loading.model_config`): the checkpoint's config, with the given runtime choices.
@@ -27,6 +28,11 @@ from covipal_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 CONFIG_FILE = "config.json"
 # LlavaConfig fields that choose how (not what) the model computes: never checked.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+# How images and videos are packed into the sequence (AnyRes tiling, `anyres_max_N`, the video
+# placeholder): read from config.json (`models.anyres.hf_fields`) when no config is given, else
+# the given config's choice (e.g. `configs/llava_ov_7b.py:anyres=0`, one base crop). Not part
+# of the base model: never checked, not in a PPM's base-model fingerprint.
+INPUT_FIELDS = ("image_grid_pinpoints", "anyres_max_crops", "video_token_id")
 
 # transformers' defaults for the fields a config.json may omit (checked against the config
 # classes in tests/test_weights.py). LLaVA's own sub-config defaults (a config with no
@@ -194,7 +200,10 @@ def config_from_hf(path_or_dict: paths.PathLike | Mapping[str, Any], **overrides
         qkv_bias=tkind == "qwen2",
         tie_word_embeddings=bool(top.get("tie_word_embeddings") or t["tie_word_embeddings"]),
         max_position_embeddings=int(t["max_position_embeddings"]))
-    return LlavaConfig(vision=vision, text=text, image_token_id=int(image_token),
+    from covipal_jax.models import anyres  # numpy / jax only
+
+    packing = {k: v for k, v in anyres.hf_fields(hf).items() if k in INPUT_FIELDS}
+    return LlavaConfig(vision=vision, text=text, image_token_id=int(image_token), **packing,
                        projector_act=_act(top.get("projector_hidden_act", "gelu"), "projector"),
                        image_newline=mt == "llava_onevision", **overrides)
 
@@ -210,12 +219,13 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def computation_dict(cfg: LlavaConfig) -> dict[str, Any]:
-    """Every field of `cfg` that changes the computation (all but `RUNTIME_FIELDS`), flat:
+    """Every field of `cfg` that changes the model's computation (all but `RUNTIME_FIELDS`
+    and `INPUT_FIELDS`), flat:
     {"vision.layer_norm_eps": 1e-05, "text.rope_theta": 10000.0, "image_token_id": 32000, ...}.
     """
     d = dataclasses.asdict(cfg)
-    for k in RUNTIME_FIELDS:
-        d.pop(k)
+    for k in RUNTIME_FIELDS + INPUT_FIELDS:
+        d.pop(k, None)
     return _flat(d)
 
 
@@ -249,11 +259,12 @@ def check_config(given: LlavaConfig, from_ckpt: LlavaConfig, *,
 
 def resolve_config(given: LlavaConfig | None, from_ckpt: LlavaConfig) -> LlavaConfig:
     """The config to run a checkpoint with: its config.json, checked against `given` (every
-    computation field must agree), with `given`'s runtime choices (`RUNTIME_FIELDS`)."""
+    computation field must agree), with `given`'s runtime choices and input packing
+    (`RUNTIME_FIELDS`, `INPUT_FIELDS`)."""
     if given is None:
         return from_ckpt
     check_config(given, from_ckpt)
-    return from_ckpt.replace(**{k: getattr(given, k) for k in RUNTIME_FIELDS})
+    return from_ckpt.replace(**{k: getattr(given, k) for k in RUNTIME_FIELDS + INPUT_FIELDS})
 
 
 def hf_config_dict(cfg: LlavaConfig, dtype: Any = None) -> dict[str, Any]:
@@ -293,9 +304,16 @@ def hf_config_dict(cfg: LlavaConfig, dtype: Any = None) -> dict[str, Any]:
                vision_config=vision, text_config=text)
     if model_type == "llava":
         out["image_seq_length"] = v.num_vision_tokens
+    else:  # OneVision: AnyRes tiling and the video placeholder (`models.anyres.hf_fields`)
+        if cfg.image_grid_pinpoints:
+            out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+        out["vision_aspect_ratio"] = (f"anyres_max_{cfg.anyres_max_crops}"
+                                      if cfg.anyres_max_crops else "anyres")
+        if cfg.video_token_id >= 0:
+            out["video_token_index"] = cfg.video_token_id
     return out
 
 
-__all__ = ["HF_DEFAULTS", "MODEL_TYPES", "RUNTIME_FIELDS", "check_config", "computation_dict",
-           "config_diffs", "config_from_hf", "hf_config_dict", "read_hf_config",
+__all__ = ["HF_DEFAULTS", "INPUT_FIELDS", "MODEL_TYPES", "RUNTIME_FIELDS", "check_config",
+           "computation_dict", "config_diffs", "config_from_hf", "hf_config_dict", "read_hf_config",
            "resolve_config"]
