@@ -63,7 +63,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from covipal_jax.data import llava_records as R
-from covipal_jax.data.synthetic.tfds_builder import default_to_array_record
+from covipal_jax.data.synthetic.tfds_builder import LocalBuild, default_to_array_record
 
 # the record-level API, re-exported
 IMAGE_TOKEN, VIDEO_TOKEN, ROLE_ALIASES = R.IMAGE_TOKEN, R.VIDEO_TOKEN, R.ROLE_ALIASES
@@ -94,7 +94,7 @@ class LlavaConfig(tfds.core.BuilderConfig):
     num_workers: int = 8  # threads reading and checking images and videos
 
 
-class CovipalLlava(tfds.core.GeneratorBasedBuilder):
+class CovipalLlava(LocalBuild, tfds.core.GeneratorBasedBuilder):
     """LLaVA-format (conversations + images or a video) instruction data from local files."""
 
     VERSION = tfds.core.Version("2.0.0")
