@@ -326,7 +326,7 @@ def hf_config_dict(cfg: LlavaConfig, dtype: Any = None) -> dict[str, Any]:
     if model_type == "llava_next":  # AnyRes tiling, no downsampling, no video
         if cfg.image_grid_pinpoints:
             out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
-    elif model_type == "llava_onevision":  # OneVision: AnyRes tiling and the video placeholder (`models.anyres.hf_fields`)
+    elif model_type == "llava_onevision":  # AnyRes tiling, anyres_max_N, the video token
         if cfg.image_grid_pinpoints:
             out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
         out["vision_aspect_ratio"] = (f"anyres_max_{cfg.anyres_max_crops}"
