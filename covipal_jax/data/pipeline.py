@@ -21,7 +21,9 @@ example's index in the split, -1 for padding).
 Sources (`source_from_config`): `data.kind = "synthetic"` (the `covipal_synthetic_vqa` TFDS
 builder, built offline into the data dir on first use) or `"llava"` (LLaVA-format JSON + image
 folder through the `covipal_llava` builder; malformed records are skipped and counted at build
-time, see `tfds_llava.py`, and reported here).
+time, see `tfds_llava.py`, and reported here). The trainer's rows hold one image, so its LLaVA
+source is built with `max_images=1, num_frames=0`: multi-image and video records are counted
+(`too_many_images`, `video_not_enabled`) and skipped.
 """
 from __future__ import annotations
 
