@@ -248,3 +248,54 @@ def test_packed_context_has_layout():
     assert (k[:-1, 0] == vi.KIND_FRAME).all() and k[-1, 0] == anyres.KIND_NEWLINE
     assert k[-2, 1] == 4 * 2 - 1 and k[-2, 2] == 1  # last frame's last row / col
     assert isinstance(vctx, PruneContext)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def _write_video(path, n=12, h=48, w=64):
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            x = np.full((h, w, 3), 10 + 15 * i, np.uint8)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(x, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    return path
+
+
+def _ov_config(**pruning_kw):
+    c = tiny_ov.get_config()
+    c.max_new_tokens = 3
+    for k, v in pruning_kw.items():
+        c.pruning[k] = v
+    return c
+
+
+def test_generate_cli_video_and_anyres(tmp_path):
+    pytest.importorskip("av")
+    from PIL import Image
+
+    from covipal_jax import generate
+
+    path = _write_video(tmp_path / "clip.mp4")
+    r = generate.run(_ov_config(method="random", keep=0.5), None, "what happens ?",
+                     video=str(path), frames=4)
+    # 4 frames x 2 x 2 pooled tokens + 1 newline = 17; half of them, the newline kept
+    assert r["input"] == "video" and r["vision_tokens_total"] == 17
+    assert r["vision_tokens_kept"] == 8 and 16 in r["kept_indices"]
+    assert isinstance(r["answer"], str)
+    img = tmp_path / "img.png"
+    Image.fromarray(_images([(37, 91)])[0]).save(img)
+    r = generate.run(_ov_config(method="divprune", keep=0.25), str(img), "what is it ?")
+    assert r["input"] == "anyres" and r["vision_tokens_total"] == 68
+    assert r["vision_tokens_kept"] == 17
+    r = generate.run(_ov_config(), str(img), "what is it ?", anyres=False)
+    assert r["input"] == "image" and r["vision_tokens_kept"] == 16
+    with pytest.raises(ValueError, match="not both"):
+        generate.run(_ov_config(), str(img), "x", video=str(path), frames=4)
+    with pytest.raises(ValueError, match="cannot|video"):
+        generate.run(_ov_config(), None, "x", video=str(tmp_path / "missing.mp4"), frames=4)
