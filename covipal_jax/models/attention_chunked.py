@@ -54,15 +54,19 @@ def chunked_attention(q: Array, k: Array, v: Array, *, q_index: Array | None,
     kv_valid = jnp.pad(kv_valid, ((0, 0), (0, sp - s)))  # padded keys: invalid
     kb = jnp.zeros((b, sp), jnp.float32) if bias is None else jnp.pad(
         bias.astype(jnp.float32), ((0, 0), (0, sp - s)))
-    scale = 1.0 / jnp.sqrt(jnp.float32(h)).astype(jnp.float32)
-    # Blocks: q [nq, B, Q, K, G, H]; k, v [nk, B, C, K, H]; masks/bias [nk, B, C].
-    qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, nq, bq, kh, g, h)
-    qp = jnp.moveaxis(qp, 1, 0)
-    kp = jnp.moveaxis(jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0))).reshape(
-        b, nk, bk, kh, h), 1, 0)
-    vp = jnp.moveaxis(jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0))).reshape(
-        b, nk, bk, kh, v.shape[-1]), 1, 0)
-    validb = jnp.moveaxis(kv_valid.reshape(b, nk, bk), 1, 0)
+    hv = v.shape[-1]
+    # Heads-major layouts, so both products are plain batched matmuls over (B, K):
+    # q [nq, B, K, G*Q, H] (scaled); k [nk, B, K, C, H]; v [nk, B, K, C, Hv].
+    qs = (q * (1.0 / jnp.sqrt(jnp.float32(h))).astype(q.dtype))
+    qp = jnp.pad(qs, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, nq, bq, kh, g, h)
+    qp = qp.transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kh, g * bq, h)
+
+    def kv_blocks(x, d):
+        x = jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))).reshape(b, nk, bk, kh, d)
+        return x.transpose(1, 0, 3, 2, 4)
+
+    kp, vp = kv_blocks(k.astype(q.dtype), h), kv_blocks(v.astype(q.dtype), hv)
+    validb = jnp.moveaxis(kv_valid.reshape(b, nk, bk), 1, 0)  # [nk, B, C]
     biasb = jnp.moveaxis(kb.reshape(b, nk, bk), 1, 0)
     if causal:
         qi = jnp.asarray(q_index, jnp.int32)
@@ -71,51 +75,48 @@ def chunked_attention(q: Array, k: Array, v: Array, *, q_index: Array | None,
     else:
         qi = jnp.zeros((tp,), jnp.int32)
     qib = qi.reshape(nq, bq)
-    hv = v.shape[-1]
 
     def key_step(carry, xs, qblk, qidx):
-        m, l, acc = carry  # [B, K, G, Q], [B, K, G, Q], [B, Q, K, G, Hv]
+        m, l, acc = carry  # [B, K, G*Q], [B, K, G*Q], [B, K, G*Q, Hv] (f32)
         j, kblk, vblk, valid, kbias = xs
         key_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)  # [C]
 
         def compute(_):
-            sc = jnp.einsum("bqkgh,bckh->bkgqc", qblk, kblk,
-                            preferred_element_type=jnp.float32) * scale
-            sc = sc + kbias[:, None, None, None, :]
+            sc = jnp.einsum("bkmh,bkch->bkmc", qblk, kblk, preferred_element_type=jnp.float32)
+            sc = (sc + kbias[:, None, None, :]).reshape(b, kh, g, bq, bk)
             ok = valid[:, None, :]  # [B, 1, C]
             if causal:
                 see = key_pos[None, :] <= qidx[:, None]  # [Q, C]
                 diag = key_pos[None, :] == qidx[:, None]
                 ok = (see[None] & ok) | diag[None]  # [B, Q, C]
-            ok = jnp.broadcast_to(ok, (b, bq, bk))[:, None, None]  # [B, 1, 1, Q, C]
+            ok = ok[:, None, None]  # [B, 1, 1, Q or 1, C]
             sc = jnp.where(ok, sc, NEG)
-            m_new = jnp.maximum(m, sc.max(-1))
-            p = jnp.where(ok, jnp.exp(sc - m_new[..., None]), 0.0)
+            m_new = jnp.maximum(m, sc.max(-1).reshape(b, kh, g * bq))
+            p = jnp.where(ok, jnp.exp(sc - m_new.reshape(b, kh, g, bq, 1)), 0.0)
+            p = p.reshape(b, kh, g * bq, bk)
             alpha = jnp.exp(m - m_new)
             l_new = alpha * l + p.sum(-1)
-            pv = jnp.einsum("bkgqc,bckh->bqkgh", p.astype(vblk.dtype), vblk,
+            pv = jnp.einsum("bkmc,bkch->bkmh", p.astype(vblk.dtype), vblk,
                             preferred_element_type=jnp.float32)
-            acc_new = acc * jnp.moveaxis(alpha, -1, 1)[..., None] + pv
-            return m_new, l_new, acc_new
+            return m_new, l_new, acc * alpha[..., None] + pv
 
         if causal:  # a key block wholly after the block's last query holds no visible key
-            needed = j * bk <= qidx.max()
-            carry = jax.lax.cond(needed, compute, lambda _: (m, l, acc), None)
+            carry = jax.lax.cond(j * bk <= qidx.max(), compute, lambda _: (m, l, acc), None)
         else:
             carry = compute(None)
         return carry, None
 
     def query_block(xs):
-        qblk, qidx = xs  # [B, Q, K, G, H], [Q]
-        init = (jnp.full((b, kh, g, bq), NEG, jnp.float32),
-                jnp.zeros((b, kh, g, bq), jnp.float32),
-                jnp.zeros((b, bq, kh, g, hv), jnp.float32))
+        qblk, qidx = xs  # [B, K, G*Q, H], [Q]
+        init = (jnp.full((b, kh, g * bq), NEG, jnp.float32),
+                jnp.zeros((b, kh, g * bq), jnp.float32),
+                jnp.zeros((b, kh, g * bq, hv), jnp.float32))
         body = jax.checkpoint(lambda c, x: key_step(c, x, qblk, qidx))
         (m, l, acc), _ = jax.lax.scan(
             body, init, (jnp.arange(nk, dtype=jnp.int32), kp, vp, validb, biasb))
         l = jnp.where(l == 0.0, 1.0, l)  # rows with no visible key (cut-off padding) stay 0
-        return acc / jnp.moveaxis(l, -1, 1)[..., None]
+        return (acc / l[..., None]).astype(q.dtype)
 
-    out = jax.lax.map(query_block, (qp, qib))  # [nq, B, Q, K, G, Hv]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, tp, n, hv)[:, :t]
-    return out.astype(q.dtype)
+    out = jax.lax.map(query_block, (qp, qib))  # [nq, B, K, G*Q, Hv]
+    out = out.reshape(nq, b, kh, g, bq, hv).transpose(1, 0, 4, 2, 3, 5)
+    return out.reshape(b, tp, n, hv)[:, :t]
