@@ -224,6 +224,18 @@ def test_splash_compiles_for_tpu_ahead_of_time():
         compile_("gqa_cache_bf16", one, 2, 1100, 1200, 8, 2, 16, jnp.bfloat16, True)
         compile_("vision_h64", one, 1, 577, 577, 4, 4, 64, jnp.float32, False)
         compile_("fsdp4", four, 4, 1024, 1024, 4, 4, 128, jnp.bfloat16, True)
+        # The whole tiny model's prefill (decoder attention forced to splash) on 4 chips.
+        from covipal_jax.configs import tiny
+        from covipal_jax.models import attention_splash as S
+        calls, orig = [], S.splash_attention
+        S.splash_attention = lambda *a, **kw: (calls.append(1), orig(*a, **kw))[1]
+        config = tiny.get_config()
+        with config.unlocked():
+            config.model.attention = "splash"
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+        rep = aot.compile_step(aot.Request("prefill", 4, 16, 1.0, "none", 4), config,
+                               "v5e:2x2", flops=False)
+        out["tiny_prefill"] = dict(mosaic=len(calls) > 0, fits=rep["fits"])
         print("JSON" + json.dumps(out))
     """)
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),
@@ -232,6 +244,7 @@ def test_splash_compiles_for_tpu_ahead_of_time():
     import json
     line = next(x for x in res.stdout.splitlines() if x.startswith("JSON"))
     out = json.loads(line[4:])
-    assert set(out) == {"gqa_cache_bf16", "vision_h64", "fsdp4"}
+    assert set(out) == {"gqa_cache_bf16", "vision_h64", "fsdp4", "tiny_prefill"}
     for name, r in out.items():
-        assert r["mosaic"], name
+        assert r["mosaic"], name  # the Mosaic kernel is in the compiled program / was traced
+    assert out["tiny_prefill"]["fits"]
