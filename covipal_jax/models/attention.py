@@ -54,7 +54,7 @@ IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 # "auto" thresholds. CPU: measured on the 2-core dev CPU with LLaVA-7B head shapes (see
 # docs/gpu_bench.md "Attention backends"); TPU: not measured (no TPU), splash pads the
 # sequence to 128-multiples so short sequences stay on XLA.
-CPU_CHUNKED_MIN = 1536 * 1536  # T * S at and above which "auto" picks "chunked" on CPU
+CPU_CHUNKED_MIN = 1024 * 1024  # T * S at and above which "auto" picks "chunked" on CPU
 TPU_SPLASH_MIN_T = 1024
 
 
