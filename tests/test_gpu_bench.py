@@ -1,5 +1,5 @@
-"""Tests for covipal_jax/tools/gpu_bench.py: a --quick run on CPU (tiny LLaMA + tiny Qwen2 /
-SigLIP, multi-crop vision tokens, PPM pruning, decode, the transformers peer on our weights),
+"""Tests for covipal_jax/tools/gpu_bench.py: a --quick run on CPU (tiny LLaVA-1.5 and tiny
+OneVision, multi-crop vision tokens, PPM pruning, decode, the transformers peer on our weights),
 its outputs, and the memory-based skip."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_quick_run_writes_every_file(quick_run):
         assert (out / name).stat().st_size > 0
     assert (out / "gpu_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "gpu_bench.md").read_text()
-    assert "| tiny_llama | 96 | 2 | unpruned |" in md and "| tiny_qwen2 | 96 | 2 | 16 tok |" in md
+    assert "| tiny_llama | 96 | 2 | unpruned |" in md and "| tiny_ov | 96 | 2 | 16 tok |" in md
     assert r["meta"]["command"].startswith("python -m covipal_jax.tools.gpu_bench --quick")
     assert {"jax", "torch", "transformers"} <= set(r["meta"]["versions"])
 
@@ -34,16 +34,20 @@ def test_quick_run_measures_every_setting(quick_run):
     _, r = quick_run
     assert not r["skipped"]
     rows = {(x["model"], x["label"]): x for x in r["rows"]}
-    assert set(rows) == {(m, lab) for m in ("tiny_llama", "tiny_qwen2")
+    assert set(rows) == {(m, lab) for m in ("tiny_llama", "tiny_ov")
                          for lab in ("unpruned", "16 tok")}
     for (model, lab), x in rows.items():
-        assert x["crops"] == 2  # 96 tokens from two 64-token crops
+        cfg, _ = gpu_bench.load_config("tiny" if model == "tiny_llama" else "tiny_ov")
+        t = cfg.text
+        # 96 tokens from two 64-token CLIP crops / six 16-token SigLIP crops
+        assert x["crops"] == (2 if model == "tiny_llama" else 6)
         assert x["k"] == (96 if lab == "unpruned" else 16)
         assert x["seq_len"] == 12 - 1 + x["k"]
         assert x["ttft"]["median_s"] > 0 and x["torch_ttft"]["median_s"] > 0
         assert x["decode"]["tok_s"] > 0 and x["decode"]["steps"] == 3
-        # kv = 2 x layers(4) x B(2) x L x kv_heads(2) x head_dim(16) x 4 bytes (f32)
-        assert x["kv_bytes"] == 2 * 4 * 2 * x["seq_len"] * 2 * 16 * 4
+        # kv = 2 x layers x B(2) x L x kv_heads x head_dim x 4 bytes (f32)
+        assert x["kv_bytes"] == 2 * t.num_layers * 2 * x["seq_len"] * t.num_kv_heads * \
+            t.head_dim * 4
         # The transformers model holds exactly our weights: same next-token logits (f32).
         assert x["logit_rel_diff"] < 1e-4, (model, lab, x["logit_rel_diff"])
         assert x["attention"] == "xla"

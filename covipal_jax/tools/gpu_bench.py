@@ -70,8 +70,8 @@ class ModelSpec:
 
 FULL_MODELS = (ModelSpec("llava15_7b", "llava15_7b:dtype=bfloat16", 576),
                ModelSpec("onevision_7b", "llava_ov_7b:dtype=bfloat16", 729))
-QUICK_MODELS = (ModelSpec("tiny_llama", "tiny", 64),
-                ModelSpec("tiny_qwen2", "tiny:kind=qwen2,vision=siglip", 64))
+QUICK_MODELS = (ModelSpec("tiny_llama", "tiny", 64),  # LlavaForConditionalGeneration
+                ModelSpec("tiny_ov", "tiny_ov", 16))  # LlavaOnevisionForConditionalGeneration
 
 
 @dataclasses.dataclass

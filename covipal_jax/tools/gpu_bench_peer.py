@@ -93,6 +93,10 @@ def torch_model(params: Any, cfg: LlavaConfig, device: str) -> torch.nn.Module:
                                      f"{tuple(state[key].shape)}")
                 state[key].copy_(_to_torch(y, state[key].dtype))
                 seen.add(key)
+        if cfg.text.tie_word_embeddings and "lm_head.weight" not in seen:
+            # Tied (Qwen2-0.5B-style) heads: transformers may keep a separate tensor.
+            model.get_output_embeddings().weight.copy_(model.get_input_embeddings().weight)
+            seen.add("lm_head.weight")
     left = [k for k, _ in model.named_parameters() if k not in seen]
     if left:
         raise ValueError(f"transformers parameters not filled from ours: {left[:10]}")
