@@ -12,8 +12,8 @@ Letters: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H hea
     for T >= `TPU_SPLASH_MIN_T`. It cannot take a per-key bias: biased calls use "xla".
   - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention(implementation=
     "cudnn")` on GPU for bf16/f16 prefill; anything it cannot take uses "xla".
-  Decode (T = 1 against a cache): on CPU "auto" uses "decode" (multiply-reduce over the cache in
-  its own layout: XLA:CPU's dot would transpose the whole cache every step); elsewhere "xla".
+  Decode (T = 1 against a cache) uses "xla" on every platform unless "chunked" is forced:
+  one query row is memory-bound, no kernel helps.
 - `Mask`: which keys each query may see, kept as `q_index` + `key_valid` so backends that
   block the computation never build bool[B, T, S]; `Mask.dense()` builds it for "xla".
 - `attention_rows`: the probabilities of a FEW query rows, recomputed from q and k. FastV's
@@ -56,10 +56,6 @@ IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 # sequence to 128-multiples so short sequences stay on XLA.
 CPU_CHUNKED_MIN = 1024 * 1024  # T * S at and above which "auto" picks "chunked" on CPU
 TPU_SPLASH_MIN_T = 1024
-# CPU decode (T query rows against a cache): "auto" computes q.k and p.v as fused multiply-reduce
-# ("decode") instead of dot_generals, which XLA:CPU feeds by transposing every layer's whole K and
-# V cache each step (measured: 37% of the batch-8 decode step at 639 cache slots).
-DECODE_ROWS_MAX_T = 1
 
 
 @flax.struct.dataclass
@@ -125,11 +121,9 @@ def resolve_impl(impl: str, q: Array, k: Array, *, mask: Mask | None = None,
     t, s = q.shape[1], k.shape[1]
     if impl == "auto":
         if plat == "cpu":
-            if t <= DECODE_ROWS_MAX_T:
-                return "decode", f"cpu, T={t}: multiply-reduce over the cache, no transposes"
-            if t * s >= CPU_CHUNKED_MIN:
+            if t > 1 and t * s >= CPU_CHUNKED_MIN:
                 return "chunked", f"cpu, T*S={t * s} >= {CPU_CHUNKED_MIN}"
-            return "xla", f"cpu, T*S={t * s} < {CPU_CHUNKED_MIN}"
+            return "xla", f"cpu, T*S={t * s} < {CPU_CHUNKED_MIN} or decode"
         if plat == "tpu":
             if t < TPU_SPLASH_MIN_T:
                 return "xla", f"tpu, T={t} < {TPU_SPLASH_MIN_T}"
@@ -175,33 +169,11 @@ def attention(q: Array, k: Array, v: Array, *, mask: Mask | None = None,
                                 causal=mask.q_index is not None)
     b, t, _, _ = q.shape
     dense = mask.dense(b, t, k.shape[1])
-    if name == "decode":
-        return _decode(q, k, v, dense, bias)
     m = None if dense is None else dense[:, None, :, :]  # [B, 1, T, S]
     bb = None if bias is None else bias[:, None, None, :].astype(q.dtype)
     if name == "cudnn":
         return _cudnn(q, k, v, m, bb)
     return jax.nn.dot_product_attention(q, k, v, bias=bb, mask=m, implementation="xla")
-
-
-def _decode(q: Array, k: Array, v: Array, dense: Array | None, bias: Array | None) -> Array:
-    """Attention of a few query rows as fused multiply-reduce over the cache's own layout.
-
-    q: [B, T, N, H]; k, v: [B, S, K, H]; dense: bool[B, T, S] or None; bias: [B, S] or None.
-    Reads K and V once each, in place (no [B, K, H, S] transposed copies); f32 math.
-    """
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = n // kh
-    qg = q.astype(jnp.float32).reshape(b, t, 1, kh, g, h) / jnp.sqrt(jnp.float32(h))
-    logits = jnp.sum(qg * k.astype(jnp.float32)[:, None, :, :, None, :], axis=-1)  # [B,T,S,K,G]
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)[:, None, :, None, None]
-    if dense is not None:
-        logits = jnp.where(dense[:, :, :, None, None], logits, NEG_INF)
-    p = jax.nn.softmax(logits, axis=2)
-    out = jnp.sum(p[..., None] * v.astype(jnp.float32)[:, None, :, :, None, :], axis=2)
-    return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
 
 
 def _cudnn(q: Array, k: Array, v: Array, m: Array | None, bb: Array | None) -> Array:
