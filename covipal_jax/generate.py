@@ -1,4 +1,4 @@
-"""Generate an answer about an image, optionally pruning vision tokens.
+r"""Generate an answer about an image, optionally pruning vision tokens.
 
     python -m covipal_jax.generate --config configs/llava15_7b.py \
         --config.checkpoint=/path/to/llava-1.5-7b-hf --image cat.jpg \
@@ -36,18 +36,18 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False) -
     import jax
     import numpy as np
 
-    from covipal_jax import sharding
-    from covipal_jax.inference import decoding, loading
-    from covipal_jax.weights import ppm_io
+    from covipal_jax import pruning
+    from covipal_jax.inference import loading
+    from covipal_jax.inference.sampler import Sampler
     from covipal_jax.data import image as image_lib
     from covipal_jax.data.synthetic import task as synthetic
-    from covipal_jax.data import text as text_lib
-    from covipal_jax.inference.prefill import PruneSpec
 
     if image_path is None and config.checkpoint:
         raise ValueError("--image is required with a real checkpoint")
+    method = pruning.from_config(config.pruning)
     loaded = loading.load(config, with_params=False)
-    cfg, tok = loaded.cfg, loaded.tokenizer
+    cfg = loaded.cfg
+    method.k(cfg.num_vision_tokens)  # a bad keep is a config error before any weight loads
     if image_path is None:
         ex = synthetic.make_example("test", 0, seed=config.sampling.seed)
         image, prompt = ex["image"], prompt or ex["question"]
@@ -55,28 +55,22 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False) -
         image = image_lib.load_image(image_path)
     if not prompt:
         raise ValueError("--prompt is required")
-    pixels = image_lib.preprocess([image], loaded.processor)
-    template = None if raw else config.template
-    ids, mask = text_lib.encode_prompts(tok, [prompt], template=template,
-                                        buckets=tuple(config.text_buckets))
-    spec = PruneSpec.from_config(config.pruning, cfg.num_vision_tokens)
-    ppm_module, ppm_vars = ppm_io.load_for_inference(config, cfg) if spec.method == "ppm" \
-        else (None, None)
-    loaded = loading.load_params(config, loaded)  # weights last: config errors come first
-    stops = text_lib.get_template(config.template).stop_ids(tok) if not raw else ()
-    gen = decoding.Generator(
-        loaded.model, spec, max_new_tokens=config.max_new_tokens, eos_id=tok.eos_id,
-        pad_id=tok.pad_id, extra_stop_ids=tuple(stops), ppm_module=ppm_module,
-        sampling=decoding.Sampling(config.sampling.temperature, config.sampling.top_p))
-    with sharding.use_mesh(loaded.mesh, loaded.rules):
-        t0 = time.perf_counter()
-        out = gen(loaded.params, pixels, ids, mask, rng=jax.random.key(config.sampling.seed),
-                  ppm_vars=ppm_vars)
-        seconds = time.perf_counter() - t0
-    answer_ids = decoding.trim(out.tokens, out.lengths, gen.stop_ids)[0]
-    return dict(answer=tok.decode(answer_ids), prompt=prompt,
-                vision_tokens_kept=out.num_vision_tokens,
-                vision_tokens_total=cfg.num_vision_tokens, method=spec.method,
+    sampler = Sampler.from_config(config, loaded, method=method)
+    if raw:
+        sampler.template, sampler.stop_ids = None, (loaded.tokenizer.eos_id,)
+    method, _ = sampler.resolve(method)  # a trainable method's variables, before the weights
+    sampler.loaded = loading.load_params(config, loaded)  # weights last: config errors first
+    t0 = time.perf_counter()
+    out = sampler.generate([image], [prompt], method=method,
+                           max_new_tokens=config.max_new_tokens,
+                           rng=jax.random.key(config.sampling.seed))
+    seconds = time.perf_counter() - t0
+    from covipal_jax.data import text as text_lib
+
+    template = text_lib.describe_template(sampler.template, loaded.tokenizer)
+    return dict(answer=out.texts[0], prompt=prompt, vision_tokens_kept=out.num_vision_tokens,
+                template=template,
+                vision_tokens_total=cfg.num_vision_tokens, method=method.name,
                 kept_indices=np.asarray(out.kept[0]).tolist(), seconds=seconds)
 
 
@@ -87,7 +81,7 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"prompt: {r['prompt']}")
+    print(f"prompt: {r['prompt']}  (template: {r['template']})")
     print(f"answer: {r['answer']}")
     print(f"vision tokens kept: {r['vision_tokens_kept']} / {r['vision_tokens_total']} "
           f"(method {r['method']})")
@@ -96,4 +90,6 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

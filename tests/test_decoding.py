@@ -10,14 +10,13 @@ import hf_models
 import tiny
 from covipal_jax.inference import decoding
 from covipal_jax.models.llava import Llava
-from covipal_jax.inference.prefill import PruneSpec
+from covipal_jax import pruning
 from covipal_jax.weights import load_llava
 
-NONE = PruneSpec("none", 0)
 
 
 def _none_spec(model):
-    return PruneSpec("none", model.cfg.num_vision_tokens)
+    return pruning.NoneMethod()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,7 @@ def test_unstacked_layers_decode_like_the_stacked_scan():
     tokens as the stacked scan, also with a pruned (in-LLM, two-segment) cache."""
     model, params = tiny.model_and_params()
     pixels, ids, mask = tiny.batch(lengths=(10, 6), image_at=(3, 1))
-    for spec in (_none_spec(model), PruneSpec("fastv", 16, layer=2)):
+    for spec in (_none_spec(model), pruning.FastV(keep=16, layer=2)):
         a, b = (decoding.Generator(model, spec, max_new_tokens=6, eos_id=-1,
                                    unstack_layers=u)(params, pixels, ids, mask).tokens
                 for u in (True, False))
@@ -137,3 +136,14 @@ def test_ten_prompt_lengths_compile_prefill_and_decode_once():
         out = gen(params, pixels, ids, mask, rng=jax.random.key(n))
         assert out.tokens.shape == (2, 4)
     assert gen.compilations() == {"prefill": 1, "decode": 1, "decode_step": 0}
+
+
+def test_max_new_tokens_past_the_position_limit_is_an_error():
+    model, params = tiny.model_and_params()
+    limit = model.cfg.text.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        decoding.Generator(model, _none_spec(model), max_new_tokens=10**9, eos_id=-1)
+    gen = decoding.Generator(model, _none_spec(model), max_new_tokens=limit, eos_id=-1)
+    pixels, ids, mask = tiny.batch()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        gen(params, pixels, ids, mask)

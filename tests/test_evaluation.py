@@ -9,7 +9,7 @@ from covipal_jax.inference import decoding, loading
 from covipal_jax.demo import evaluation
 from covipal_jax.data.synthetic import task as S
 from covipal_jax.data import text as T
-from covipal_jax.inference.prefill import PruneSpec
+from covipal_jax import pruning
 
 from tests import tiny
 
@@ -38,9 +38,11 @@ def test_predictions_are_the_generators_first_token(method, keep):
     ev = evaluation.Evaluator(model, params, processor=proc, images=images, ids=ids,
                               mask=mask, answer_ids=answers, batch_size=2)
     n_v = cfg.num_vision_tokens
-    spec = PruneSpec(method, k=max(1, round(keep * n_v)), layer=2)
+    cls = pruning.get(method)
+    spec = cls(keep=max(1, round(keep * n_v)) if cls.budgeted else 1.0)
+    k = spec.k(n_v)
     res = ev.accuracy(spec)
-    assert res.predicted.shape == (5,) and res.kept.shape == (5, spec.k) and res.k == spec.k
+    assert res.predicted.shape == (5,) and res.kept.shape == (5, k) and res.k == k
     assert res.seconds > 0
     want = np.array([a[0] for a in answers])
     np.testing.assert_array_equal(res.correct, res.predicted == want)
@@ -69,4 +71,4 @@ def test_evaluator_rejects_mismatched_inputs():
                               ids=np.full((1, 8), 4, np.int32), mask=np.ones((1, 8), bool),
                               answer_ids=[(5,)])
     with pytest.raises(ValueError, match="ppm"):
-        ev.accuracy(PruneSpec("ppm", k=4))
+        ev.accuracy(pruning.PPMMethod(keep=4))

@@ -10,7 +10,8 @@ import pytest
 import tiny
 from covipal_jax.inference import decoding
 from covipal_jax.models.llava import Llava
-from covipal_jax.inference.prefill import PruneSpec, forward, prefill
+from covipal_jax import pruning
+from covipal_jax.inference.prefill import forward, prefill
 
 
 def jprefill(model, params, pixels, ids, mask, spec, extra):
@@ -23,8 +24,7 @@ def spec_for(method, keep, positions="contiguous", **extra):
     c.pruning.method, c.pruning.keep, c.pruning.positions = method, keep, positions
     for k, v in extra.items():
         c.pruning[k] = v
-    model, _ = tiny.model_and_params()
-    return PruneSpec.from_config(c.pruning, model.cfg.num_vision_tokens)
+    return pruning.from_config(c.pruning)
 
 
 @pytest.mark.parametrize("method", ["random", "pool"])
@@ -90,7 +90,7 @@ def test_pruned_generation_equals_hand_removed_tokens(method):
     out = gen(params, pixels, ids, mask)
     # By hand: the kept tokens the method produced, spliced with Python lists.
     from covipal_jax.inference.prefill import build_context, select_pre_llm
-    ctx, text = jax.jit(lambda p: build_context(model, p, pixels, ids, mask, spec.info))(params)
+    ctx, text = jax.jit(lambda p: build_context(model, p, pixels, ids, mask, spec))(params)
     res = jax.jit(lambda p, c: select_pre_llm(model, p, c, spec))(params, ctx)
     np.testing.assert_array_equal(res.indices, out.kept)
     embeds = []
@@ -99,7 +99,7 @@ def test_pruned_generation_equals_hand_removed_tokens(method):
         p = int(np.where(ids[b] == tiny.IMAGE_TOKEN)[0][0])
         before = [np.asarray(text[b, j]) for j in real if j < p]
         after = [np.asarray(text[b, j]) for j in real if j > p]
-        vis = [np.asarray(res.tokens[b, j]) for j in range(spec.k)]
+        vis = [np.asarray(res.tokens[b, j]) for j in range(spec.k(model.cfg.num_vision_tokens))]
         embeds.append(np.stack(before + vis + after))
     ref = _greedy_by_hand(model, params, embeds, 5)
     np.testing.assert_array_equal(out.tokens, ref)
@@ -125,12 +125,12 @@ def test_in_llm_segments(method):
     spec = spec_for(method, 0.25)
     out = jprefill(model, params, pixels, ids, mask, spec, extra=3)
     n_v, t = model.cfg.num_vision_tokens, ids.shape[1]
-    full, pruned = t - 1 + n_v, t - 1 + spec.k
+    full, pruned = t - 1 + n_v, t - 1 + spec.k(n_v)
     a, b = out.segments
     assert (a.start, a.stop, b.start, b.stop) == (0, spec.layer, spec.layer,
                                                   model.cfg.text.num_layers)
     assert a.cache["k"].shape[2] == full + 3 and b.cache["k"].shape[2] == pruned + 3
-    assert out.kept.shape == (2, spec.k)
+    assert out.kept.shape == (2, spec.k(n_v))
     assert np.all(np.diff(np.asarray(out.kept), axis=1) > 0)
     # Keeping every token at layer K reproduces the unpruned model.
     spec_all = spec_for(method, 1.0)
@@ -146,7 +146,8 @@ def test_original_positions_with_all_tokens_equal_contiguous():
     b = jprefill(model, params, pixels, ids, mask, spec_for("pool", 1.0, "original"), extra=2)
     np.testing.assert_allclose(a.last_logits, b.last_logits, atol=1e-6)
     c = jprefill(model, params, pixels, ids, mask, spec_for("pool", 0.25, "original"), extra=2)
-    n_v, k = model.cfg.num_vision_tokens, spec_for("pool", 0.25).k
+    n_v = model.cfg.num_vision_tokens
+    k = spec_for("pool", 0.25).k(n_v)
     # The next position after an "original"-positions prompt counts all n_v vision slots.
     np.testing.assert_array_equal(np.asarray(c.next_position) - np.asarray(a.next_position), 0)
     d = jprefill(model, params, pixels, ids, mask, spec_for("pool", 0.25), extra=2)

@@ -460,13 +460,60 @@ def test_none_and_jit_of_simple_methods():
 # ============================================================================= registry
 
 def test_registry():
-    assert set(pruning.METHODS) == {"ppm", "fastv", "visionzip", "dart", "random", "pool",
+    assert set(pruning.names()) >= {"ppm", "fastv", "visionzip", "dart", "random", "pool",
                                     "none"}
-    assert pruning.get_method("fastv").stage == "in_llm"
-    assert pruning.get_method("dart").default_layer == 2
-    assert pruning.get_method("ppm").trainable
-    vz = pruning.get_method("visionzip")
-    assert vz.needs_cls and vz.needs_project and vz.stage == "pre_llm"
-    assert not any(m.trainable for n, m in pruning.METHODS.items() if n != "ppm")
+    assert pruning.get("fastv").where == "in_llm"
+    assert pruning.get("dart")().layer == 2
+    assert pruning.get("ppm").trainable
+    vz = pruning.get("visionzip")
+    assert "cls" in vz.needs and vz.merges and vz.where == "pre_llm"
+    assert not any(pruning.get(n).trainable for n in pruning.names() if n != "ppm")
     with pytest.raises(ValueError, match="valid:.*dart.*fastv"):
-        pruning.get_method("sparsevlm")
+        pruning.get("nosuchmethod")
+
+
+def test_methods_are_hashable_values_with_their_config_keys():
+    import ml_collections
+
+    c = ml_collections.ConfigDict(dict(method="visionzip", keep=64.0, positions="original",
+                                       layer=3, dart_pivots=6, visionzip_dominant_frac=0.5,
+                                       pool_mode="avg", ppm_checkpoint="/x"))
+    vz = pruning.from_config(c)
+    assert vz == pruning.VisionZipMethod(keep=64, positions="original", dominant_frac=0.5)
+    assert vz.k(576) == 64 and vz.dominant_count(64) == 32 and hash(vz) == hash(
+        pruning.VisionZipMethod(keep=64, positions="original", dominant_frac=0.5))
+    c.method = "dart"
+    assert pruning.from_config(c) == pruning.DART(keep=64, positions="original", layer=3,
+                                                  pivots=6)
+    c.method = "pool"
+    assert pruning.from_config(c).mode == "avg" and pruning.from_config(c).merges
+    c.method = "ppm"
+    assert pruning.from_config(c).ppm_checkpoint == "/x"
+    c.method, c.keep = "fastv", 0.5
+    assert pruning.from_config(c) == pruning.FastV(keep=0.5, positions="original", layer=3)
+    with pytest.raises(ValueError, match="keep"):
+        pruning.NoneMethod(keep=0.5).k(16)
+    with pytest.raises(ValueError, match="keep"):
+        pruning.FastV(keep=1.5)
+    with pytest.raises(ValueError, match=r"K=9 must be in \[1, 4\)"):
+        pruning.FastV(keep=0.5, layer=9).stages(16, 4)
+
+
+def test_random_is_per_example_batch_1_equals_batch_7():
+    """Issue 15: example i's draw depends only on its own key, never on the batch."""
+    b, n_v, d = 7, 24, 4
+    tokens = jax.random.normal(jax.random.key(0), (b, n_v, d))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(b))
+    ctx = lambda sl: PruneContext(vision_tokens=tokens[sl], text_embeds=jnp.zeros((1, 2, d)),
+                                  text_mask=jnp.ones((1, 2), bool), rng=keys[sl])
+    m = pruning.RandomMethod(keep=6)
+    batch = m.select(ctx(slice(0, b)), 6).indices
+    for i in range(b):
+        one = m.select(ctx(slice(i, i + 1)), 6).indices
+        np.testing.assert_array_equal(one[0], batch[i])
+    # A single key: row b uses fold_in(key, b), whatever the batch size.
+    single = lambda n: PruneContext(vision_tokens=tokens[:n], text_embeds=jnp.zeros((1, 2, d)),
+                                    text_mask=jnp.ones((1, 2), bool), rng=jax.random.key(3))
+    np.testing.assert_array_equal(m.select(single(1), 6).indices[0],
+                                  m.select(single(b), 6).indices[0])
+    assert len({tuple(np.asarray(r)) for r in batch}) > 1  # examples differ

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from covipal_jax.models import multimodal as mm
 from covipal_jax.pruning import base, select
 
 
@@ -190,3 +191,61 @@ def test_in_llm_keep_indices():
         s = int(start[b])
         want = list(range(s)) + [s + int(v) for v in vis[b]] + list(range(s + n_v, length))
         np.testing.assert_array_equal(got[b], want)
+
+
+# ----------------------------------------------------------------------------- multi-image splice
+
+def _ref_multi(te, tm, ipos, vis, vimg, vpos, mode, n_v):
+    """Hand-built: walk the prompt; each placeholder p expands to the tokens of image p."""
+    seqs, masks, poss, isv = [], [], [], []
+    for b in range(te.shape[0]):
+        s, m, pos, iv = [], [], [], []
+        tpos = np.maximum(np.cumsum(tm[b]) - 1, 0)
+        for j in range(te.shape[1]):
+            if j in list(ipos[b]):
+                p = list(ipos[b]).index(j)
+                for q in np.where(vimg[b] == p)[0]:
+                    s.append(vis[b, q]); m.append(True); iv.append(True)
+                    pos.append(tpos[j] + p * (n_v - 1) + vpos[b, q])
+            else:
+                before = sum(1 for x in ipos[b] if x < j)
+                s.append(te[b, j]); m.append(bool(tm[b, j])); iv.append(False)
+                pos.append(tpos[j] + before * (n_v - 1))
+        m = np.array(m)
+        if mode == "contiguous":
+            pos = np.maximum(np.cumsum(m) - 1, 0)
+        seqs.append(np.stack(s)); masks.append(m); poss.append(np.array(pos)); isv.append(iv)
+    return np.stack(seqs), np.stack(masks), np.stack(poss), np.array(isv)
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "original"])
+def test_splice_two_placeholders_matches_hand_built_reference(mode):
+    """Two images per prompt; a global top-k splits k = 5 differently per example (4 + 1,
+    0 + 5, 2 + 3): an image with no kept token makes its placeholder vanish."""
+    rng = np.random.default_rng(11)
+    b, t, d, n_v, k = 3, 9, 4, 6, 5
+    tm = np.ones((b, t), bool)
+    tm[0, :2] = False
+    ipos = np.array([[3, 6], [1, 8], [2, 3]], np.int32)
+    vimg = np.array([[0, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], np.int32)
+    vpos = np.array([[0, 2, 3, 5, 4], [0, 1, 2, 3, 5], [1, 4, 0, 2, 3]], np.int32)
+    te = rng.normal(size=(b, t, d)).astype(np.float32)
+    vis = rng.normal(size=(b, k, d)).astype(np.float32)
+    out = mm.splice(jnp.asarray(te), jnp.asarray(tm), jnp.asarray(ipos), jnp.asarray(vis),
+                    jnp.asarray(vpos), mode, n_v, vis_image=jnp.asarray(vimg))
+    ref = _ref_multi(te, tm, ipos, vis, vimg, vpos, mode, n_v)
+    assert out[0].shape == (b, t - 2 + k, d)
+    for got, want in zip(out, ref):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_image_positions_several_placeholders():
+    ids = jnp.asarray([[5, 9, 1, 9, 2], [9, 3, 4, 9, 0]])
+    np.testing.assert_array_equal(mm.image_positions(ids, 9, num_images=2), [[1, 3], [0, 3]])
+    np.testing.assert_array_equal(mm.image_positions(ids, 9), [1, 0])
+
+
+def test_keep_sequence_indices_non_contiguous_vision():
+    vision_index = jnp.asarray([[1, 2, 5, 6]])
+    got = mm.keep_sequence_indices(vision_index, jnp.asarray([[1, 2]]), 8)
+    np.testing.assert_array_equal(got, [[0, 2, 3, 4, 5, 7]])

@@ -14,7 +14,7 @@ from covipal_jax.tools import visualize as vis
 from covipal_jax.data import image as image_lib
 from covipal_jax.data.synthetic import task as synthetic
 from covipal_jax.models.config import LlavaConfig
-from covipal_jax.inference.prefill import PruneSpec
+from covipal_jax import pruning
 from covipal_jax.pruning.simple import pool_indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,18 +100,18 @@ def test_markers_visionzip_cls_and_contextual():
     cfg = LlavaConfig.from_config(tiny_config.get_config().model)  # CLIP 8x8, n_v = 64
     assert cfg.vision.has_cls and cfg.num_vision_tokens == 64
     # k = 8: CLS + 5 dominant patches + 2 contextual targets, official order.
-    spec = PruneSpec("visionzip", 8, options=(("dominant", 6),))
+    spec = pruning.VisionZipMethod(keep=8, dominant=6)
     row = [0, 0, 9, 20, 40, 63, 1, 30]  # CLS (0), dominant incl. patch 0, contextual 1, 30
     m = vis.markers(spec, row, cfg)
     assert m.cls
     assert m.patches == [0, 1, 9, 20, 30, 40, 63]
     assert m.contextual == [1, 30]
     # A selection method: no CLS, no merges, indices are patches.
-    m = vis.markers(PruneSpec("fastv", 3), [0, 7, 8], cfg)
+    m = vis.markers(pruning.FastV(keep=3), [0, 7, 8], cfg)
     assert (m.cls, m.patches, m.contextual) == (False, [0, 7, 8], [])
     # SigLIP-style tower (no CLS): VisionZip's first index is a patch.
     sig = LlavaConfig.from_config(tiny_config.get_config("vision=siglip").model)
-    m = vis.markers(PruneSpec("visionzip", 4, options=(("dominant", 3),)), [2, 5, 6, 11], sig)
+    m = vis.markers(pruning.VisionZipMethod(keep=4, dominant=3), [2, 5, 6, 11], sig)
     assert (m.cls, m.patches, m.contextual) == (False, [2, 5, 6, 11], [11])
 
 

@@ -12,11 +12,16 @@ is dropped), T the text bucket, n_v vision tokens, k kept.
 
     ev = Evaluator(model, params, processor=..., images=uint8[N, H, W, 3], ids=i32[N, T],
                    mask=bool[N, T], answer_ids=[set of ids per question], batch_size=250)
-    ev.accuracy(PruneSpec("ppm", k=16), ppm=(module, variables))   -> EvalResult
-    ev.prefill_seconds(PruneSpec("fastv", k=16, layer=2))          -> median seconds per batch
+    ev.accuracy(PPMMethod(keep=16, ppm=pcfg), variables)   -> EvalResult
+    ev.prefill_seconds(FastV(keep=16, layer=2))             -> median seconds per batch
 
-One program compiles per (method, k), ahead of time (`compile(specs)` compiles several in
-parallel threads); the measured times never include compilation.
+The first token comes from the inference facade's `sampler.first_token_fn` (the pruned prefill's
+next-token logits). One program compiles per method value, ahead of time (`compile(methods)`
+compiles several in parallel threads); the measured times never include compilation.
+
+Stochastic methods (`random`) draw with the keys `split(fold_in(key(seed), i), B)` for batch i
+(the demo's fixed protocol: `batch_size` is part of the demo config, and these keys reproduce
+its published numbers); the eval harness draws per example instead (`inference/sampler.py`).
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ import numpy as np
 
 from covipal_jax.data import image as image_lib
 from covipal_jax.data import text as text_lib
+from covipal_jax.inference.sampler import first_token_fn
 from covipal_jax.models.llava import Llava
-from covipal_jax.inference.prefill import PruneSpec, prefill
+from covipal_jax.pruning.base import PruningMethod
 
 Array = jax.Array
 
@@ -45,7 +51,7 @@ def answer_token_ids(tokenizer: text_lib.Tokenizer, template: str | text_lib.Cha
     `cased`: also accept the lower-case and capitalized spellings of the answer (real chat
     models answer "Red" as often as "red").
     """
-    tmpl = text_lib.get_template(template)
+    tmpl = text_lib.get_template(template, tokenizer)
     prompt = tmpl.prompt(question)
     bos = tokenizer.add_bos_default
     p_ids = tokenizer.encode(prompt, add_bos=bos)
@@ -85,16 +91,16 @@ class EvalResult:
 
 
 class Evaluator:
-    """Greedy first-token accuracy of one model on one question set, for any prune spec."""
+    """Greedy first-token accuracy of one model on one question set, for any method value."""
 
     def __init__(self, model: Llava, params: Any, *, processor: image_lib.ImageProcessorConfig,
                  images: np.ndarray, ids: np.ndarray, mask: np.ndarray,
                  answer_ids: Sequence[Sequence[int]], batch_size: int = 256,
-                 ppm_module: Any = None, seed: int = 0):
+                 seed: int = 0):
         n = len(ids)
         if not (len(images) == n == len(mask) == len(answer_ids)) or n == 0:
             raise ValueError("images, ids, mask and answer_ids must have the same length > 0")
-        self.model, self.params, self.ppm_module = model, params, ppm_module
+        self.model, self.params = model, params
         self.n = n
         self.batch_size = min(int(batch_size), n)
         self.seed = int(seed)
@@ -104,48 +110,56 @@ class Evaluator:
         self.answers = np.full((n, width), -1, np.int32)
         for i, a in enumerate(answer_ids):
             self.answers[i, :len(a)] = a
-        self._fns: dict[PruneSpec, Any] = {}
+        self._fns: dict[PruningMethod, Any] = {}
 
-    def _run_fn(self, spec: PruneSpec):
-        model, ppm_module = self.model, self.ppm_module
+    def _run_fn(self, method: PruningMethod):
+        fn = first_token_fn(self.model, method)
 
-        def run(params, ppm_vars, pixels, ids, mask, rng):
-            ppm = None if ppm_vars is None else (ppm_module, ppm_vars)
-            out = prefill(model, params, pixels, ids, mask, spec, extra=1, ppm=ppm, rng=rng)
-            return jnp.argmax(out.last_logits, axis=-1).astype(jnp.int32), out.kept
+        def run(params, variables, pixels, ids, mask, keys):
+            logits, kept = fn(params, variables, pixels, ids, mask, keys)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), kept
 
         return run
 
     def _batch_args(self, idx):
         return jax.device_put((self.pixels[idx], self.ids[idx], self.mask[idx]))
 
-    def _fn(self, spec: PruneSpec, ppm_vars: Any = None):
-        """The compiled prefill of `spec` for one batch (compiled ahead of time, once)."""
-        if spec not in self._fns:
+    def _keys(self, i: int):
+        return jax.random.split(jax.random.fold_in(jax.random.key(self.seed), i),
+                                self.batch_size)
+
+    def _fn(self, method: PruningMethod, variables: Any = None):
+        """The compiled prefill of `method` for one batch (compiled ahead of time, once)."""
+        if method not in self._fns:
             b = self.batch_size
             sds = lambda a: jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype)
-            lowered = jax.jit(self._run_fn(spec)).lower(
-                self.params, ppm_vars, sds(self.pixels), sds(self.ids), sds(self.mask),
-                jax.random.key(0))
-            self._fns[spec] = lowered.compile()
-        return self._fns[spec]
+            lowered = jax.jit(self._run_fn(method)).lower(
+                self.params, variables, sds(self.pixels), sds(self.ids), sds(self.mask),
+                self._keys(0))
+            self._fns[method] = lowered.compile()
+        return self._fns[method]
 
-    def compile(self, specs: Sequence[PruneSpec], ppm: tuple[Any, Any] | None = None,
+    @staticmethod
+    def _variables(method: PruningMethod, variables: Any) -> Any:
+        if method.trainable and variables is None:
+            raise ValueError(f"method {method.name!r} needs its trained variables")
+        return variables if method.trainable else None
+
+    def compile(self, methods: Sequence[PruningMethod], variables_of: Any = None,
                 workers: int = 2) -> None:
-        """Compile the prefill of every spec ahead of time, `workers` at a time (XLA compiles
-        outside the GIL, so this uses the cores that one compilation leaves idle)."""
+        """Compile the prefill of every method ahead of time, `workers` at a time (XLA compiles
+        outside the GIL, so this uses the cores that one compilation leaves idle);
+        `variables_of(method)` gives a trainable method's variables."""
         import concurrent.futures
 
-        if ppm is not None:
-            self.ppm_module = ppm[0]
-        todo = [s for s in dict.fromkeys(specs) if s not in self._fns]
-        var = lambda s: ppm[1] if (ppm is not None and s.method == "ppm") else None
+        todo = [m for m in dict.fromkeys(methods) if m not in self._fns]
+        var = lambda m: variables_of(m) if m.trainable and variables_of else None
         if workers <= 1:
-            for s in todo:
-                self._fn(s, var(s))
+            for m in todo:
+                self._fn(m, var(m))
             return
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda s: self._fn(s, var(s)), todo))
+            list(pool.map(lambda m: self._fn(m, var(m)), todo))
 
     def _batches(self):
         b = self.batch_size
@@ -155,21 +169,18 @@ class Evaluator:
             idx = np.where(real, idx, start)  # pad the last batch with copies of its first row
             yield start // b, idx, real
 
-    def accuracy(self, spec: PruneSpec, ppm: tuple[Any, Any] | None = None) -> EvalResult:
-        if spec.method == "ppm" and ppm is None:
-            raise ValueError("method 'ppm' needs ppm=(module, variables)")
-        if ppm is not None:
-            self.ppm_module = ppm[0]
-        ppm_vars = None if ppm is None or spec.method != "ppm" else ppm[1]
-        fn = self._fn(spec, ppm_vars)
+    def accuracy(self, method: PruningMethod, variables: Any = None) -> EvalResult:
+        """`variables`: the trainable method's (the PPM's); ignored by the others."""
+        variables = self._variables(method, variables)
+        fn = self._fn(method, variables)
         preds, kept, times = [], [], []
         single = self.n <= self.batch_size
         for i, idx, real in self._batches():
-            rng = jax.random.fold_in(jax.random.key(self.seed), i)
+            keys = self._keys(i)
             args = self._batch_args(idx)
             for _ in range(2 if single else 1):  # one batch only: time it twice
                 t0 = time.perf_counter()
-                p, k = jax.block_until_ready(fn(self.params, ppm_vars, *args, rng))
+                p, k = jax.block_until_ready(fn(self.params, variables, *args, keys))
                 times.append(time.perf_counter() - t0)
             preds.append(np.asarray(p)[real])
             kept.append(np.asarray(k)[real])
@@ -179,13 +190,13 @@ class Evaluator:
         return EvalResult(float(correct.mean()), correct, pred, kept_all, int(kept_all.shape[1]),
                           float(np.median(times)))
 
-    def prefill_seconds(self, spec: PruneSpec, ppm: tuple[Any, Any] | None = None, *,
+    def prefill_seconds(self, method: PruningMethod, variables: Any = None, *,
                         repeats: int = 5) -> float:
         """Median wall time of one jitted prefill of the first batch (compiled beforehand)."""
-        ppm_vars = None if ppm is None or spec.method != "ppm" else ppm[1]
-        fn = self._fn(spec, ppm_vars)
+        variables = self._variables(method, variables)
+        fn = self._fn(method, variables)
         _, idx, _ = next(self._batches())
-        args = (self.params, ppm_vars, *self._batch_args(idx), jax.random.key(0))
+        args = (self.params, variables, *self._batch_args(idx), self._keys(0))
         jax.block_until_ready(fn(*args))
         times = []
         for _ in range(max(1, repeats)):

@@ -65,6 +65,21 @@ import numpy as np
 
 STAGES = ("data", "pretrain", "ppm", "evaluate")
 RESULTS = "results.json"
+
+
+def _baseline() -> str:
+    """The unpruned row's method name."""
+    from covipal_jax import pruning
+
+    return pruning.NoneMethod.name
+
+
+def _highlight() -> str:
+    """The method drawn bold in the plot: CoViPAL's PPM."""
+    from covipal_jax import pruning
+
+    return pruning.PPMMethod.name
+
 DETAIL = "results_detail.json"
 PLOT = "accuracy_vs_keep.png"
 
@@ -351,7 +366,7 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
     from covipal_jax.data.synthetic import scene_qa
     from covipal_jax.models.config import LlavaConfig
     from covipal_jax.models.llava import Llava, init_params
-    from covipal_jax.inference.prefill import PruneSpec
+    from covipal_jax import pruning
     from covipal_jax.train import pretrain as pt
     from covipal_jax.weights import hf
 
@@ -393,7 +408,7 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
     dev = load_split(data_dir, "dev")
     ev = make_evaluator(model, params, processor, tok, config.template, dev,
                         buckets=config.text_buckets, batch_size=int(config.eval.batch_size))
-    none = PruneSpec("none", cfg.num_vision_tokens)
+    none = pruning.NoneMethod()
     dev_types = dev["qtype"]
 
     def evaluate(p):
@@ -446,7 +461,7 @@ def ppm_stage(config: Any, workdir: str, stages: Stages, upstream: str, *,
     if given:
         stages.log(f"[ppm] using the given PPM {given}")
         stages.seconds["ppm"] = 0.0
-        return given, fingerprint(upstream, given, _mtime(os.path.join(given, "ppm.json")))
+        return given, fingerprint(upstream, given, _mtime(os.path.join(given, "config.json")))
     fp = fingerprint("ppm", upstream, config.train, config.ppm, config.data)
     if stages.cached("ppm", directory, fp):
         return ppm_dir, fp
@@ -470,15 +485,12 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
     """Accuracy / tokens / prefill time for unpruned and every method x ratio on `test`."""
     from covipal_jax import sharding
     from covipal_jax.inference import loading
-    from covipal_jax.weights import ppm_io
-    from covipal_jax.inference.prefill import PruneSpec
+    from covipal_jax import pruning
 
     ev_cfg = section(config, "eval")
     loaded = loading.load(llava_config)
     cfg = loaded.cfg
     n_v = cfg.num_vision_tokens
-    module, variables, _ = ppm_io.load_ppm(ppm_dir, cfg)
-    ppm = (module, variables)
     test = load_split(data_dir, "test")
     qtypes = test["qtype"]
     mk = lambda split: make_evaluator(loaded.model, loaded.params, loaded.processor,
@@ -498,31 +510,40 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
         out["rows"].append(row)
         return row
 
+    var_of: dict = {}  # method value -> its trained variables (trainable methods only)
+
     def spec_for(method, ratio):
+        cls = pruning.get(method)
         pc = copy.deepcopy(config.pruning)
         with pc.unlocked():
-            pc.method, pc.keep = method, ratio if method != "none" else 1.0
+            pc.method, pc.keep = method, ratio if cls.budgeted else 1.0
             pc.layer = int(ev_cfg.get("in_llm_layer", pc.layer))
-        return PruneSpec.from_config(pc, n_v)
+            if cls.trainable and not pc.get("ppm_checkpoint"):
+                pc.ppm_checkpoint = ppm_dir
+        m = cls.from_config(pc)
+        if m.trainable:
+            m, var_of[m] = m.load_variables(cfg)
+        return m
 
     with sharding.use_mesh(loaded.mesh, loaded.rules):
         ev = mk(test)
-        runs = [("none", 1.0)] + [(m, float(r)) for m in ev_cfg.methods for r in ev_cfg.ratios]
+        runs = [(pruning.NoneMethod.name, 1.0)] + [(m, float(r)) for m in ev_cfg.methods
+                                    for r in ev_cfg.ratios]
         specs = [spec_for(m, r) for m, r in runs]
         t0 = time.perf_counter()
-        ev.compile(specs, ppm=ppm, workers=int(ev_cfg.get("compile_workers", 2)))
+        ev.compile(specs, var_of.get, workers=int(ev_cfg.get("compile_workers", 2)))
         log(f"[evaluate] compiled {len(set(specs))} prefill programs in "
             f"{time.perf_counter() - t0:.0f} s")
         bar = _progress(list(zip(runs, specs)), len(runs), "evaluate", progress)
         for (method, ratio), spec in bar:
             bar.set_postfix_str(f"{method} {ratio}")
-            res = ev.accuracy(spec, ppm=ppm if method == "ppm" else None)
+            res = ev.accuracy(spec, var_of.get(spec))
             record(method, ratio, spec, res)
         for name in ("dev", "validation"):
             path = os.path.join(data_dir, f"{name}.npz")
             if os.path.exists(path):
                 split = load_split(data_dir, name)
-                r = mk(split).accuracy(PruneSpec("none", n_v))
+                r = mk(split).accuracy(pruning.NoneMethod())
                 out[f"{name}_unpruned"] = r.accuracy
     return out
 
@@ -532,10 +553,14 @@ def llm_budget(spec, n_v: int, num_layers: int) -> float:
     pre-LLM method; (K n_v + (N - K) k) / (N n_v) for an in-LLM method pruning at layer K of N
     (FastV / DART run layers [0, K) on every token). The equal-budget axis of the comparison:
     the paper's K = 2 of 32 layers costs 6% of the depth, K = 1 of the demo's 3 layers 33%."""
-    if spec.info.stage != "in_llm":
-        return spec.k / n_v
-    K = min(spec.layer, num_layers)
-    return (K * n_v + (num_layers - K) * spec.k) / (num_layers * n_v)
+    if spec.where != "in_llm":
+        return spec.k(n_v) / n_v
+    pairs, start, tokens = 0, 0, n_v
+    for kk, k in spec.stages(n_v, num_layers):
+        pairs += (kk - start) * tokens
+        start, tokens = kk, k
+    pairs += (num_layers - start) * tokens
+    return pairs / (num_layers * n_v)
 
 
 def _queried_kept(queried: np.ndarray, kept: np.ndarray, n_v: int) -> float:
@@ -549,10 +574,10 @@ def _queried_kept(queried: np.ndarray, kept: np.ndarray, n_v: int) -> float:
 
 def write_results(workdir: str, sweep_out: dict, timings: dict, extra: dict) -> dict:
     rows = sweep_out["rows"]
-    base = next(r for r in rows if r["method"] == "none")
+    base = next(r for r in rows if r["method"] == _baseline())
     methods: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r["method"] != "none":
+        if r["method"] != _baseline():
             methods.setdefault(r["method"], {})[_rkey(r["ratio"])] = r["accuracy"]
     results = {"unpruned": base["accuracy"], "methods": methods}
     with open(os.path.join(workdir, RESULTS), "w") as f:
@@ -572,13 +597,13 @@ def _rkey(ratio: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    base = next(r for r in rows if r["method"] == "none")
+    base = next(r for r in rows if r["method"] == _baseline())
     acc0, t0 = base["accuracy"], base["seconds"]
     lines = ["| method | keep | vision tokens | LLM budget | accuracy | vs unpruned "
              "| queried kept | prefill time vs unpruned |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = "unpruned" if r["method"] == "none" else r["method"]
+        name = "unpruned" if r["method"] == _baseline() else r["method"]
         rel = r["accuracy"] / acc0 if acc0 else float("nan")
         budget = r.get("llm_budget", r["k"] / base["k"])
         lines.append(f"| {name} | {r['ratio']:g} | {r['k']} | {budget:.2f} | "
@@ -588,8 +613,8 @@ def format_table(rows: list[dict]) -> str:
     lines += ["", "LLM budget: the share of (vision token, decoder layer) pairs the LLM computes "
               "(`llm_budget`); in-LLM methods (fastv, dart) run the layers before K on every "
               "vision token."]
-    ratios = sorted({r["ratio"] for r in rows if r["method"] != "none"}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != _baseline()}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != _baseline()))
     acc = {(r["method"], r["ratio"]): r["accuracy"] for r in rows}
     lines += ["", "| accuracy | " + " | ".join(f"r={x:g}" for x in ratios) + " |",
               "|---|" + "---|" * len(ratios)]
@@ -605,10 +630,10 @@ def plot(rows: list[dict], path: str, chance: float | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next(r for r in rows if r["method"] == "none")
+    base = next(r for r in rows if r["method"] == _baseline())
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=110, sharey=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
-    ratios = sorted({r["ratio"] for r in rows if r["method"] != "none"})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != _baseline()))
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != _baseline()})
     n_v = base["k"]
     for ax, key, xlabel in (
             (axes[0], "ratio", "keep ratio r (vision tokens kept / n_v)"),
@@ -617,8 +642,8 @@ def plot(rows: list[dict], path: str, chance: float | None = None) -> None:
             pts = sorted((r.get(key, r["k"] / n_v), r["accuracy"]) for r in rows
                          if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linewidth=2.4 if m == "ppm" else 1.4, label=m,
-                    zorder=3 if m == "ppm" else 2)
+                    linewidth=2.4 if m == _highlight() else 1.4, label=m,
+                    zorder=3 if m == _highlight() else 2)
         ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
                    label="unpruned")
         if chance is not None:

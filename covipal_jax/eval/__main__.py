@@ -136,4 +136,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

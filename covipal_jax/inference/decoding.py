@@ -2,8 +2,8 @@
 
 Letters: B batch, T prompt bucket, k kept vision tokens, M = max_new_tokens, V vocab.
 
-`Generator` compiles two functions per (bucket, k): `prefill` (encode, prune, splice, fill the
-cache; see `covipal_jax.inference.prefill`) and `decode` (a `lax.while_loop` over the decode step, on
+`Generator` compiles two functions per (bucket, method value): `prefill` (encode, prune,
+splice, fill the cache; see `covipal_jax.inference.prefill`) and `decode` (a `lax.while_loop` over the decode step, on
 device, no Python per token; it stops when every row has emitted EOS or M tokens). The cache
 holds `prompt + M` slots, so nothing is reallocated while decoding. Prompts are left-padded,
 so every row writes the same cache index at each step.
@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covipal_jax.inference.prefill import PrefillOutput, Segment, prefill
 from covipal_jax.models.llava import Llava
-from covipal_jax.inference.prefill import PrefillOutput, PruneSpec, Segment, prefill
+from covipal_jax.pruning.base import PruningMethod
 
 Array = jax.Array
 
@@ -85,32 +86,39 @@ class GenerateOutput:
 
 
 class Generator:
-    """Jitted, batched, static-shape generation for one model config and prune spec.
+    """Jitted, batched, static-shape generation for one model config and pruning method value.
 
-    Usage: `gen = Generator(model, spec, max_new_tokens=32, eos_id=2, pad_id=0)`;
-    `out = gen(params, pixels, ids, mask, rng=key, ppm_vars=...)` (`ppm_module` given to the
-    constructor when `spec.method == "ppm"`).
-    `gen.compilations()` reports how many programs each jitted function has compiled.
+    Usage: `gen = Generator(model, method, max_new_tokens=32, eos_id=2, pad_id=0)`;
+    `out = gen(params, pixels, ids, mask, rng=key, variables=...)` (`variables`: the method's
+    trainable variables, the PPM's; `prune_keys`: PRNG keys [B], one per example, for
+    stochastic methods).
+    Jitted entry points (public; `tools/aot.py` lowers the unjitted `prefill_fn` /
+    `decode_step_fn`): `prefill(params, variables, pixels, ids, mask, rng, prune_keys)` ->
+    (DecodeState, kept i32[B, k]); `decode(params, state)` (the on-device loop);
+    `decode_step(params, state)` (one token). `gen.compilations()` reports how many programs
+    each has compiled.
     """
 
-    def __init__(self, model: Llava, spec: PruneSpec, *, max_new_tokens: int, eos_id: int,
-                 pad_id: int = 0, sampling: Sampling = Sampling(),
-                 extra_stop_ids: tuple[int, ...] = (), ppm_module: Any = None,
-                 unstack_layers: bool | None = None):
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        self.model, self.spec, self.sampling = model, spec, sampling
+    def __init__(self, model: Llava, method: PruningMethod, *, max_new_tokens: int,
+                 eos_id: int, pad_id: int = 0, sampling: Sampling = Sampling(),
+                 extra_stop_ids: tuple[int, ...] = (), unstack_layers: bool | None = None):
+        if not isinstance(method, PruningMethod):
+            raise TypeError(f"method must be a PruningMethod value, got {type(method).__name__}")
+        limit = model.cfg.text.max_position_embeddings
+        if not 1 <= max_new_tokens <= limit:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {limit}] (the "
+                             "model's max_position_embeddings)")
+        self.model, self.method, self.sampling = model, method, sampling
         self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
         self.stop_ids = tuple(sorted({eos_id, *extra_stop_ids}))
-        self.ppm_module = ppm_module
         if unstack_layers is None:
             unstack_layers = jax.default_backend() == "cpu"
         self.unstack_layers = bool(unstack_layers)
         text = model.cfg.text
         # A one-layer twin of the model: runs one slice of the stacked decoder weights.
         self._one_layer = Llava(model.cfg.replace(text=dataclasses.replace(text, num_layers=1)))
-        self.prefill = jax.jit(self._prefill)
-        self.decode_step = jax.jit(self._step, donate_argnums=(1,))
+        self.prefill = jax.jit(self.prefill_fn)
+        self.decode_step = jax.jit(self.decode_step_fn, donate_argnums=(1,))
         self.decode = jax.jit(self._loop, donate_argnums=(1,))
 
     # -- traced bodies ------------------------------------------------------------------------
@@ -118,11 +126,27 @@ class Generator:
     def _is_stop(self, tok: Array) -> Array:
         return jnp.isin(tok, jnp.asarray(self.stop_ids, jnp.int32))
 
-    def _prefill(self, params, ppm_vars, pixels, ids, mask, rng) -> DecodeState:
-        ppm = None if ppm_vars is None else (self.ppm_module, ppm_vars)
+    def check_length(self, prompt_len: int) -> None:
+        """A clear error when prompt + max_new_tokens would pass the model's position limit
+        (`prompt_len`: the text bucket T; the unpruned sequence has T - 1 + n_v positions)."""
+        cfg = self.model.cfg
+        total = prompt_len - 1 + cfg.num_vision_tokens + self.max_new_tokens
+        if total > cfg.text.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({prompt_len - 1} text + {cfg.num_vision_tokens} vision tokens) + "
+                f"max_new_tokens={self.max_new_tokens} = {total} positions exceed the model's "
+                f"max_position_embeddings={cfg.text.max_position_embeddings}")
+
+    def prefill_fn(self, params, variables, pixels, ids, mask, rng, prune_keys=None
+                   ) -> tuple[DecodeState, Array]:
+        """Unjitted prefill: (DecodeState after the first token, kept i32[B, k]).
+
+        rng: one key (sampling; and pruning when `prune_keys` is None); prune_keys: [B] keys,
+        one per example, for stochastic methods (batch-independent draws)."""
         rng, r_prune, r_tok = jax.random.split(rng, 3)
-        out: PrefillOutput = prefill(self.model, params, pixels, ids, mask, self.spec,
-                                     extra=self.max_new_tokens, ppm=ppm, rng=r_prune)
+        out: PrefillOutput = prefill(self.model, params, pixels, ids, mask, self.method,
+                                     extra=self.max_new_tokens, variables=variables,
+                                     rng=r_prune if prune_keys is None else prune_keys)
         tok = sample(out.last_logits, r_tok, self.sampling)
         b = ids.shape[0]
         tokens = jnp.full((b, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(tok)
@@ -157,7 +181,8 @@ class Generator:
                                  cache, c)
         return x, cache
 
-    def _step(self, params, state: DecodeState, layers: list | None = None) -> DecodeState:
+    def decode_step_fn(self, params, state: DecodeState, layers: list | None = None
+                       ) -> DecodeState:
         """Feed token step-1, emit token `step` (`layers`: see `_layer_params`)."""
         model = self.model
         t = state.step
@@ -183,16 +208,17 @@ class Generator:
     def _loop(self, params, state: DecodeState) -> DecodeState:
         cond = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
         layers = self._layer_params(params) if self.unstack_layers else None
-        return jax.lax.while_loop(cond, lambda s: self._step(params, s, layers), state)
+        return jax.lax.while_loop(cond, lambda s: self.decode_step_fn(params, s, layers), state)
 
     # -- public -------------------------------------------------------------------------------
 
     def __call__(self, params, pixels, ids, mask, *, rng: Array | None = None,
-                 ppm_vars: Any = None) -> GenerateOutput:
+                 variables: Any = None, prune_keys: Array | None = None) -> GenerateOutput:
         rng = jax.random.key(0) if rng is None else rng
-        if ppm_vars is not None and self.ppm_module is None:
-            raise ValueError("ppm_vars given but the Generator has no ppm_module")
-        state, kept = self.prefill(params, ppm_vars, pixels, ids, mask, rng)
+        if variables is None and self.method.trainable:
+            raise ValueError(f"method {self.method.name!r} needs its trained variables")
+        self.check_length(int(ids.shape[1]))
+        state, kept = self.prefill(params, variables, pixels, ids, mask, rng, prune_keys)
         state = self.decode(params, state)
         tokens = np.asarray(state.tokens)
         return GenerateOutput(tokens, token_lengths(tokens, self.stop_ids, self.pad_id),

@@ -1,17 +1,21 @@
 """Where vision tokens are pruned: encode -> project -> method -> splice -> decoder prefill.
 
 Letters: B batch, T text bucket, n_v vision tokens per image, k kept, L = T - 1 + n_v (full
-sequence), L_k = T - 1 + k (pruned sequence), D width, V vocab.
+sequence), L_k = T - 1 + k (pruned sequence), D width, V vocab, S a current sequence length,
+n the current vision tokens.
 
-Every shape here is static: `k` comes from the config (`PruneSpec.k`), never from data, so a
-jitted prefill compiles once per (bucket, k).
+Every shape here is static: `k` comes from the method value (`method.k(n_v)`), never from
+data, so a jitted prefill compiles once per (bucket, method value).
 
-Two families of methods (see `covipal_jax.pruning`):
-- pre-LLM (`ppm`, `visionzip`, `random`, `pool`, `none`): the method picks / merges `k` tokens
-  from the projected vision tokens, the LLM sees a sequence of L_k tokens from layer 0 on.
-- in-LLM (`fastv`, `dart`): layers [0, K) see all n_v tokens; at layer K the method picks `k`
-  from signals of layer K-1 (one recomputed attention row / the keys), the hidden states are
-  gathered and layers [K, N) see L - n_v + k tokens. The KV cache has one segment per range.
+The method (`covipal_jax.pruning`) is a static value; prefill branches only on `method.where`:
+- "pre_llm": `method.select(ctx, k, variables)` picks / merges `k` tokens from the projected
+  vision tokens; the LLM sees a sequence of L_k tokens from layer 0 on.
+- "in_llm": `method.stages(n_v, num_layers)` = ((K_1, k_1), (K_2, k_2), ...). Layers
+  [K_{s-1}, K_s) run over the current sequence; at each stage the method sees a `Probe` of
+  layer K_s - 1 (attention rows recomputed for the rows it asks, keys, normed next hidden
+  states) and returns which current vision tokens stay (optionally plus merged tokens, an
+  `InLLMResult`); hidden states, masks and position ids are gathered (kept tokens keep their
+  position ids). The KV cache has one segment per layer range.
 
 Two realizations of a pre-LLM keep set:
 - "gather" (inference): the LLM really sees only k tokens; prefill FLOPs and KV cache shrink.
@@ -28,65 +32,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from covipal_jax import pruning
+from covipal_jax.models import multimodal as mm
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import init_cache
-from covipal_jax.models.llava import Llava, image_positions
-from covipal_jax.pruning import select
-from covipal_jax.pruning.base import PruneContext, resolve_keep
+from covipal_jax.models.llava import Llava
+from covipal_jax.pruning.base import InLLMResult, PruneContext, PruneResult, PruningMethod
 
 Array = jax.Array
 
-
-@dataclasses.dataclass(frozen=True)
-class PruneSpec:
-    """Static description of how to prune (hashable: part of the jit signature).
-
-    method: registry name; k: kept vision tokens; positions: "contiguous" | "original";
-    layer: K for in-LLM methods; options: extra method keyword arguments.
-    """
-
-    method: str = "none"
-    k: int = 0
-    positions: str = "contiguous"
-    layer: int = 2
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def from_config(cls, pruning_cfg: Any, n_v: int) -> "PruneSpec":
-        """From `config.pruning` (see configs/common.py); validates method and keep."""
-        p = pruning_cfg
-        info = pruning.get_method(p.method)
-        keep = p.keep
-        # ConfigDict stores `keep` as a float: a whole number > 1 means a token count.
-        if isinstance(keep, float) and keep > 1 and keep.is_integer():
-            keep = int(keep)
-        k = resolve_keep(keep, n_v)
-        if info.name == "none" and k != n_v:
-            raise ValueError(f"pruning.method='none' keeps all {n_v} tokens; "
-                             f"pruning.keep={p.keep} asks for {k}")
-        if p.positions not in ("contiguous", "original"):
-            raise ValueError(f"pruning.positions must be contiguous|original, got {p.positions}")
-        options: dict[str, Any] = {}
-        if info.name == "visionzip" and p.get("visionzip_dominant_frac") is not None:
-            options["dominant"] = max(1, min(k, int(round(k * p.visionzip_dominant_frac))))
-        if info.name == "dart" and p.get("dart_pivots") is not None:
-            half = max(1, int(p.dart_pivots) // 2)
-            options.update(num_image_pivots=half, num_text_pivots=half)
-        if info.name == "pool" and p.get("pool_mode"):
-            options["mode"] = p.pool_mode
-        layer = int(p.layer)
-        if info.stage == "in_llm" and layer < 1:
-            raise ValueError(f"pruning.layer must be >= 1 for in-LLM method {p.method!r}")
-        return cls(info.name, k, p.positions, layer, tuple(sorted(options.items())))
-
-    @property
-    def info(self) -> pruning.MethodInfo:
-        return pruning.get_method(self.method)
-
-    def seq_len(self, text_len: int, n_v: int) -> int:
-        """Length of the sequence the (last) decoder layers see."""
-        return text_len - 1 + (self.k if self.k else n_v)
+# the tower statistics (attention, keys) are computed only for methods that read them
+_TOWER_STATS = frozenset({"cls_attention", "vision_keys", "mean_attention_received"})
 
 
 @flax.struct.dataclass
@@ -119,11 +74,11 @@ class PrefillOutput:
 # ----------------------------------------------------------------------------- helpers
 
 def build_context(model: Llava, params: Any, pixels: Array, ids: Array, mask: Array,
-                  info: pruning.MethodInfo, rng: Array | None = None
+                  method: PruningMethod, rng: Array | None = None
                   ) -> tuple[PruneContext, Array]:
     """Run the tower + projector + text embedding; returns (context, text embeddings)."""
     cfg: LlavaConfig = model.cfg
-    stats = info.needs_vit_attention or info.needs_vit_keys
+    stats = bool(method.needs & _TOWER_STATS)
     vis, tokens = model.apply(params, pixels, stats, method=Llava.encode_image)
     text = model.apply(params, ids, method=Llava.embed_text)
     cls_attention = None if vis.cls_attention is None else vis.cls_attention.sum(axis=1)
@@ -137,19 +92,12 @@ def build_context(model: Llava, params: Any, pixels: Array, ids: Array, mask: Ar
     return ctx, text
 
 
-def select_pre_llm(model: Llava, params: Any, ctx: PruneContext, spec: PruneSpec,
-                   ppm: tuple[Any, Any] | None = None) -> pruning.PruneResult:
-    """Apply a pre-LLM method: PruneResult with k tokens."""
-    info = spec.info
-    kwargs = dict(spec.options)
-    if info.needs_project:
-        kwargs["project"] = lambda f: model.apply(params, f, method=Llava.project)
-    if info.name == "ppm":
-        if ppm is None:
-            raise ValueError("pruning.method='ppm' needs trained PPM params "
-                             "(pruning.ppm_checkpoint)")
-        kwargs.update(module=ppm[0], variables=ppm[1])
-    return info.fn(ctx, spec.k, **kwargs)
+def select_pre_llm(model: Llava, params: Any, ctx: PruneContext, method: PruningMethod,
+                   variables: Any = None) -> PruneResult:
+    """Apply a pre-LLM method: PruneResult with `method.k(n_v)` tokens (the context gets the
+    model's projector as `ctx.project`)."""
+    ctx = ctx.replace(project=lambda f: model.apply(params, f, method=Llava.project))
+    return method.select(ctx, method.k(ctx.n_v), variables)
 
 
 def _pad_valid(seq_mask: Array, extra: int) -> Array:
@@ -170,41 +118,32 @@ def _run_segment(model, params, x, positions, seq_mask, start, stop, extra):
 # ----------------------------------------------------------------------------- prefill
 
 def prefill(model: Llava, params: Any, pixels: Array, ids: Array, mask: Array,
-            spec: PruneSpec, *, extra: int, ppm: tuple[Any, Any] | None = None,
+            method: PruningMethod, *, extra: int, variables: Any = None,
             rng: Array | None = None) -> PrefillOutput:
     """Pruned prefill into KV caches with room for `extra` new tokens.
 
-    pixels f32[B, H, W, 3]; ids i32[B, T] left-padded, one placeholder each; mask bool[B, T].
+    pixels f32[B, H, W, 3]; ids i32[B, T] left-padded, one placeholder each; mask bool[B, T];
+    method: a `PruningMethod` value (static); variables: its trainable variables (PPM) or None;
+    rng: PRNG keys [B] (one per example) or one key, for stochastic methods.
     """
     cfg: LlavaConfig = model.cfg
     n_layers = cfg.text.num_layers
-    info = spec.info
-    ctx, text = build_context(model, params, pixels, ids, mask, info, rng)
-    image_pos = image_positions(ids, cfg.image_token_id)
+    ctx, text = build_context(model, params, pixels, ids, mask, method, rng)
+    image_pos = mm.image_positions(ids, cfg.image_token_id)
     n_v = ctx.n_v
 
-    if info.stage == "pre_llm":
-        res = select_pre_llm(model, params, ctx, spec, ppm)
-        seq, seq_mask, positions, _ = select.splice(text, mask, image_pos, res.tokens,
-                                                    res.indices, spec.positions, n_v)
+    if method.where == "pre_llm":
+        res = select_pre_llm(model, params, ctx, method, variables)
+        seq, seq_mask, positions, _ = mm.splice(text, mask, image_pos, res.tokens,
+                                                res.indices, method.positions, n_v)
         h, seg = _run_segment(model, params, seq, positions, seq_mask, 0, n_layers, extra)
         segments, kept, scores = (seg,), res.indices, res.scores
+    elif method.where == "in_llm":
+        h, segments, positions, kept = _in_llm(model, params, ctx, text, mask, image_pos,
+                                               method, extra)
+        scores = None
     else:
-        kk = spec.layer
-        if not 1 <= kk < n_layers:
-            raise ValueError(f"in-LLM pruning layer K={kk} must be in [1, {n_layers})")
-        idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (ids.shape[0], n_v))
-        seq, seq_mask, positions, _ = select.splice(text, mask, image_pos, ctx.vision_tokens,
-                                                    idx, "contiguous", n_v)
-        h, seg_a = _run_segment(model, params, seq, positions, seq_mask, 0, kk - 1, extra)
-        kept = _select_in_llm(model, params, h, positions, seq_mask, image_pos, n_v, spec)
-        h, seg_b = _run_segment(model, params, h, positions, seq_mask, kk - 1, kk, extra)
-        keep_seq = select.in_llm_keep_indices(image_pos, kept, n_v, seq.shape[1])
-        take = lambda a: jnp.take_along_axis(a, keep_seq.reshape(keep_seq.shape + (1,) * (
-            a.ndim - 2)), axis=1)
-        h, seq_mask, positions = take(h), take(seq_mask), take(positions)
-        h, seg_c = _run_segment(model, params, h, positions, seq_mask, kk, n_layers, extra)
-        segments, scores = (_merge(seg_a, seg_b), seg_c), None
+        raise ValueError(f"{type(method).__name__}.where={method.where!r}")
 
     last = model.apply(params, h[:, -1:], method=Llava.logits)[:, 0]
     return PrefillOutput(last, segments, positions[:, -1] + 1, kept, scores)
@@ -216,63 +155,157 @@ def _merge(a: Segment, b: Segment) -> Segment:
     return Segment(cache, a.key_valid, a.start, b.stop, a.base)
 
 
-def _select_in_llm(model, params, h, positions, seq_mask, image_pos, n_v, spec) -> Array:
-    """The in-LLM method's kept image tokens i32[B, k], from the input h of layer K-1."""
-    layer = spec.layer - 1
-    b, length = seq_mask.shape
-    if spec.method == "fastv":
-        rows = jnp.full((b, 1), length - 1, jnp.int32)
-        probs = model.apply(params, h, method=Llava.attention_rows, layer=layer,
-                            positions=positions, key_valid=seq_mask, rows=rows)[:, :, 0]
-        image_attention = select.slice_span(probs, image_pos, n_v, axis=2)  # [B, N, n_v]
-        return spec.info.fn(image_attention, spec.k)
-    if spec.method == "dart":
-        keys = model.apply(params, h, method=Llava.layer_keys, layer=layer, positions=positions)
-        # DART compares hidden states of the layer-K input through the final norm.
-        h_next, _ = model.apply(params, h, method=Llava.run, positions=positions,
-                                key_valid=seq_mask, start=layer, stop=layer + 1)
-        normed = model.apply(params, h_next, method=Llava.final_norm)
-        return spec.info.fn(normed, keys, image_pos, n_v, spec.k, seq_mask=seq_mask,
-                            **dict(spec.options))
-    raise ValueError(f"no in-LLM selection for method {spec.method!r}")
+@dataclasses.dataclass
+class Probe:
+    """The concrete `LayerProbe` of prefill at layer `layer` = K - 1 (see `pruning.base`).
+
+    hidden f32[B, S, D] is the input of layer K-1; every signal is computed on demand from it,
+    so the main pass stays fused and a method pays only for what it asks.
+    """
+
+    model: Llava
+    params: Any
+    layer: int
+    hidden: Array            # f32[B, S, D]
+    seq_mask: Array          # bool[B, S]
+    positions: Array         # i32[B, S]
+    vision_index: Array      # i32[B, n]
+    text_mask: Array         # bool[B, S]
+    last_index: Array        # i32[B]
+    _out: Array | None = None
+
+    @property
+    def n_vision(self) -> int:
+        return self.vision_index.shape[1]
+
+    def _layer_output(self) -> Array:
+        """The output of layer K-1 (the input of layer K), f32[B, S, D]."""
+        if self._out is None:
+            self._out, _ = self.model.apply(
+                self.params, self.hidden, method=Llava.run, positions=self.positions,
+                key_valid=self.seq_mask, start=self.layer, stop=self.layer + 1)
+        return self._out
+
+    def attention_rows(self, rows: Array, *, layer: str = "previous") -> Array:
+        if layer == "previous":
+            x, at = self.hidden, self.layer
+        elif layer == "next":
+            x, at = self._layer_output(), self.layer + 1
+        else:
+            raise ValueError(f'layer must be "previous" | "next", got {layer!r}')
+        return self.model.apply(self.params, x, method=Llava.attention_rows, layer=at,
+                                positions=self.positions, key_valid=self.seq_mask,
+                                rows=rows.astype(jnp.int32))
+
+    def vision_columns(self, x: Array) -> Array:
+        idx = self.vision_index.reshape(
+            (x.shape[0],) + (1,) * (x.ndim - 2) + (self.n_vision,))
+        return jnp.take_along_axis(x, idx, axis=-1)
+
+    def keys(self) -> Array:
+        return self.model.apply(self.params, self.hidden, method=Llava.layer_keys,
+                                layer=self.layer, positions=self.positions)
+
+    def next_hidden(self) -> Array:
+        return self._layer_output()
+
+    def next_hidden_normed(self) -> Array:
+        return self.model.apply(self.params, self._layer_output(), method=Llava.final_norm)
+
+
+def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, extra):
+    """In-LLM pruning, stage by stage: returns (h of the last layer, segments, positions,
+    kept source patch indices i32[B, k_last])."""
+    n_layers = model.cfg.text.num_layers
+    b, n_v = ctx.batch, ctx.n_v
+    stages = method.stages(n_v, n_layers)
+    src = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
+    h, seq_mask, positions, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens, src,
+                                               "contiguous", n_v)
+    vision_index = image_pos[:, None] + jnp.arange(n_v, dtype=jnp.int32)[None, :]
+    text_mask = seq_mask & ~is_vis
+    segments, start, prev_k = [], 0, n_v
+    for s, (kk, k) in enumerate(stages):
+        if not start < kk < n_layers or not 1 <= k <= prev_k:
+            raise ValueError(f"{method.name}: stage {s} (K={kk}, k={k}) must have K in "
+                             f"({start}, {n_layers}) and k in [1, {prev_k}]")
+        seg = None
+        if kk - 1 > start:
+            h, seg = _run_segment(model, params, h, positions, seq_mask, start, kk - 1, extra)
+        length = h.shape[1]
+        probe = Probe(model, params, kk - 1, h, seq_mask, positions, vision_index, text_mask,
+                      jnp.full((b,), length - 1, jnp.int32))
+        res = method.select_in_llm(probe, k, s)
+        if not isinstance(res, InLLMResult):
+            res = InLLMResult(kept=res)
+        got = res.kept.shape[1] + (0 if res.merged is None else res.merged.shape[1])
+        if got != k:
+            raise ValueError(f"{method.name}: stage {s} returned {got} vision tokens "
+                             f"(kept + merged), its budget is k={k}")
+        h, seg_b = _run_segment(model, params, h, positions, seq_mask, kk - 1, kk, extra)
+        segments.append(seg_b if seg is None else _merge(seg, seg_b))
+        keep_seq = mm.keep_sequence_indices(vision_index, res.kept, length)
+        new_pos = jnp.cumsum(jnp.zeros((b, length), jnp.int32).at[
+            jnp.arange(b)[:, None], keep_seq].set(1), axis=1) - 1          # old -> new index
+        kept_seq = jnp.take_along_axis(vision_index, res.kept.astype(jnp.int32), axis=1)
+        new_vis = jnp.take_along_axis(new_pos, kept_seq, axis=1)
+        new_src = jnp.take_along_axis(src, res.kept.astype(jnp.int32), axis=1)
+        h, seq_mask, positions, text_mask = (mm.gather_sequence(a, keep_seq)
+                                             for a in (h, seq_mask, positions, text_mask))
+        if res.merged is not None:
+            m = res.merged.shape[1]
+            mpos = res.merged_positions.astype(jnp.int32)
+            after = new_vis[:, -1]
+            mposition = jnp.take_along_axis(                    # their position ids
+                probe.positions, jnp.take_along_axis(vision_index, mpos, axis=1), axis=1)
+            h = mm.insert_after(h, res.merged, after)
+            seq_mask = mm.insert_after(seq_mask, jnp.ones((b, m), bool), after)
+            positions = mm.insert_after(positions, mposition, after)
+            text_mask = mm.insert_after(text_mask, jnp.zeros((b, m), bool), after)
+            new_vis = jnp.concatenate(
+                [new_vis, after[:, None] + 1 + jnp.arange(m, dtype=jnp.int32)[None]], axis=1)
+            new_src = jnp.concatenate([new_src, jnp.take_along_axis(src, mpos, axis=1)], axis=1)
+        vision_index, src, start, prev_k = new_vis.astype(jnp.int32), new_src, kk, k
+    h, seg = _run_segment(model, params, h, positions, seq_mask, start, n_layers, extra)
+    segments.append(seg)
+    return h, tuple(segments), positions, src
 
 
 # ----------------------------------------------------------------------------- full forward
 
 def forward(model: Llava, params: Any, pixels: Array, ids: Array, mask: Array,
-            spec: PruneSpec, *, realize: str = "gather", ppm: tuple[Any, Any] | None = None,
+            method: PruningMethod, *, realize: str = "gather", variables: Any = None,
             rng: Array | None = None, bias_fn=None) -> tuple[Array, Array, Array]:
     """Logits over the whole (pruned) prompt, no cache: for training and analysis.
 
     realize: "gather" (sequence of L_k tokens) or "mask" (all L slots, pruned ones masked;
-    pre-LLM methods only). bias_fn(ctx, is_vision) -> f32[B, L] optional additive key bias.
-    Returns (logits f32[B, L', V], seq_mask bool[B, L'], kept i32[B, k]).
+    pre-LLM methods that do not merge). bias_fn(ctx, is_vision) -> f32[B, L] optional additive
+    key bias. Returns (logits f32[B, L', V], seq_mask bool[B, L'], kept i32[B, k]).
     """
-    info = spec.info
-    if info.stage != "pre_llm":
+    if method.where != "pre_llm":
         raise ValueError("forward() realizes pre-LLM methods; use prefill() for in-LLM ones")
     cfg: LlavaConfig = model.cfg
-    ctx, text = build_context(model, params, pixels, ids, mask, info, rng)
-    image_pos = image_positions(ids, cfg.image_token_id)
+    ctx, text = build_context(model, params, pixels, ids, mask, method, rng)
+    image_pos = mm.image_positions(ids, cfg.image_token_id)
     n_v = ctx.n_v
-    res = select_pre_llm(model, params, ctx, spec, ppm)
+    res = select_pre_llm(model, params, ctx, method, variables)
     if realize == "gather":
-        seq, seq_mask, positions, is_vis = select.splice(text, mask, image_pos, res.tokens,
-                                                         res.indices, spec.positions, n_v)
+        seq, seq_mask, positions, is_vis = mm.splice(text, mask, image_pos, res.tokens,
+                                                     res.indices, method.positions, n_v)
     elif realize == "mask":
-        if info.needs_project:
-            raise ValueError(f"{spec.method!r} merges tokens; it has no mask realization")
-        idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), res.indices.shape[:1] + (n_v,))
-        seq, seq_mask, positions, is_vis = select.splice(text, mask, image_pos,
-                                                         ctx.vision_tokens, idx, "contiguous",
-                                                         n_v)
-        keep = select.keep_mask(res.indices, n_v)  # [B, n_v]
+        if not method.kept_realized_by_mask():
+            raise ValueError(f"{method.name!r} merges tokens; it has no mask realization")
+        b = res.indices.shape[0]
+        idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
+        seq, seq_mask, positions, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens,
+                                                     idx, "contiguous", n_v)
+        keep = jnp.zeros((b, n_v), bool).at[jnp.arange(b)[:, None], res.indices].set(True)
         vis_keep = jnp.take_along_axis(
             keep, jnp.clip(jnp.arange(seq.shape[1])[None] - image_pos[:, None], 0, n_v - 1),
             axis=1)
         seq_mask = seq_mask & (~is_vis | vis_keep)
-        if spec.positions == "contiguous":
-            positions = jnp.maximum(jnp.cumsum(seq_mask.astype(jnp.int32), axis=1) - 1, 0)
+        if method.positions == "contiguous":
+            positions = mm.text_positions(seq_mask)
     else:
         raise ValueError(f"realize must be gather|mask, got {realize!r}")
     bias = None if bias_fn is None else bias_fn(ctx, is_vis)

@@ -3,7 +3,8 @@
 Letters: B batch, T text length (bucket), k vision tokens in the sequence, L = T - 1 + k,
 D width, V vocab, n_v vision tokens per image.
 
-This module holds the pieces; `covipal_jax.inference.prefill` is where a pruning method is applied
+This module holds the pieces (sequence assembly: `models/multimodal.py`);
+`covipal_jax.inference.prefill` is where a pruning method is applied
 between them (encode -> project -> method -> splice -> decoder). Calling the module itself runs
 the unpruned model on a batch of (image, left-padded prompt with one image placeholder), the
 path that is checked for parity against Hugging Face.
@@ -18,8 +19,8 @@ from covipal_jax.models import anyres
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import Decoder
 from covipal_jax.models.layers import activation, dense
+from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.models.vit import VisionOutput, VisionTower
-from covipal_jax.pruning import select
 
 Array = jax.Array
 
@@ -151,15 +152,10 @@ class Llava(nn.Module):
         image_pos = image_positions(ids, self.cfg.image_token_id)
         n_v = vis.shape[1]
         idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), vis.shape[:2])
-        seq, seq_mask, positions, _ = select.splice(text, mask, image_pos, vis, idx,
-                                                    positions_mode="contiguous", n_v=n_v)
+        seq, seq_mask, positions, _ = splice(text, mask, image_pos, vis, idx,
+                                             positions_mode="contiguous", n_v=n_v)
         h, _ = self.run(seq, positions=positions, key_valid=seq_mask)
         return self.logits(h), seq_mask
-
-
-def image_positions(ids: Array, image_token_id: int) -> Array:
-    """i32[B]: index of the (single) image placeholder in each row of ids i32[B, T]."""
-    return jnp.argmax(ids == image_token_id, axis=-1).astype(jnp.int32)
 
 
 def init_params(cfg: LlavaConfig, rng: Array, batch: int = 1, text_len: int = 8):

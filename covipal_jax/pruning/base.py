@@ -3,16 +3,17 @@
 Shapes: `B` batch, `n_v` vision tokens of one image (CLS excluded), `k` kept vision tokens,
 `D` LLM width, `Dv` vision-tower width, `Hv` vision head dim, `T` text length.
 
-Two kinds of methods share these types:
-- pre-LLM methods (`ppm`, `visionzip`, `random`, `pool`, `none`) are called as
-  `fn(ctx: PruneContext, k: int, **params) -> PruneResult` and hand the LLM `k` projected
-  vision tokens;
-- in-LLM methods (`fastv`, `dart`) expose `select_in_llm(<signal>, k) -> i32[B, k]`, called by
-  the decoder at layer K on its own hidden states / attention (see their modules).
+A method is a value (`PruningMethod`, a frozen dataclass registered in `registry.py`):
+- `PreLLMMethod.select(ctx: PruneContext, k, variables) -> PruneResult` hands the LLM `k`
+  projected vision tokens (ppm, visionzip, random, pool, none);
+- `InLLMMethod.select_in_llm(probe: LayerProbe, k, stage) -> i32[B, k] | InLLMResult` picks
+  the vision tokens that stay, at each layer of `stages(n_v, num_layers)` (fastv, dart, ...).
+`inference/prefill.py` branches only on `method.where`.
 """
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import numbers
 from typing import Any, ClassVar, Protocol
 
@@ -77,7 +78,11 @@ class PruneContext:
         score for towers without CLS (SigLIP), as in cokeshao/HoliTom
         `LLaVA-NeXT/llava/model/multimodal_encoder/siglip_encoder.py` (WRAPPER=visionzip).
     grid:           (h, w) static patch grid, h * w == n_v.
-    rng:            PRNG key (or keys [B]) for stochastic methods (`random`); may be None.
+    rng:            PRNG keys [B] (one per example, so a draw never depends on the batch it
+        sits in) or a single key (row b then uses `fold_in(key, b)`), for stochastic methods
+        (`random`); may be None.
+    project:        f32[B, M, Dv] -> f32[B, M, D], the model's projector (static; for methods
+        that merge tower features before projecting, VisionZip).
     """
 
     vision_tokens: Array
@@ -90,6 +95,7 @@ class PruneContext:
     mean_attention_received: Array | None = None
     rng: Any = None
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
+    project: Any = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def n_v(self) -> int:
@@ -137,14 +143,19 @@ class PruneResult:
 def parse_keep(value: Any) -> float | int:
     """The one keep parser: a config / CLI value -> a ratio (float in (0, 1]) or a count (int).
 
-    `0.25`, `"0.25"` -> 0.25; `64`, `"64"`, `64.0` (ConfigDict stores floats) -> 64; `1`, `1.0`,
-    `"1.0"` -> 1.0 (keep everything). Anything else raises `ValueError`; `resolve_keep` checks
+    `0.25`, `"0.25"` -> 0.25; `"1/9"` -> 0.111... (a ratio); `64`, `"64"`, `64.0` (ConfigDict
+    stores floats) -> 64; `1`, `1.0`, `"1.0"` -> 1.0 (keep everything). Anything else raises `ValueError`; `resolve_keep` checks
     the range against n_v.
     """
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"keep must be a ratio or a count, got the bool {value!r}")
     if isinstance(value, str):
         s = value.strip()
+        if "/" in s:
+            try:
+                return float(fractions.Fraction(s))
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"keep {value!r} is not a fraction") from None
         try:
             value = int(s) if s.lstrip("+-").isdigit() else float(s)
         except ValueError:
@@ -175,8 +186,10 @@ class PruningMethod:
                "rng"); prefill materializes exactly these.
     trainable: it has variables (the PPM); prefill takes them as a separate pytree argument.
     merges:    it returns tokens that are not a subset of its inputs (no "mask" realization).
-    config_keys: its own `config.pruning.<key>` options, read by `from_config` into fields of
-               the same name.
+    budgeted:  it takes a budget (False: `none`, which keeps everything; sweeps skip its keep).
+    config_keys: its own `config.pruning.<key>` options, read by `from_config`: a key names
+               the field it fills, or `"config_key:field"` when the config's name differs
+               (e.g. `"pool_mode:mode"`).
 
     Fields shared by every method:
     keep:      a reserve ratio r in (0, 1] or an absolute count (see `resolve_keep`).
@@ -189,6 +202,7 @@ class PruningMethod:
     needs: ClassVar[frozenset[str]] = frozenset()
     trainable: ClassVar[bool] = False
     merges: ClassVar[bool] = False
+    budgeted: ClassVar[bool] = True
     config_keys: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
@@ -196,7 +210,10 @@ class PruningMethod:
     positions: str = "contiguous"
 
     def __post_init__(self):
-        object.__setattr__(self, "keep", parse_keep(self.keep))
+        keep = parse_keep(self.keep)
+        if isinstance(keep, int) and keep < 1 or isinstance(keep, float) and not 0 < keep <= 1:
+            raise ValueError(f"keep must be a ratio in (0, 1] or a count >= 1, got {self.keep!r}")
+        object.__setattr__(self, "keep", keep)
         if self.positions not in ("contiguous", "original"):
             raise ValueError(f"positions must be contiguous|original, got {self.positions!r}")
 
@@ -210,11 +227,40 @@ class PruningMethod:
         (None / absent keys keep the dataclass default)."""
         kw: dict[str, Any] = {"keep": p.get("keep", 1.0),
                               "positions": p.get("positions", "contiguous")}
-        for key in cls.config_keys:
+        for entry in cls.config_keys:
+            key, _, field = entry.partition(":")
             v = p.get(key)
             if v is not None:
-                kw[key] = tuple(v) if isinstance(v, list) else v
+                kw[field or key] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
+
+    def to_dict(self, n_v: int | None = None) -> dict[str, Any]:
+        """A JSON-able record: {"method": name, <fields>..., "k": k(n_v) when n_v given}."""
+        d = {"method": self.name, **dataclasses.asdict(self)}
+        if n_v is not None:
+            d["k"] = self.k(n_v)
+        return d
+
+    def with_keep(self, keep: float | int) -> "PruningMethod":
+        """The same method at another budget."""
+        return dataclasses.replace(self, keep=keep)
+
+    def load_variables(self, model_cfg: Any) -> "tuple[PruningMethod, Any]":
+        """(method, variables) ready for prefill: a trainable method reads its checkpoint (and
+        may fill config fields from it); others return (self, None)."""
+        del model_cfg
+        return self, None
+
+    def kept_layout(self, k: int, has_cls: bool) -> tuple[bool, int]:
+        """How the `kept` row of k tokens reads (for drawing): (the first token is the tower's
+        CLS, how many tokens after it are plain patches; the rest are merged tokens placed at
+        their target patch)."""
+        del has_cls
+        return False, k
+
+    def kept_realized_by_mask(self) -> bool:
+        """Whether the kept set can be realized by masking the full sequence (not merging)."""
+        return not self.merges
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -227,7 +273,7 @@ class PreLLMMethod(PruningMethod):
         """Pick (or merge) `k` tokens: f32[B, k, D] + source indices i32[B, k].
 
         `variables`: the method's trainable variables (trainable methods only). A merging
-        method that must run the projector itself receives it as `ctx.project`.
+        method that must run the projector itself finds it as `ctx.project`.
         """
         raise NotImplementedError
 
@@ -243,6 +289,7 @@ class InLLMMethod(PruningMethod):
     """
 
     where: ClassVar[str] = "in_llm"
+    config_keys: ClassVar[tuple[str, ...]] = ("layer",)
     layer: int = 2
 
     def stages(self, n_v: int, num_layers: int) -> tuple[tuple[int, int], ...]:
@@ -265,8 +312,9 @@ class InLLMResult:
     """An in-LLM selection with merged tokens (the stage's budget k = k_keep + m).
 
     kept:    i32[B, k_keep]  indices into the current vision tokens, ascending.
-    merged:  f32[B, m, D] | None  new hidden states placed right after the kept vision tokens
-             (their position: `merged_positions`).
+    merged:  f32[B, m, D] | None  new hidden states placed right after the kept vision tokens;
+             they enter layer K (like `probe.next_hidden()`, the output of layer K-1) with the
+             position id of `merged_positions`.
     merged_positions: i32[B, m] | None  index (into the current vision tokens) whose position
              id each merged token takes.
     """
@@ -305,6 +353,9 @@ class LayerProbe(Protocol):
 
     def keys(self) -> Array:
         """f32[B, S, K, H]: layer K-1's keys (after RoPE) for the whole sequence."""
+
+    def next_hidden(self) -> Array:
+        """f32[B, S, D]: the output of layer K-1 (the input of layer K)."""
 
     def next_hidden_normed(self) -> Array:
         """f32[B, S, D]: the output of layer K-1 through the final norm (DART)."""

@@ -29,19 +29,26 @@ Static-budget adaptation (documented deviations):
   deterministic and batch-independent.
 - If k < P_i, only the k image pivots with the largest key norm are kept.
 
-What the decoder must hand `select_in_llm` at layer K (full, unpruned sequence of length L):
-    hidden f32[B, L, D]: `final_norm(h)`, h the input of layer K (output of layer K-1);
-    keys f32[B, L, K*H] or [B, L, K, H]: post-RoPE keys of layer K-1 (the KV cache entries;
+What `dart_keep` reads (from prefill's `LayerProbe` at layer K, sequence of length L):
+    hidden f32[B, L, D]: `final_norm(h)`, h the input of layer K (output of layer K-1)
+        (`probe.next_hidden_normed()`);
+    keys f32[B, L, K*H] or [B, L, K, H]: post-RoPE keys of layer K-1 (`probe.keys()`;
         repeat_kv is not needed, it scales every L1 norm by G);
-    image_start i32[B]: index of the first image token; n_v static;
+    vision_index i32[B, n]: sequence index of each vision token (ascending);
     seq_mask bool[B, L] (optional): real tokens, so padding never becomes a text pivot.
+Text pivots are taken among the tokens after the last vision token.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.pruning.select import slice_span, topk_indices
+from covipal_jax.pruning.base import InLLMMethod
+from covipal_jax.pruning.registry import register
+from covipal_jax.pruning.select import topk_indices
 
 Array = jax.Array
 
@@ -80,32 +87,43 @@ def select_in_llm(hidden: Array, keys: Array, image_start: Array, n_v: int, k: i
                   seq_mask: Array | None = None,
                   num_image_pivots: int = PIVOT_IMAGE_TOKENS,
                   num_text_pivots: int = PIVOT_TEXT_TOKENS) -> Array:
-    """DART's kept image tokens, i32[B, k] ascending in [0, n_v) (see the module docstring)."""
+    """`dart_keep` for one contiguous image span [image_start, image_start + n_v)."""
+    vision_index = image_start.astype(jnp.int32)[:, None] + jnp.arange(n_v, dtype=jnp.int32)
+    return dart_keep(hidden, keys, vision_index, k, seq_mask=seq_mask,
+                     num_image_pivots=num_image_pivots, num_text_pivots=num_text_pivots)
+
+
+def dart_keep(hidden: Array, keys: Array, vision_index: Array, k: int, *,
+              seq_mask: Array | None = None, num_image_pivots: int = PIVOT_IMAGE_TOKENS,
+              num_text_pivots: int = PIVOT_TEXT_TOKENS) -> Array:
+    """DART's kept vision tokens, i32[B, k] ascending in [0, n) (see the module docstring)."""
     b, length = hidden.shape[:2]
+    n_v = vision_index.shape[1]
     if not 1 <= k <= n_v:
         raise ValueError(f"k={k} outside [1, n_v={n_v}]")
     p_img, quotas = pivot_quotas(k, num_image_pivots, num_text_pivots)
-    start = image_start.astype(jnp.int32)
+    vidx = vision_index.astype(jnp.int32)
 
     # 1. pivots by L1 key norm
     knorm = _l1(keys)                                                   # [B, L]
-    img_norm = slice_span(knorm, start, n_v, axis=1)                    # [B, n_v]
+    img_norm = jnp.take_along_axis(knorm, vidx, axis=1)                 # [B, n_v]
     img_piv = topk_indices(img_norm, p_img)                             # [B, P_i] ascending
     pos = jnp.arange(length)[None, :]
-    after = pos >= (start[:, None] + n_v)
+    after = pos > vidx[:, -1:]
     if seq_mask is not None:
         after = after & seq_mask.astype(bool)
+    img_piv_seq = jnp.take_along_axis(vidx, img_piv, axis=1)
     if num_text_pivots:
         txt_norm = jnp.where(after, knorm, -jnp.inf)
         txt_piv = topk_indices(txt_norm, num_text_pivots)               # [B, P_t] sequence pos
-        piv_seq = jnp.concatenate([img_piv + start[:, None], txt_piv], axis=1)
+        piv_seq = jnp.concatenate([img_piv_seq, txt_piv], axis=1)
     else:
-        piv_seq = img_piv + start[:, None]
+        piv_seq = img_piv_seq
 
     # 2. cosine similarity of every pivot to every image token (final-normed hidden states)
     h = hidden.astype(jnp.float32)
     h = h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-8)
-    h_img = slice_span(h, start, n_v, axis=1)                           # [B, n_v, D]
+    h_img = jnp.take_along_axis(h, vidx[..., None], axis=1)             # [B, n_v, D]
     h_piv = jnp.take_along_axis(h, piv_seq[..., None], axis=1)          # [B, P, D]
     cos = jnp.einsum("bpd,bnd->bpn", h_piv, h_img)                      # [B, P, n_v]
 
@@ -121,3 +139,21 @@ def select_in_llm(hidden: Array, keys: Array, image_start: Array, n_v: int, k: i
         avail = avail.at[jnp.arange(b)[:, None], sel].set(False)
     kept = jnp.concatenate(chosen, axis=1)
     return jnp.sort(kept, axis=1).astype(jnp.int32)
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DART(InLLMMethod):
+    """DART at layer `layer` (K, default 2) with `pivots` pivots (config `dart_pivots`), split
+    evenly into image and text pivots (`max(1, pivots // 2)` each): one stage."""
+
+    name: ClassVar[str] = "dart"
+    config_keys: ClassVar[tuple[str, ...]] = ("layer", "dart_pivots:pivots")
+    description: ClassVar[str] = "DART: least-duplicated tokens w.r.t. K-norm pivots"
+    layer: int = DEFAULT_LAYER
+    pivots: int = PIVOT_IMAGE_TOKENS + PIVOT_TEXT_TOKENS
+
+    def select_in_llm(self, probe, k: int, stage: int) -> Array:
+        half = max(1, int(self.pivots) // 2)
+        return dart_keep(probe.next_hidden_normed(), probe.keys(), probe.vision_index, k,
+                         seq_mask=probe.seq_mask, num_image_pivots=half, num_text_pivots=half)

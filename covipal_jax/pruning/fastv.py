@@ -9,20 +9,21 @@ with the highest attention (`topk(...)`), in original order (`keep_indexs.sort()
 tokens keep their original position ids (`position_ids = keep_indexs.unsqueeze(0)`).
 Defaults: K = 2, R = 0.5 (the paper's headline setting; K=2, R=0.75 is also common).
 
-What the decoder must hand `select_in_llm` at layer K:
-    image_attention f32[B, N, n_v] (or head-averaged f32[B, n_v]): the softmax attention row of
-    the last prompt token at layer K-1 restricted to the image keys. With fused attention that
-    does not return probabilities, recompute that single row with `last_row_attention`
-    (post-RoPE q of the last token and post-RoPE keys of layer K-1) and cut the image span with
-    `select.slice_span(row, image_start, n_v, axis=-1)`.
-With left padding every row ends at the same index, so "the last token" is index L-1 for all.
+`FastV` (the registered method value) asks prefill's `LayerProbe` for that one row: the
+attention of the last prompt token at layer K-1 (recomputed, so the main pass stays fused),
+restricted to the vision columns; `keep_by_attention` takes the top-k. With left padding every
+row ends at the same index, so "the last token" is index L-1 for all.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.pruning.base import resolve_keep
+from covipal_jax.pruning.base import InLLMMethod, resolve_keep
+from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import topk_indices
 
 Array = jax.Array
@@ -38,7 +39,7 @@ def fastv_keep(n_v: int, drop_ratio: float = DEFAULT_DROP_RATIO) -> int:
     return resolve_keep(1.0 - drop_ratio, n_v)
 
 
-def select_in_llm(image_attention: Array, k: int) -> Array:
+def keep_by_attention(image_attention: Array, k: int) -> Array:
     """Kept image tokens, ascending: the top-k of the head-averaged last-token attention.
 
     image_attention: f32[B, N, n_v] per head, or f32[B, n_v] already averaged over heads.
@@ -50,6 +51,24 @@ def select_in_llm(image_attention: Array, k: int) -> Array:
     if a.ndim != 2:
         raise ValueError(f"image_attention must be [B, N, n_v] or [B, n_v], got {a.shape}")
     return topk_indices(a, k)
+
+
+select_in_llm = keep_by_attention  # the pre-method-value name
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FastV(InLLMMethod):
+    """FastV at layer `layer` (K, default 2): one stage."""
+
+    name: ClassVar[str] = "fastv"
+    description: ClassVar[str] = "FastV: top-k by last-token attention at layer K-1"
+    layer: int = DEFAULT_LAYER
+
+    def select_in_llm(self, probe, k: int, stage: int) -> Array:
+        rows = probe.last_index[:, None].astype(jnp.int32)
+        probs = probe.attention_rows(rows, layer="previous")[:, :, 0]      # [B, N, S]
+        return keep_by_attention(probe.vision_columns(probs), k)
 
 
 def last_row_attention(q_last: Array, keys: Array, key_mask: Array | None = None,

@@ -24,14 +24,15 @@ prefill at r=0.25); see `ppm_param_count`, `ppm_flops`, `llm_prefill_flops`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from covipal_jax.models.layers import dense, kernel_init, layer_norm
-from covipal_jax.pruning.base import PruneContext, PruneResult
+from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
+from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import gather_tokens, topk_indices
 
 Array = jax.Array
@@ -182,6 +183,44 @@ def ppm(ctx: PruneContext, k: int, *, module: PPM, variables: Any,
     idx = topk_indices(scores, k)
     return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
                        scores=scores)
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPMMethod(PreLLMMethod):
+    """CoViPAL's PPM as a method value: `ppm` its architecture (static, part of the jit key),
+    `ppm_checkpoint` the exported PPM directory `load_variables` reads (config key of the same
+    name). Its variables `{"params": ...}` travel separately, as a pytree argument of prefill.
+    """
+
+    name: ClassVar[str] = "ppm"
+    trainable: ClassVar[bool] = True
+    config_keys: ClassVar[tuple[str, ...]] = ("ppm_checkpoint",)
+    description: ClassVar[str] = "CoViPAL PPM: learned text-conditioned scores, top-k"
+    ppm: PPMConfig | None = None
+    ppm_checkpoint: str = ""
+
+    def module(self) -> "PPM":
+        if self.ppm is None:
+            raise ValueError("pruning.method='ppm' needs a trained PPM: set "
+                             "pruning.ppm_checkpoint (or PPMMethod(ppm=PPMConfig(...)))")
+        return PPM(self.ppm)
+
+    def load_variables(self, model_cfg: Any) -> "tuple[PPMMethod, Any]":
+        """Reads `ppm_checkpoint` (checked against the base model `model_cfg`)."""
+        from covipal_jax.weights import ppm_io  # weights/ imports this module
+
+        if not self.ppm_checkpoint:
+            raise ValueError("pruning.method='ppm' needs --config.pruning.ppm_checkpoint=DIR "
+                             "(a PPM exported by `python -m covipal_jax.train`)")
+        module, variables, _ = ppm_io.load_ppm(self.ppm_checkpoint, model_cfg)
+        return dataclasses.replace(self, ppm=module.cfg), variables
+
+    def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        if variables is None:
+            raise ValueError("pruning.method='ppm' needs trained PPM variables "
+                             "(pruning.ppm_checkpoint)")
+        return ppm(ctx, k, module=self.module(), variables=variables)
 
 
 # ----------------------------------------------------------------------------- cost model

@@ -1,4 +1,7 @@
-"""Static-shape selection utilities: top-k, gather, keep masks, and splicing vision into text.
+"""Static-shape selection utilities: top-k, gather, keep masks (the top-k arithmetic of methods).
+
+Sequence assembly (splice, positions, in-LLM keep indices) lives with the model in
+`covipal_jax.models.multimodal`; `splice` and `in_llm_keep_indices` are re-exported here.
 
 Shapes: `B` batch, `N` candidates, `k` kept, `D` width, `T` text length, `L` spliced length.
 Everything here is index arithmetic with static shapes (no boolean indexing), so it jits once
@@ -9,9 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from covipal_jax.models.multimodal import (POSITION_MODES, in_llm_keep_indices,  # noqa: F401
+                                           splice)
 
-POSITION_MODES = ("contiguous", "original")
+Array = jax.Array
 
 
 def topk_indices(scores: Array, k: int) -> Array:
@@ -55,76 +59,3 @@ def slice_span(x: Array, start: Array, length: int, axis: int = 1) -> Array:
     ax = axis % x.ndim
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, length, axis=ax - 1))(
         x, start.astype(jnp.int32))
-
-
-def _text_positions(text_mask: Array) -> Array:
-    return jnp.maximum(jnp.cumsum(text_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def splice(text_embeds: Array, text_mask: Array, image_pos: Array, vis: Array,
-           vis_positions: Array | None = None, positions_mode: str = "contiguous",
-           n_v: int | None = None) -> tuple[Array, Array, Array, Array]:
-    """Replace the single image placeholder of each prompt by `k` vision tokens.
-
-    text_embeds: f32[B, T, D] left-padded prompt embeddings; text_mask: bool[B, T];
-    image_pos: i32[B] index of the placeholder in each row (traced is fine); vis: f32[B, k, D];
-    vis_positions: i32[B, k] source patch index of each vision token (needed for "original").
-
-    Returns (seq f32[B, L, D], mask bool[B, L], positions i32[B, L], is_vision bool[B, L]) with
-    L = T - 1 + k. Layout of row b: text[:p], vis, text[p+1:], p = image_pos[b].
-    Positions:
-    - "contiguous": `cumsum(mask) - 1`, pads clamped to 0 (the sequence as the LLM sees it).
-    - "original": positions as if all n_v vision tokens were present: text before the image
-      keeps its text position; vision token j gets `pos(placeholder) + vis_positions[j]`;
-      text after the image gets `pos(placeholder) + n_v + offset` (offset 0 for the first
-      token after the placeholder). With k = n_v and vis_positions = arange both modes agree.
-    """
-    if positions_mode not in POSITION_MODES:
-        raise ValueError(f"positions_mode {positions_mode!r} not in {POSITION_MODES}")
-    b, t, d = text_embeds.shape
-    k = vis.shape[1]
-    if vis.shape[0] != b or vis.shape[2] != d:
-        raise ValueError(f"vis {vis.shape} does not match text_embeds {text_embeds.shape}")
-    length = t - 1 + k
-    p = image_pos.astype(jnp.int32)[:, None]                      # [B, 1]
-    j = jnp.arange(length, dtype=jnp.int32)[None, :]              # [1, L]
-    is_vis = (j >= p) & (j < p + k)                               # [B, L]
-    src_text = jnp.clip(jnp.where(j < p, j, j - k + 1), 0, t - 1)  # [B, L]
-    src_vis = jnp.clip(j - p, 0, k - 1)                           # [B, L]
-
-    text_part = jnp.take_along_axis(text_embeds, src_text[..., None], axis=1)
-    vis_part = jnp.take_along_axis(vis.astype(text_embeds.dtype), src_vis[..., None], axis=1)
-    seq = jnp.where(is_vis[..., None], vis_part, text_part)
-    mask = jnp.where(is_vis, True, jnp.take_along_axis(text_mask, src_text, axis=1))
-
-    if positions_mode == "contiguous":
-        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    else:
-        if vis_positions is None or n_v is None:
-            raise ValueError('positions_mode="original" needs vis_positions and n_v')
-        tpos = _text_positions(text_mask)                          # [B, T]
-        base = jnp.take_along_axis(tpos, p, axis=1)                # [B, 1] placeholder position
-        text_pos = jnp.take_along_axis(tpos, src_text, axis=1)
-        text_pos = jnp.where(j >= p + k, text_pos + n_v - 1, text_pos)
-        vis_pos = base + jnp.take_along_axis(vis_positions.astype(jnp.int32), src_vis, axis=1)
-        positions = jnp.where(is_vis, vis_pos, text_pos)
-    return seq, mask, positions.astype(jnp.int32), is_vis
-
-
-def in_llm_keep_indices(image_start: Array, vis_idx: Array, n_v: int, length: int) -> Array:
-    """Sequence indices an in-LLM method keeps: every text position plus the kept vision ones.
-
-    image_start: i32[B] index of the first vision token in the (unpruned) sequence of length
-    `length`; vis_idx: i32[B, k] kept vision tokens (0-based within the image span, ascending).
-    Returns i32[B, length - n_v + k], ascending: the `keep_indexs` of FastV / DART (text before
-    the image, the kept image tokens, the text after). Gather hidden states, masks and
-    position ids with it (FastV and DART keep the original position ids of the kept tokens:
-    `position_ids = keep_indexs`).
-    """
-    k = vis_idx.shape[1]
-    out_len = length - n_v + k
-    p = image_start.astype(jnp.int32)[:, None]
-    j = jnp.arange(out_len, dtype=jnp.int32)[None, :]
-    src_vis = jnp.clip(j - p, 0, k - 1)
-    vis_src = p + jnp.take_along_axis(vis_idx.astype(jnp.int32), src_vis, axis=1)
-    return jnp.where(j < p, j, jnp.where(j < p + k, vis_src, j + n_v - k)).astype(jnp.int32)

@@ -1,16 +1,21 @@
 """Reference baselines: keep all (`none`), uniform random (`random`), spatial pooling (`pool`).
 
-All are pre-LLM selections over the projected tokens H_v = ctx.vision_tokens f32[B, n_v, D].
+All are pre-LLM selections over the projected tokens H_v = ctx.vision_tokens f32[B, n_v, D]:
+the functions below, and the registered method values `NoneMethod`, `RandomMethod`,
+`PoolMethod` over them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from covipal_jax.pruning.base import PruneContext, PruneResult
+from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
+from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import gather_tokens, topk_indices
 
 Array = jax.Array
@@ -27,13 +32,14 @@ def none(ctx: PruneContext, k: int, *, project=None) -> PruneResult:
 
 
 def _per_example_keys(rng, b: int):
-    """One key per example: a single key is split into B; a batch of B keys is used as is."""
+    """One key per example: a batch of B keys is used as is; a single key gives row b the key
+    `fold_in(key, b)` (never `split(key, B)`, whose keys change with B)."""
     if rng is None:
         raise ValueError("method 'random' needs PruneContext.rng")
     typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
     single = rng.ndim == (0 if typed else 1)
     if single:
-        return jax.random.split(rng, b)
+        return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b))
     if rng.shape[0] != b:
         raise ValueError(f"rng batch {rng.shape[0]} != batch {b}")
     return rng
@@ -42,8 +48,9 @@ def _per_example_keys(rng, b: int):
 def random(ctx: PruneContext, k: int, *, project=None) -> PruneResult:
     """k distinct tokens per example, uniformly at random, ascending.
 
-    Example b uses key b of `ctx.rng` (a [B] batch of keys), or of `split(ctx.rng, B)` when a
-    single key is given: the draw is a deterministic function of the example's key (top-k of
+    Example b uses key b of `ctx.rng` (a [B] batch of keys, one per example: the draw then
+    never depends on the batch the example sits in), or `fold_in(ctx.rng, b)` when a single key
+    is given: the draw is a deterministic function of the example's key (top-k of
     `uniform(key, [n_v])`, i.e. a uniformly random k-subset).
     """
     del project
@@ -113,3 +120,61 @@ def pool(ctx: PruneContext, k: int, *, mode: str = "stride", project=None) -> Pr
     else:
         raise ValueError(f"pool mode {mode!r} not in ('stride', 'avg')")
     return PruneResult(tokens=tokens, indices=idx, scores=None)
+
+
+# ----------------------------------------------------------------------------- method values
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoneMethod(PreLLMMethod):
+    """No pruning: the LLM sees all n_v tokens (`keep` must be 1.0)."""
+
+    name: ClassVar[str] = "none"
+    budgeted: ClassVar[bool] = False
+    description: ClassVar[str] = "keep all n_v tokens"
+
+    def k(self, n_v: int) -> int:
+        k = super().k(n_v)
+        if k != n_v:
+            raise ValueError(f"pruning.method='none' keeps all {n_v} tokens; "
+                             f"pruning.keep={self.keep} asks for {k}")
+        return k
+
+    def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        return none(ctx, k)
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandomMethod(PreLLMMethod):
+    """A uniformly random k-subset per example (`ctx.rng`: one key per example)."""
+
+    name: ClassVar[str] = "random"
+    needs: ClassVar[frozenset[str]] = frozenset({"rng"})
+    description: ClassVar[str] = "uniform random k-subset, per example"
+
+    def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        return random(ctx, k)
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolMethod(PreLLMMethod):
+    """A uniform spatial sub-grid (`mode` "stride") or its cell means ("avg")."""
+
+    name: ClassVar[str] = "pool"
+    config_keys: ClassVar[tuple[str, ...]] = ("pool_mode:mode",)
+    description: ClassVar[str] = "uniform spatial sub-grid (mode stride | avg)"
+    mode: str = "stride"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in ("stride", "avg"):
+            raise ValueError(f"pool mode {self.mode!r} not in ('stride', 'avg')")
+
+    @property
+    def merges(self) -> bool:  # type: ignore[override]
+        return self.mode == "avg"
+
+    def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        return pool(ctx, k, mode=self.mode)

@@ -33,12 +33,14 @@ Order and positions: with `order="visionzip"` (default, faithful) the tokens ent
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.pruning.base import PruneContext, PruneResult
+from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
+from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import complement_indices, gather_tokens, topk_indices
 
 Array = jax.Array
@@ -144,3 +146,51 @@ def visionzip(ctx: PruneContext, k: int, *, project: Callable[[Array], Array],
         indices = jnp.take_along_axis(indices, perm, axis=1)
     tokens = project(merged)
     return PruneResult(tokens=tokens, indices=indices, scores=score)
+
+
+@register
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionZipMethod(PreLLMMethod):
+    """VisionZip as a method value.
+
+    dominant_frac: share of the budget that is dominant (CLS included), `dominant =
+        max(1, min(k, round(k * dominant_frac)))` (config `visionzip_dominant_frac`); None:
+        `split_budget`'s default 54/64. dominant: an absolute dominant count (wins).
+    order: "visionzip" (official [CLS, dominant..., contextual...]) | "spatial".
+    """
+
+    name: ClassVar[str] = "visionzip"
+    needs: ClassVar[frozenset[str]] = frozenset(
+        {"cls", "cls_attention", "vision_keys", "mean_attention_received", "vision_features"})
+    merges: ClassVar[bool] = True
+    config_keys: ClassVar[tuple[str, ...]] = ("visionzip_dominant_frac:dominant_frac",)
+    description: ClassVar[str] = "VisionZip: CLS-attention dominant + key-similarity merge"
+    dominant_frac: float | None = None
+    dominant: int | None = None
+    order: str = "visionzip"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.order not in ORDERS:
+            raise ValueError(f"order {self.order!r} not in {ORDERS}")
+
+    def dominant_count(self, k: int) -> int | None:
+        """The dominant budget (CLS included) for k kept tokens; None: the default split."""
+        if self.dominant is not None:
+            return int(self.dominant)
+        if self.dominant_frac is not None:
+            return max(1, min(k, int(round(k * self.dominant_frac))))
+        return None
+
+    def kept_layout(self, k: int, has_cls: bool) -> tuple[bool, int]:
+        dom_total, _ = split_budget(k, self.dominant_count(k))
+        n_plain = k - int(has_cls)
+        if self.order == "visionzip":  # [CLS, dominant..., contextual...]
+            n_plain = dom_total - int(has_cls)
+        return has_cls, n_plain
+
+    def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        if ctx.project is None:
+            raise ValueError("visionzip needs PruneContext.project (the model's projector)")
+        return visionzip(ctx, k, project=ctx.project, dominant=self.dominant_count(k),
+                         order=self.order)

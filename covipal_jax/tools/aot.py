@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the real sharded steps for a TPU topology, on a CPU host.
+r"""Ahead-of-time compilation of the real sharded steps for a TPU topology, on a CPU host.
 
     python -m covipal_jax.tools.aot --config configs/llava15_7b.py --topology v5e:2x4 \
         --mode prefill --batch 8 --keep 0.25 --config.mesh.fsdp=-1 --config.mesh.data=1
@@ -224,15 +224,17 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
     b, t = req.batch, req.text_len
     v = cfg.vision
     if req.mode in ("prefill", "decode"):
-        from covipal_jax.inference.decoding import Generator
-        from covipal_jax.inference.prefill import PruneSpec
+        import dataclasses as dc
 
-        spec = PruneSpec.from_config(_pruning(config, req), cfg.num_vision_tokens)
-        ppm_module, ppm_vars, pcfg = None, None, None
-        if spec.method == "ppm":
-            ppm_module, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
-        gen = Generator(model, spec, max_new_tokens=req.max_new_tokens, eos_id=2, pad_id=0,
-                        ppm_module=ppm_module)
+        from covipal_jax import pruning
+        from covipal_jax.inference.decoding import Generator
+
+        spec = pruning.from_config(_pruning(config, req))
+        ppm_vars, pcfg = None, None
+        if spec.trainable:  # abstract PPM variables (the method value carries its config)
+            _, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
+            spec = dc.replace(spec, ppm=pcfg)
+        gen = Generator(model, spec, max_new_tokens=req.max_new_tokens, eos_id=2, pad_id=0)
         pixels = _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh)
         ids = _batch_sds((b, t), jnp.int32, mesh)
         mask = _batch_sds((b, t), jnp.bool_, mesh)
@@ -240,11 +242,11 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
         rng = jax.ShapeDtypeStruct((), key.dtype,
                                    sharding=None if mesh is None else NamedSharding(mesh, P()))
         if req.mode == "prefill":
-            return Step(gen._prefill, (params, ppm_vars, pixels, ids, mask, rng), {},
+            return Step(gen.prefill_fn, (params, ppm_vars, pixels, ids, mask, rng), {},
                         ppm_cfg=pcfg, ppm_text_len=t)
-        state, _ = jax.eval_shape(gen._prefill, params, ppm_vars, pixels, ids, mask, rng)
+        state, _ = jax.eval_shape(gen.prefill_fn, params, ppm_vars, pixels, ids, mask, rng)
         state = decode_state_abstract(state, b, mesh, rules)
-        return Step(gen._step, (params, state), dict(donate_argnums=(1,)))
+        return Step(gen.decode_step_fn, (params, state), dict(donate_argnums=(1,)))
     if req.mode == "train_ppm":
         return _train_step(req, config, cfg, model, params, mesh, rules)
     raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
@@ -570,10 +572,11 @@ def main(argv) -> None:
     keep = int(keep) if float(keep) >= 1 and float(keep) != 1.0 else float(keep)
     method = F.method or config.pruning.method
     if F.mode != "train_ppm":
-        if keep != 1.0 and method == "none":
-            method = "ppm"
+        from covipal_jax import pruning
+        if keep != 1.0 and not pruning.get(method).budgeted:
+            method = pruning.PPMMethod.name
         if keep == 1.0:
-            method = "none"
+            method = pruning.NoneMethod.name
     if F.mode == "train_ppm":
         batch = F.batch or int(config.train.batch_size)
         text_len = F.text_len or int(config.data.max_len)
@@ -628,4 +631,6 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

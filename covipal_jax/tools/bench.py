@@ -56,12 +56,15 @@ import numpy as np
 from covipal_jax.inference.decoding import Generator
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import init_cache
-from covipal_jax.models.llava import Llava, image_positions, init_params
+from covipal_jax.models.llava import Llava, init_params
+from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.weights.ppm_io import init_ppm
-from covipal_jax.inference.prefill import PruneSpec, prefill
+from covipal_jax.inference.prefill import prefill
+from covipal_jax.pruning import NoneMethod, PPMMethod
 from covipal_jax.pruning import ppm as ppm_lib
 from covipal_jax.pruning import select
-from covipal_jax.pruning.base import PruneContext, resolve_keep
+from covipal_jax.pruning.base import PruneContext, PruningMethod, parse_keep, resolve_keep
+from covipal_jax.tools.costs import compiled_flops  # noqa: F401  (re-exported)
 
 Array = jax.Array
 DEFAULT_CONFIG = configs_lib.path("llava15_7b:layers=2,dtype=float32")
@@ -193,8 +196,8 @@ class Programs:
         def fn(p, tokens, idx, ids, mask):
             text = m.apply(p, ids, method=Llava.embed_text)
             pos = image_positions(ids, cfg.image_token_id)
-            seq, seq_mask, positions, _ = select.splice(text, mask, pos, tokens, idx,
-                                                        "contiguous", n_v)
+            seq, seq_mask, positions, _ = splice(text, mask, pos, tokens, idx,
+                                                 "contiguous", n_v)
             b, length = seq_mask.shape
             key_valid = jnp.concatenate([seq_mask, jnp.zeros((b, extra), bool)], axis=1)
             cache = init_cache(cfg, b, length + extra)
@@ -203,30 +206,14 @@ class Programs:
             return m.apply(p, h[:, -1:], method=Llava.logits)[:, 0], cache
         return self._jit(("llm", n_v), lambda: fn)
 
-    def e2e(self, spec: PruneSpec, pcfg: ppm_lib.PPMConfig | None):
-        """(params, ppm_vars, pixels, ids, mask) -> PrefillOutput (`prefill.prefill`)."""
+    def e2e(self, method: PruningMethod, pcfg: ppm_lib.PPMConfig | None = None):
+        """(params, variables, pixels, ids, mask) -> PrefillOutput (`prefill.prefill`)."""
         m, extra = self.model, self.extra
-        module = None if pcfg is None else ppm_lib.PPM(pcfg)
+        del pcfg  # part of the method value
 
         def fn(p, pv, px, ids, mask):
-            ppm = None if module is None else (module, pv)
-            return prefill(m, p, px, ids, mask, spec, extra=extra, ppm=ppm)
-        return self._jit(("e2e", spec, pcfg), lambda: fn)
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
-def compiled_flops(fn, *args, compile: bool = True) -> float:
-    """XLA's cost_analysis()['flops'] of fn compiled for args (arrays or abstract); with
-    compile=False, of the lowered (pre-optimization) HLO (on CPU the two agreed to the FLOP on
-    the 7B-width prefill; --quick uses it to save compile time)."""
-    lowered = jax.jit(fn).lower(*_abstract(args))
-    cost = (lowered.compile() if compile else lowered).cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
-        cost = cost[0]
-    return float(cost["flops"])
+            return prefill(m, p, px, ids, mask, method, extra=extra, variables=pv)
+        return self._jit(("e2e", method), lambda: fn)
 
 
 def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int,
@@ -384,7 +371,7 @@ class Bench:
             k = _keep_count(keep, n_v)
             pruned = k < n_v
             self.log(f"[bench] llava15 B={batch}: prepare keep={keep} (k={k})")
-            spec = PruneSpec("ppm", k) if pruned else PruneSpec("none", n_v)
+            spec = PPMMethod(keep=k, ppm=pcfg) if pruned else NoneMethod()
             e2e = self.progs.e2e(spec, pcfg if pruned else None)
             pv_arg = pv if pruned else None
             out = e2e(P, pv_arg, px_j, ids_j, mask_j)
@@ -404,7 +391,7 @@ class Bench:
                 thunks[f"{i}/ours_ppm"] = clocked(
                     lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
             row: dict[str, Any] = dict(keep=keep, k=k, label=_label(keep, k, n_v),
-                                       method=spec.method, seq_len=o.text_len - 1 + k)
+                                       method=spec.name, seq_len=o.text_len - 1 + k)
             if self.peer:
                 import torch
                 emb = self.peer.embeds(ids, o.image_pos,
@@ -551,9 +538,9 @@ class Bench:
         k = _keep_count(keep, n_v)
         pruned = k < n_v
         self.log(f"[bench] decode B={batch}: prepare keep={keep} (k={k})")
-        spec = PruneSpec("ppm", k) if pruned else PruneSpec("none", n_v)
+        spec = PPMMethod(keep=k, ppm=pcfg) if pruned else NoneMethod()
         gen = Generator(self.progs.model, spec, max_new_tokens=o.decode_tokens, eos_id=-1,
-                        pad_id=0, ppm_module=ppm_lib.PPM(pcfg) if pruned else None)
+                        pad_id=0)
         px, ids, mask = make_inputs(cfg, batch, o.text_len, o.image_pos, o.seed + 200 + batch)
         pv = self.ppm_vars[n_v] if pruned else None
         state, kept = gen.prefill(P, pv, jnp.asarray(px), jnp.asarray(ids), jnp.asarray(mask),
@@ -895,12 +882,7 @@ def write(result: dict, out_dir: str) -> dict[str, str]:
 
 
 def _parse_keeps(s: str) -> tuple:
-    out = []
-    for item in s.split(","):
-        item = item.strip()
-        if item:
-            out.append(float(item) if "." in item else int(item))
-    return tuple(out)
+    return tuple(parse_keep(item) for item in s.split(",") if item.strip())
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Show which image patches a pruning method kept: pruned patches greyed out.
+r"""Show which image patches a pruning method kept: pruned patches greyed out.
 
     python -m covipal_jax.tools.visualize --config configs/llava15_7b.py \
         --config.checkpoint=/ckpt/llava-1.5-7b-hf --image cat.jpg --prompt "What is this?" \
@@ -175,24 +175,17 @@ class Markers:
 def markers(spec: Any, kept_row: Sequence[int], cfg: Any) -> Markers:
     """Split a row of `PrefillOutput.kept` into grid patches / contextual targets / CLS.
 
-    spec: a `PruneSpec`; cfg: the `LlavaConfig` (its vision grid, CLS, n_v).
+    spec: the `PruningMethod` value (its `kept_layout`); cfg: the `LlavaConfig` (its vision
+    grid, CLS, n_v).
     """
-    from covipal_jax.pruning import visionzip as vz
-
     h, w = cfg.vision.grid
     n_v = cfg.num_vision_tokens
     offset = n_v - h * w  # 1: CLS kept as token 0 (CLIP, select_strategy="full")
     idx = [int(i) for i in np.asarray(kept_row).reshape(-1)]
-    cls = False
-    contextual: list[int] = []
-    if spec.method == "visionzip":
-        has_cls = cfg.vision.has_cls
-        dom_total, _ = vz.split_budget(len(idx), dict(spec.options).get("dominant"))
-        if has_cls:  # CLS first in both orders (index 0, aliasing patch 0)
-            cls, idx = True, idx[1:]
-            dom_total -= 1
-        if dict(spec.options).get("order", "visionzip") == "visionzip":
-            contextual = idx[dom_total:]
+    cls, n_plain = spec.kept_layout(len(idx), bool(cfg.vision.has_cls))
+    if cls:  # CLS first (index 0, aliasing patch 0)
+        idx = idx[1:]
+    contextual = idx[n_plain:]
     if offset:
         cls = cls or 0 in idx
         idx = [i - offset for i in idx if i >= offset]
@@ -209,7 +202,7 @@ def panel(pred: Any, image: Any, prompt: str, max_new_tokens: int,
     n_v = cfg.num_vision_tokens
     res = pred.generate([(image, prompt)], max_new_tokens)
     m = markers(pred.spec, res.kept[0], cfg)
-    method = pred.spec.method
+    method = pred.spec.name
     if title is None:
         title = (f"{method}: {len(res.kept[0])}/{n_v} tokens{' + CLS' if m.cls else ''}"
                  + (f" ({len(m.contextual)} merged, outlined)" if m.contextual else "")
@@ -232,7 +225,7 @@ def run(config: Any, image: Any, prompt: str | None, methods: Sequence[str] | No
     """
     from covipal_jax.inference import loading
     from covipal_jax.data.synthetic import task as synthetic
-    from covipal_jax.eval.predictor import LlavaPredictor, prune_spec
+    from covipal_jax.eval.predictor import LlavaPredictor, method_for
 
     if image is None and config.checkpoint:
         raise ValueError("--image is required with a real checkpoint")
@@ -248,11 +241,10 @@ def run(config: Any, image: Any, prompt: str | None, methods: Sequence[str] | No
     methods = list(methods or [config.pruning.method])
     shards = loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"]
     base, rows, panels = None, [], []
-    n_v = loaded.cfg.num_vision_tokens
     for method in methods:
-        spec = prune_spec(config, method, config.pruning.keep, n_v)
+        spec = method_for(config, method, config.pruning.keep)
         pred = LlavaPredictor.from_config(config, loaded, spec, batch_size=shards) \
-            if base is None or (method == "ppm" and base.ppm is None) else base.with_spec(spec)
+            if base is None else base.with_method(spec)
         base = base or pred
         img, row = panel(pred, image, prompt, config.max_new_tokens)
         panels.append(img)
@@ -293,4 +285,6 @@ if __name__ == "__main__":
                                  "config.pruning.method), all at config.pruning.keep.")
     _OUT = flags.DEFINE_string("out", "kept.png", "Output PNG.")
     _COLS = flags.DEFINE_integer("cols", None, "Panels per row (default: all in one row).")
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

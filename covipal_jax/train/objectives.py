@@ -63,9 +63,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.models.llava import Llava, image_positions
+from covipal_jax.models.llava import Llava
+from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.pruning import select
-from covipal_jax.pruning.base import resolve_keep
+from covipal_jax.pruning.base import parse_keep, resolve_keep
 
 Array = jax.Array
 
@@ -116,7 +117,8 @@ class ObjectiveSpec:
             lg += n_layers
         if not 0 <= lg < n_layers:
             raise ValueError(f"train.guide_layer={t.guide_layer} outside [0, {n_layers})")
-        return cls(stage=int(stage), n_v=n_v, k=resolve_keep(t.keep, n_v), guide_layer=lg,
+        return cls(stage=int(stage), n_v=n_v, k=resolve_keep(parse_keep(t.keep), n_v),
+                   guide_layer=lg,
                    label_queries=t.label_queries,
                    label_answer_queries=bool(t.label_answer_queries), loss=t.loss,
                    lambda_kl=float(t.lambda_kl), lambda_budget=float(t.lambda_budget),
@@ -151,8 +153,8 @@ def encode(model: Llava, params: Any, batch: dict) -> Encoded:
     image_pos = image_positions(ids, cfg.image_token_id)
     n_v = vision.shape[1]
     idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), vision.shape[:2])
-    seq, seq_mask, positions, is_vis = select.splice(text, mask, image_pos, vision, idx,
-                                                     "contiguous", n_v)
+    seq, seq_mask, positions, is_vis = splice(text, mask, image_pos, vision, idx,
+                                              "contiguous", n_v)
     # Answer tokens all sit after the image: text index t > p lands at sequence index
     # t + n_v - 1, so a shifted copy of loss_mask marks them (loss_mask is False up to p).
     b = ids.shape[0]
