@@ -48,13 +48,14 @@ import numpy as np
 
 from covipal_jax import configs as configs_lib
 from covipal_jax.inference.decoding import DecodeState, Generator
-from covipal_jax.inference.prefill import PruneSpec, Segment
+from covipal_jax.inference.prefill import Segment
 from covipal_jax.models import attention as attn_lib
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import attention_backend, init_cache
-from covipal_jax.models.llava import Llava, image_positions, init_params
+from covipal_jax.models.llava import Llava, init_params
+from covipal_jax.models.multimodal import image_positions, splice
+from covipal_jax.pruning import NoneMethod
 from covipal_jax.pruning import ppm as ppm_lib
-from covipal_jax.pruning import select
 from covipal_jax.pruning.base import PruneContext, resolve_keep
 from covipal_jax.tools.gpu_bench_report import markdown, write
 
@@ -193,8 +194,7 @@ def ttft_program(model: Llava, n_v: int, k: int, crops: int, extra: int,
             res = ppm_lib.ppm(ctx, k, module=module, variables=pv)
             tokens, idx = res.tokens, res.indices
         pos = image_positions(ids, cfg.image_token_id)
-        seq, seq_mask, positions, _ = select.splice(text, mask, pos, tokens, idx,
-                                                    "contiguous", n_v)
+        seq, seq_mask, positions, _ = splice(text, mask, pos, tokens, idx, "contiguous", n_v)
         length = seq.shape[1]
         key_valid = jnp.concatenate([seq_mask, jnp.zeros((b, extra), bool)], axis=1)
         cache = init_cache(cfg, b, length + extra)
@@ -319,8 +319,9 @@ class Run:
             row["compile_and_first_s"] = time.perf_counter() - t0
             row["ttft"] = timed(lambda: prog(*args), o.reps)
             if keep in o.decode_keeps:
-                gen = Generator(model, PruneSpec("ppm", k) if pruned else PruneSpec("none", n_v),
-                                max_new_tokens=o.new_tokens, eos_id=-1, pad_id=0)
+                # The method only shapes `gen.prefill` (unused: the state is ours).
+                gen = Generator(model, NoneMethod(), max_new_tokens=o.new_tokens, eos_id=-1,
+                                pad_id=0)
                 state = decode_state(out, o.new_tokens, cfg.text.num_layers)
                 jax.block_until_ready(gen.decode(params, jax.tree.map(jnp.copy, state)))
                 t = timed(lambda: gen.decode(params, jax.tree.map(jnp.copy, state)), o.reps)
