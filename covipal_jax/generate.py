@@ -99,6 +99,9 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False, *
                            max_new_tokens=config.max_new_tokens,
                            rng=jax.random.key(config.sampling.seed), kind=kind)
     seconds = time.perf_counter() - t0
+    from covipal_jax.data import text as text_lib
+
+    template = text_lib.describe_template(sampler.template, loaded.tokenizer)
     kept = np.asarray(out.kept[0])
     total = cfg.num_vision_tokens
     if kind != "image":  # packed: -1 marks slots the LLM does not see
@@ -106,8 +109,8 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False, *
         visual, _ = sampler.visual([image], kind)
         total = _num_real_tokens(cfg, visual)
     return dict(answer=out.texts[0], prompt=prompt, vision_tokens_kept=int(kept.size),
-                vision_tokens_total=total, method=method.name, input=kind,
-                kept_indices=kept.tolist(), seconds=seconds)
+                template=template, vision_tokens_total=total, method=method.name,
+                input=kind, kept_indices=kept.tolist(), seconds=seconds)
 
 
 def _num_real_tokens(cfg, visual) -> int:
@@ -128,7 +131,7 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"prompt: {r['prompt']}")
+    print(f"prompt: {r['prompt']}  (template: {r['template']})")
     print(f"answer: {r['answer']}")
     print(f"vision tokens kept: {r['vision_tokens_kept']} / {r['vision_tokens_total']} "
           f"(method {r['method']}, input {r['input']})")

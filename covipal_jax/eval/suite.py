@@ -18,7 +18,6 @@ A suite names a fixed list of benchmarks and settings: `covipal_table1` is CoViP
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import json
 import logging
 import os
@@ -28,10 +27,11 @@ from typing import Any
 from covipal_jax import paths
 from covipal_jax.eval import benchmarks as bm
 from covipal_jax.eval import harness
-from covipal_jax.pruning import base as pruning_base
+from covipal_jax import pruning
+from covipal_jax.pruning import parse_keep
 
 log = logging.getLogger("covipal_jax.eval")
-UNPRUNED = "none"
+UNPRUNED = pruning.NoneMethod.name  # the unpruned row of every table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +55,6 @@ DATA_EXTS = ("", ".json", ".jsonl", ".tsv", ".csv", ".parquet")
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def parse_keep(s: str | float | int) -> float | int:
-    """"64" -> 64 (tokens), "0.25" -> 0.25, "1/9" -> 0.111... (ratios)."""
-    if isinstance(s, str) and "/" in s:
-        return float(fractions.Fraction(s.strip()))
-    return pruning_base.parse_keep(s)
-
 
 def parse_named(values: Sequence[str], names: Sequence[str], what: str) -> dict[str, str]:
     """`["a=x", "b=y"]` or `["x", "y"]` (in `names` order) -> {name: value}."""
@@ -110,7 +103,7 @@ def sweep_methods(methods: Sequence[str], keeps: Sequence[Any], unpruned: bool,
     methods = [m for m in methods if m] or (["ppm"] if has_ppm else []) + [
         "visionzip", "fastv", "dart"]
     grid = [(UNPRUNED, None)] if unpruned else []
-    grid += [(m, parse_keep(k)) for k in keeps for m in methods if m != UNPRUNED]
+    grid += [(m, parse_keep(k)) for k in keeps for m in methods if pruning.get(m).budgeted]
     return grid
 
 
@@ -246,23 +239,20 @@ def load_datasets(names: Sequence[str], data_dirs: Mapping[str, str],
 
 def predictors(config: Any, loaded: Any, methods: Sequence[tuple[str | None, str, Any]],
                processor: Any):
-    """Yields (label, method, k, spec dict, predictor) per (label, method, keep): the one
-    place the eval suite builds predictors (`covipal_jax/eval/predictor.py`)."""
-    from covipal_jax.eval.predictor import LlavaPredictor, prune_spec  # noqa: PLC0415
+    """Yields (label, method name, k, method dict, predictor) per (label, method, keep): the one
+    place the eval suite builds predictors (`covipal_jax/eval/predictor.py`). Every predictor
+    shares one `Sampler` (weights, compiled programs, a PPM loaded once)."""
+    from covipal_jax.eval.predictor import LlavaPredictor, method_for  # noqa: PLC0415
 
     n_v = loaded.cfg.num_vision_tokens
-    base, ppm = None, None
-    for label, method, keep in methods:
-        spec = prune_spec(config, method, keep, n_v)
+    base = None
+    for label, name, keep in methods:
+        method = method_for(config, name, keep)
         if base is None:
-            pred = base = LlavaPredictor.from_config(config, loaded, spec, processor=processor)
+            pred = base = LlavaPredictor.from_config(config, loaded, method, processor=processor)
         else:
-            if spec.method == "ppm" and ppm is None:
-                from covipal_jax.weights import ppm_io  # noqa: PLC0415
-                ppm = ppm_io.load_for_inference(config, loaded.cfg)
-            pred = base.with_spec(spec, ppm=ppm)
-        ppm = ppm or pred.ppm
-        yield label or spec.method, spec.method, spec.k or n_v, dataclasses.asdict(spec), pred
+            pred = base.with_method(method)
+        yield label or method.name, method.name, method.k(n_v), method.to_dict(n_v), pred
 
 
 def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: str, *,
@@ -286,7 +276,7 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
         processor = dataclasses.replace(loaded.processor, pad_to_square=True) \
             if pad_to_square else loaded.processor
         grid = ([(label, config.pruning.method, config.pruning.keep)] if methods is None
-                else [(None, m, n_v if m == UNPRUNED else keep) for m, keep in methods])
+                else [(None, m, keep) for m, keep in methods])
         max_new = max_new_tokens or config.max_new_tokens
         for name, method, k, spec, pred in predictors(config, loaded, grid, processor):
             rdir = paths.as_path(out) / run_label(name, k)

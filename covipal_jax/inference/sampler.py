@@ -105,7 +105,7 @@ class Sampler:
         self.processor = processor or loaded.processor
         self.method = method or pruning.NoneMethod()
         tok = loaded.tokenizer
-        self.stop_ids = (tuple(text_lib.get_template(template).stop_ids(tok)) if template
+        self.stop_ids = (tuple(text_lib.get_template(template, tok).stop_ids(tok)) if template
                          else (tok.eos_id,))
         self._variables: dict[PruningMethod, tuple[PruningMethod, Any]] = {}
         self._generators: dict[tuple, decoding.Generator] = {}

@@ -129,8 +129,15 @@ class LlavaConfig:
     scan_layers: bool = True  # lax.scan over the stacked layers (else an unrolled loop)
     remat_policy: str = "none"  # "none" | a `jax.checkpoint_policies` name | "full"
     attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention ("xla"|"cudnn"|None)
+    # Attention backend: "auto" (by platform, shape and dtype: see models/attention.py) |
+    # "xla" | "chunked" | "splash" | "cudnn". A non-default `attention_impl` ("cudnn" / None)
+    # still applies while this is "auto".
+    attention: str = "auto"
 
     def __post_init__(self):
+        from covipal_jax.models.attention import IMPLS
+        if self.attention not in IMPLS:
+            raise ValueError(f"model.attention must be one of {IMPLS}, got {self.attention!r}")
         pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
         object.__setattr__(self, "image_grid_pinpoints", pins)  # hashable under jit
         s = self.vision.image_size
@@ -174,7 +181,8 @@ class LlavaConfig:
         """The fields that decide parameter shapes (used to validate checkpoints)."""
         d = self.to_dict()
         for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                  "image_grid_pinpoints", "anyres_max_crops", "video_token_id"):  # no params
+                  "image_grid_pinpoints", "anyres_max_crops", "video_token_id",  # no params
+                  "attention"):
             d.pop(k)
         d["vision"].pop("layer_norm_eps")
         d["text"].pop("rms_norm_eps")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from covipal_jax.models import anyres
 from covipal_jax.models.config import LlavaConfig
-from covipal_jax.models.decoder import Decoder
+from covipal_jax.models.decoder import Decoder, attention_backend
 from covipal_jax.models.layers import activation, dense
 from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.models.vit import VisionOutput, VisionTower
@@ -47,7 +47,8 @@ class Llava(nn.Module):
     def setup(self):
         c = self.cfg
         self.vision_tower = VisionTower(c.vision, c.compute_dtype, c.weight_dtype,
-                                        scan=c.scan_layers, remat=c.remat_policy)
+                                        scan=c.scan_layers, remat=c.remat_policy,
+                                        attention=attention_backend(c))
         self.projector = Projector(c)
         self.language_model = Decoder(c)
         if c.image_newline:

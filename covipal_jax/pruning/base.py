@@ -13,6 +13,7 @@ A method is a value (`PruningMethod`, a frozen dataclass registered in `registry
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import numbers
 from typing import Any, ClassVar, Protocol
 
@@ -168,14 +169,19 @@ class PruneResult:
 def parse_keep(value: Any) -> float | int:
     """The one keep parser: a config / CLI value -> a ratio (float in (0, 1]) or a count (int).
 
-    `0.25`, `"0.25"` -> 0.25; `64`, `"64"`, `64.0` (ConfigDict stores floats) -> 64; `1`, `1.0`,
-    `"1.0"` -> 1.0 (keep everything). Anything else raises `ValueError`; `resolve_keep` checks
+    `0.25`, `"0.25"` -> 0.25; `"1/9"` -> 0.111... (a ratio); `64`, `"64"`, `64.0` (ConfigDict
+    stores floats) -> 64; `1`, `1.0`, `"1.0"` -> 1.0 (keep everything). Anything else raises `ValueError`; `resolve_keep` checks
     the range against n_v.
     """
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"keep must be a ratio or a count, got the bool {value!r}")
     if isinstance(value, str):
         s = value.strip()
+        if "/" in s:
+            try:
+                return float(fractions.Fraction(s))
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"keep {value!r} is not a fraction") from None
         try:
             value = int(s) if s.lstrip("+-").isdigit() else float(s)
         except ValueError:
