@@ -96,7 +96,7 @@ class Llava(nn.Module):
         text = self.embed_text(jnp.where(ids == token_id, self.cfg.image_token_id, ids))
         pos = image_positions(ids, token_id)
         seq, seq_mask, _, is_vis = splice(text, mask, pos, vis, None,
-                                                 positions_mode="contiguous")
+                                          positions_mode="contiguous")
         seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, valid)
         h, _ = self.run(seq, positions=positions, key_valid=seq_mask)
         return self.logits(h), seq_mask

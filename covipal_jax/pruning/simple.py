@@ -16,7 +16,7 @@ import numpy as np
 
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
 from covipal_jax.pruning.registry import register
-from covipal_jax.pruning.select import gather_tokens, masked_select, topk_indices
+from covipal_jax.pruning.select import gather_tokens, masked_select
 
 Array = jax.Array
 
