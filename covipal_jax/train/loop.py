@@ -44,18 +44,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from covipal_jax import sharding
+from covipal_jax import paths, sharding
 from covipal_jax.inference import loading
 from covipal_jax.weights import ppm_io
 from covipal_jax.data import pipeline as pipeline_lib
 from covipal_jax.pruning.ppm import PPM
 from covipal_jax.train import checkpoint as ckpt_lib
 from covipal_jax.train import objectives
-
-BATCH_KEYS = ("pixels", "ids", "mask", "loss_mask", "weight")
+from covipal_jax.train import state as state_lib
+from covipal_jax.train.state import BATCH_KEYS, state_shardings  # noqa: F401 (re-exported)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,31 +118,6 @@ def make_optimizer(train_cfg: Any, steps: int, stage: int) -> tuple[optax.Gradie
     return tx, sched
 
 
-def _keystr(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def state_shardings(abstract_state: Any, param_shardings: Any, mesh) -> Any:
-    """Shardings for `{"step", "params", "opt_state"}`: every optimizer leaf that mirrors a
-    parameter (same key path suffix and shape, e.g. Adam's mu / nu) takes its sharding, the
-    rest (counts, step) are replicated."""
-    rep = NamedSharding(mesh, P())
-    flat_p, _ = jax.tree_util.tree_flatten_with_path(abstract_state["params"])
-    flat_s = jax.tree.leaves(param_shardings)
-    by_path = {_keystr(p): (x.shape, s) for (p, x), s in zip(flat_p, flat_s)}
-
-    def pick(path, leaf):
-        keys = _keystr(path)
-        for i in range(len(keys)):
-            hit = by_path.get(keys[i:])
-            if hit is not None and hit[0] == leaf.shape:
-                return hit[1]
-        return rep
-
-    opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
-    return {"step": rep, "params": param_shardings, "opt_state": opt}
-
-
 def make_step(model, ppm_module, spec: objectives.ObjectiveSpec, tx, *, seed: int,
               deterministic: bool):
     """The (unjitted) train step of one stage."""
@@ -204,10 +178,25 @@ class Trainer:
         self.primary = self.pi == 0
         self._log = log or (lambda s: print(s, flush=True))
         self.data_dir = pipeline_lib.data_dir(config, workdir, data_dir)
-        self._dir = epath.Path(self.workdir)
-        if self.primary:
-            self._dir.mkdir(parents=True, exist_ok=True)
+        self._dir = paths.as_path(self.workdir)
         self._metrics_lines: list[str] | None = None
+        # One run per workdir: taken before anything is written there (Orbax cleans temporary
+        # checkpoint directories when it opens one); released at the end of `run()`.
+        self._lock = (paths.WorkdirLock(self._dir, "training run").acquire() if self.primary
+                      else None)
+        try:
+            self._setup(config, source, eval_source)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the workdir lock (`run()` does it when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, config: Any, source: Any, eval_source: Any) -> None:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = config.logical_axis_rules
@@ -235,7 +224,7 @@ class Trainer:
         self.seq_len = int(config.data.max_len) - 1 + self.cfg.num_vision_tokens
         self.expected_meta = {"base_model": self.cfg.architecture_dict(),
                               "ppm": dataclasses.asdict(self.pcfg)}
-        self.ckpt = ckpt_lib.Checkpointer(str(self._dir / "checkpoints"),
+        self.ckpt = ckpt_lib.Checkpointer(self._dir / "checkpoints",
                                           keep=int(self.t.keep_checkpoints),
                                           async_save=bool(self.t.get("async_checkpoint", True)))
         self._source, self._skipped = source, {}
@@ -297,11 +286,7 @@ class Trainer:
         return params, param_sh
 
     def new_state(self, params, param_sh, tx):
-        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
-                    "params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                           params)}
-        abstract["opt_state"] = jax.eval_shape(tx.init, abstract["params"])
-        shard = state_shardings(abstract, param_sh, self.mesh)
+        _, shard = state_lib.abstract_state(params, param_sh, tx, self.mesh)
         with sharding.use_mesh(self.mesh, self.rules):
             opt_state = jax.jit(tx.init, out_shardings=shard["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), shard["step"])
@@ -316,18 +301,42 @@ class Trainer:
 
     # -- logging -------------------------------------------------------------------------------
 
+    def _truncate_metrics(self, step: int | None) -> None:
+        """Drop the records of `metrics.jsonl` after `step` (all of them when None): a resumed
+        run writes the steps after its checkpoint again, so they must not appear twice."""
+        if not self.primary:
+            return
+        path = self._dir / "metrics.jsonl"
+        if not path.exists():
+            self._metrics_lines = []
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:      # a line torn by a kill
+                dropped += 1
+                continue
+            if step is not None and int(rec.get("step", 0)) <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            paths.write_atomic(path, "".join(kept))
+        self._metrics_lines = kept
+
     def _write_metrics(self, rec: dict) -> None:
         if not self.primary:
             return
         path = self._dir / "metrics.jsonl"
         line = json.dumps(rec) + "\n"
-        if "://" in self.workdir:        # object stores have no append: rewrite the file
+        if paths.is_remote(path):         # object stores have no append: rewrite the file
             if self._metrics_lines is None:
                 self._metrics_lines = [path.read_text()] if path.exists() else []
             self._metrics_lines.append(line)
             path.write_text("".join(self._metrics_lines))
         else:
-            with open(path, "a") as f:
+            with path.open("a") as f:
                 f.write(line)
         keys = [k for k in ("loss", "recall", "eval_recall", "lm", "kl", "keep_prob", "lr",
                             "steps_per_s", "tokens_per_s") if k in rec]
@@ -337,26 +346,89 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        if self.primary:
-            (self._dir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
-        with sharding.use_mesh(self.mesh, self.rules):
-            return self._run()
+        """Train (or resume), then release the workdir lock."""
+        try:
+            with sharding.use_mesh(self.mesh, self.rules):
+                return self._run()
+        finally:
+            self.close()
 
-    def _resume(self):
-        """(stage index, global step, data position, restored state or None)."""
-        latest = self.ckpt.latest_step()
-        if latest is None:
-            return 0, 0, 0, None
-        meta = self.ckpt.read_meta(latest)
-        self.ckpt.validate(meta, self.expected_meta, f"{self.ckpt.directory}/{latest}")
-        return int(meta["stage_index"]), int(meta["step"]), int(meta["data_position"]), meta
+    def _check_plan(self, meta: dict, where: str) -> None:
+        """Refuse a checkpoint whose stages up to its own differ from this config's plan
+        (stages after it may be added or changed)."""
+        i = int(meta["stage_index"])
+        saved = [(int(p["stage"]), int(p["steps"])) for p in meta.get("plan", [])]
+        now = [(p.stage, p.steps) for p in self.plan]
+        if i < len(now) and saved[:i + 1] == now[:i + 1]:
+            return
+        fmt = lambda pl: (f"stages={tuple(s for s, _ in pl)} steps="  # noqa: E731
+                          f"{tuple(n for _, n in pl)}")
+        raise ckpt_lib.CheckpointMismatchError(
+            f"checkpoint {where} was written by a run with {fmt(saved)} (at stage "
+            f"{meta['stage']}, step {meta['stage_step']} of it), but this config has "
+            f"{fmt(now)}. Resume with --config.train.stages='{tuple(s for s, _ in saved)}' "
+            f"--config.train.steps='{tuple(n for _, n in saved)}' (stages after the "
+            f"checkpoint's may be added), or start a new stage from an exported PPM in a fresh "
+            f"--workdir with --config.train.init_from=<workdir>/ppm.")
+
+    def _restore_latest(self, params, param_sh):
+        """The newest readable checkpoint: (meta, state) or None when there is none.
+
+        A checkpoint for another model, PPM or stage plan is refused
+        (`CheckpointMismatchError`). Unreadable ones are moved aside (to
+        `<workdir>/corrupt_checkpoints/`, named in the log) when an older complete one exists;
+        when none is readable, `CheckpointCorruptError` says how to start again.
+        """
+        bad: list[tuple[int, Exception]] = []
+        found = None
+        for step in sorted(self.ckpt.all_steps(), reverse=True):
+            where = f"{self.ckpt.directory}/{step}"
+            try:
+                meta = self.ckpt.read_meta(step)
+                self.ckpt.validate(meta, self.expected_meta, where)
+                self._check_plan(meta, where)
+                plan = self.plan[int(meta["stage_index"])]
+                tx, _ = make_optimizer(self.t, plan.steps, plan.stage)
+                abstract, _ = state_lib.abstract_state(params, param_sh, tx, self.mesh)
+                state, _ = self.ckpt.restore(step, abstract, self.expected_meta)
+            except ckpt_lib.CheckpointCorruptError as e:
+                self._log(f"warning: {e}")
+                bad.append((step, e))
+                continue
+            found = (meta, state)
+            break
+        if bad and found is None:
+            steps = ", ".join(str(s) for s, _ in bad)
+            raise ckpt_lib.CheckpointCorruptError(
+                f"no readable checkpoint in {self.ckpt.directory} (steps {steps}: "
+                f"{bad[0][1]}). To train again from step 0, move them aside: "
+                f"mv {self.ckpt.directory} {self.ckpt.directory}.corrupt")
+        if bad:
+            from jax.experimental import multihost_utils
+
+            if self.primary:
+                for s, _ in bad:
+                    dst = self.ckpt.quarantine(s)
+                    self._log(f"moved the unreadable checkpoint {self.ckpt.directory}/{s} to "
+                              f"{dst}; resuming from step {found[0]['step']}")
+            if self.pc > 1:
+                multihost_utils.sync_global_devices("covipal_quarantine")
+            self.ckpt.reload()
+        return found
 
     def _run(self) -> dict:
-        stage_index, global_step, position, meta = self._resume()
-        if stage_index >= len(self.plan):
-            raise ckpt_lib.CheckpointMismatchError(
-                f"checkpoint stage index {stage_index} is beyond the plan {self.plan}")
         params, param_sh = self.init_params()
+        found = self._restore_latest(params, param_sh)
+        meta, restored = found if found is not None else (None, None)
+        if meta is None:
+            stage_index, global_step, position = 0, 0, 0
+        else:
+            stage_index, global_step = int(meta["stage_index"]), int(meta["step"])
+            position = int(meta["data_position"])
+        self._truncate_metrics(None if meta is None else global_step)
+        if self.primary:       # only once the checkpoint is accepted
+            paths.write_atomic(self._dir / "config.json",
+                               self.config.to_json_best_effort(indent=1))
         summary: dict[str, Any] = {"stages": [], "resumed_from": meta and meta["step"]}
         state = None
         for plan in self.plan[stage_index:]:
@@ -365,8 +437,7 @@ class Trainer:
             fresh, shard = self.new_state(params if state is None else state["params"],
                                           param_sh, tx)
             if meta is not None:  # resuming inside (or at the end of) this stage
-                state, _ = self.ckpt.restore(int(meta["step"]), ckpt_lib.abstract_like(fresh),
-                                             self.expected_meta)
+                state, restored = restored, None
                 self._log(f"resumed from checkpoint step {meta['step']} (stage {plan.stage}, "
                           f"data position {position})")
                 done = int(meta["stage_step"]) >= plan.steps
@@ -391,13 +462,14 @@ class Trainer:
         return summary
 
     def export(self, params, step: int) -> str:
-        path = str(self._dir / "ppm")
+        path = self._dir / "ppm"
         ppm_io.save_ppm(path, {"params": params}, self.pcfg, self.cfg,
-                        extra={"trained_steps": int(step),
-                               "keep": self.t.keep, "stages": [p.stage for p in self.plan]})
+                        extra={"trained_steps": int(step), "keep": self.t.keep,
+                               "stages": [p.stage for p in self.plan],
+                               "stage_steps": [p.steps for p in self.plan]})
         if self.primary:
             self._log(f"exported PPM to {path}")
-        return path
+        return str(path)
 
     def _eval(self, eval_fn, params) -> float | None:
         """Mean top-k recall of the PPM against the stage-1 targets on `data.eval_split`."""
@@ -424,8 +496,7 @@ class Trainer:
         from tqdm import tqdm
 
         mesh = self.mesh
-        batch_sh = {k: sharding.batch_sharding(mesh, nd) for k, nd in
-                    (("pixels", 4), ("ids", 2), ("mask", 2), ("loss_mask", 2), ("weight", 1))}
+        batch_sh = state_lib.batch_shardings(mesh)
         rep = NamedSharding(mesh, P())
         step_fn = jax.jit(make_step(self.model, self.ppm, spec, tx, seed=int(self.t.seed),
                                     deterministic=self.deterministic),
@@ -520,7 +591,7 @@ def train(config: Any, workdir: str, *, data_dir: str | None = None,
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of `<workdir>/metrics.jsonl` (all of them, in order)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
+    path = paths.as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
