@@ -19,19 +19,19 @@ import pytest
 
 import train_util as tu
 
-ARGS = ("--config", "configs/ppm_tiny.py", "--config.train.steps=(6,)",
-        "--config.train.save_every=2", "--config.train.keep_checkpoints=10",
+ARGS = ("--config", "configs/ppm_tiny.py", "--config.train.save_every=2", "--config.train.keep_checkpoints=10",
         "--config.train.log_every=1", "--config.train.eval_batches=0",
         "--config.train.progress=False")
 
 
-def _cmd(workdir: str, *args: str) -> list[str]:
+def _cmd(workdir: str, *args: str, steps: int = 6) -> list[str]:
     return [sys.executable, "-m", "covipal_jax.train", "--workdir", workdir,
-            "--data_dir", tu.DATA, *ARGS, *args]
+            "--data_dir", tu.DATA, *ARGS, f"--config.train.steps=({steps},)", *args]
 
 
-def _run(workdir: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(workdir, *args), cwd=tu.REPO, env=tu.env(), capture_output=True,
+def _run(workdir: str, *args: str, steps: int = 6, timeout: float = 240
+         ) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, *args, steps=steps), cwd=tu.REPO, env=tu.env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -157,7 +157,7 @@ def test_stage_change_on_resume_is_refused(base):
 def test_workdir_lock_refuses_a_second_run_and_a_dead_owner_is_taken_over():
     tu.build_data()
     w = tu.workdir("fail_lock")
-    first = subprocess.Popen(_cmd(w, "--config.train.steps=(400,)"), cwd=tu.REPO,
+    first = subprocess.Popen(_cmd(w, steps=400), cwd=tu.REPO,
                              env=tu.env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -177,6 +177,6 @@ def test_workdir_lock_refuses_a_second_run_and_a_dead_owner_is_taken_over():
         first.wait()
     # kill -9 left its lock behind: the same command resumes (the lock's pid is dead).
     assert json.load(open(os.path.join(w, ".lock")))["pid"] == first.pid
-    r = _run(w, "--config.train.steps=(400,)", "--stop_after=5")
+    r = _run(w, "--stop_after=5", steps=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert not os.path.exists(os.path.join(w, ".lock"))
