@@ -50,6 +50,16 @@ def base() -> str:
     return w
 
 
+def _ppm_info(path: str) -> dict:
+    """The metadata of the exported PPM at `path` (loaded as inference loads it)."""
+    from covipal_jax.configs import ppm_tiny
+    from covipal_jax.models.config import LlavaConfig
+    from covipal_jax.weights import ppm_io
+
+    cfg = LlavaConfig.from_config(ppm_tiny.get_config().model)
+    return ppm_io.load_ppm(path, cfg)[2]
+
+
 def _copy(base: str, name: str) -> str:
     w = tu.workdir(name)
     shutil.copytree(base, w)
@@ -114,8 +124,9 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous(base):
     after = {r["step"]: r["loss"] for r in tu.metrics(w) if "loss" in r}
     for s in (3, 4):
         assert abs(after[s] - before[s]) <= 1e-5 * abs(before[s]), (s, after[s], before[s])
-    ppm = json.load(open(os.path.join(w, "ppm", "ppm.json")))
-    assert ppm["trained_steps"] == 6 and ppm["stages"] == [1]
+    info = _ppm_info(os.path.join(w, "ppm"))
+    assert info["trained_steps"] == 6 and info["stages"] == [1]
+    assert info["stage_steps"] == [6]
 
 
 def test_no_readable_checkpoint_is_refused_with_the_fix(base):

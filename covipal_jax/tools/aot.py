@@ -155,29 +155,14 @@ def model_config(config, scan: bool | None = None, vision_run: int | None = None
 
 
 def _sds(x, sharding=None, dtype=None):
-    import jax
-    return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding)
+    from covipal_jax.train import state as state_lib
+    return state_lib.sds(x, sharding, dtype)
 
 
 def abstract_params(init_fn, mesh, rules, dtype=None):
     """(abstract unboxed tree with NamedShardings, shardings) of a boxed init function."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from covipal_jax import sharding as sh
-
-    with nn.logical_axis_rules(()):
-        boxed = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
-    shardings = sh.logical_shardings(boxed, mesh, rules) if mesh is not None else None
-    unboxed = nn.unbox(boxed)
-
-    def cast(x):
-        return dtype if (dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)) \
-            else x.dtype
-    if shardings is None:
-        return jax.tree.map(lambda x: _sds(x, None, cast(x)), unboxed), None
-    return jax.tree.map(lambda x, s: _sds(x, s, cast(x)), unboxed, shardings), shardings
+    from covipal_jax.train import state as state_lib
+    return state_lib.abstract_params(init_fn, mesh, rules, dtype)
 
 
 def _batch_sds(shape, dtype, mesh):
@@ -283,43 +268,32 @@ def decode_state_abstract(state, batch: int, mesh, rules):
 
 
 def _train_step(req: Request, config, cfg, model, params, mesh, rules) -> Step:
+    """The trainer's own jitted PPM step on its own abstract state and batch
+    (`covipal_jax.train.state`), as `train.loop.Trainer` jits it."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from covipal_jax.train import loop, objectives
+    from covipal_jax.train import state as state_lib
 
     config = _with_train(config)
     t = config.train
     spec = objectives.ObjectiveSpec.from_config(t, cfg, req.stage)
     ppm_module, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
     tx, _ = loop.make_optimizer(t, 1000, req.stage)
-    frozen_dtype = jnp.dtype(t.frozen_dtype)
-    frozen = jax.tree.map(
-        lambda x: _sds(x, x.sharding, frozen_dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                       else x.dtype), params)
+    frozen = state_lib.abstract_frozen(params, t.frozen_dtype)
     ppm_params = ppm_vars["params"]
-    opt_state = jax.eval_shape(tx.init, ppm_params)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": ppm_params,
-             "opt_state": opt_state}
-    b, tl, v = req.batch, req.text_len, cfg.vision
-    batch = {"pixels": _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh),
-             "ids": _batch_sds((b, tl), jnp.int32, mesh),
-             "mask": _batch_sds((b, tl), jnp.bool_, mesh),
-             "loss_mask": _batch_sds((b, tl), jnp.bool_, mesh),
-             "weight": _batch_sds((b,), jnp.float32, mesh)}
+    param_sh = None if mesh is None else jax.tree.map(lambda x: x.sharding, ppm_params)
+    state, state_sh = state_lib.abstract_state(ppm_params, param_sh, tx, mesh)
+    batch = state_lib.abstract_batch(req.batch, req.text_len, cfg.vision.image_size, mesh)
     step = loop.make_step(model, ppm_module, spec, tx, seed=0, deterministic=True)
     jit_kw: dict = dict(donate_argnums=(0,))
     if mesh is not None:
-        param_sh = jax.tree.map(lambda x: x.sharding, ppm_params)
-        state_sh = loop.state_shardings(state, param_sh, mesh)
-        state = jax.tree.map(lambda x, s: _sds(x, s), state, state_sh)
-        rep = NamedSharding(mesh, P())
         jit_kw.update(in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
-                                    jax.tree.map(lambda x: x.sharding, batch)),
-                      out_shardings=(state_sh, rep))
+                                    state_lib.batch_shardings(mesh)),
+                      out_shardings=(state_sh, NamedSharding(mesh, P())))
     return Step(step, (state, frozen, batch), jit_kw, ppm_cfg=pcfg, ppm_grad=True,
-                ppm_text_len=tl)
+                ppm_text_len=req.text_len)
 
 
 # ----------------------------------------------------------------------------- costs
@@ -368,10 +342,8 @@ def hlo_flops(req: Request, config) -> float:
 # ----------------------------------------------------------------------------- the report
 
 
-def compile_step(req: Request, config, topology: str, *, flops: bool = True,
-                 hbm_gib: float | None = None) -> dict:
-    """Compile `req` for `topology` (sharded by `config.mesh`); per-device memory and costs."""
-    import jax
+def topology_mesh(config, topology: str):
+    """(Mesh over the topology's compile-only devices shaped by `config.mesh`, chip generation)."""
     import numpy as np
     from jax.experimental import mesh_utils
     from jax.sharding import AxisType, Mesh
@@ -384,17 +356,54 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
         arr = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
         arr = np.asarray(devices).reshape(shape)
-    mesh = Mesh(arr, sh.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    return Mesh(arr, sh.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape)), gen
+
+
+def fit_batch(req: Request, mesh, *, given: bool) -> tuple[Request, str | None]:
+    """`req` with a batch that divides the mesh's data x fsdp axes, and a note saying so.
+
+    A batch from the config (`given=False`) that does not divide becomes the smallest one
+    that does; a batch given with `--batch` is an error that names the batches that fit."""
+    from covipal_jax.train import state as state_lib
+
+    dp = state_lib.data_parallelism(mesh)
+    if req.batch % dp == 0:
+        return req, None
+    fit = state_lib.fitting_batch(req.batch, mesh)
+    axes = f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {dp}"
+    if given:
+        raise ValueError(
+            f"batch {req.batch} is not divisible by {axes}: use --batch {fit} (or a multiple "
+            f"of {dp}), or another mesh, e.g. --config.mesh.data=1 "
+            f"--config.mesh.fsdp={math.gcd(req.batch, dp) or 1} --config.mesh.tensor=-1")
+    return (dataclasses.replace(req, batch=fit),
+            f"batch {req.batch} (from the config) does not divide {axes}: compiled batch {fit}, "
+            f"the smallest that does (--batch to choose another)")
+
+
+def compile_step(req: Request, config, topology: str, *, flops: bool = True,
+                 hbm_gib: float | None = None, batch_given: bool = True) -> dict:
+    """Compile `req` for `topology` (sharded by `config.mesh`); per-device memory and costs.
+
+    batch_given=False: a batch that does not divide the mesh is raised to the smallest that
+    does (reported in `batch_note`); True: it is an error that suggests one."""
+    import jax
+
+    from covipal_jax import sharding as sh
+
+    mesh, gen = topology_mesh(config, topology)
+    shape = tuple(mesh.shape[a] for a in sh.MESH_AXES)
+    devices = list(mesh.devices.flat)
     rules = config.logical_axis_rules
     cfg = model_config(config)
-    if req.batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch {req.batch} is not divisible by data x fsdp = "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    req, note = fit_batch(req, mesh, given=batch_given)
     t0 = time.perf_counter()
     # Abstract trees are built outside the mesh context: Flax's init runs eagerly on
     # constant dummy inputs, which cannot execute on compile-only devices.
     step = build_step(req, config, cfg, mesh, rules)
     header = _report_header(req, config, cfg, topology, gen, shape, len(devices))
+    if note:
+        header["batch_note"] = note
     chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
     with sh.use_mesh(mesh, rules):
@@ -483,7 +492,8 @@ def format_report(r: dict) -> str:
     b = r["bytes"]
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
     stage = "" if r["stage"] is None else f" (stage {r['stage']})"
-    lines = [
+    lines = [f"note: {r['batch_note']}"] if r.get("batch_note") else []
+    lines += [
         f"{r['mode']}{stage} on {r['topology']} ({r['devices']} x TPU {r['chip']}, {gib(r['hbm_bytes'])} HBM each)"
         f", mesh {mesh}, batch {r['batch']}, text {r['text_len']}, vision tokens "
         f"{r['k']}/{r['num_vision_tokens']} ({r['method']}), {r['decoder_layers']} decoder "
@@ -545,14 +555,14 @@ def main(argv) -> None:
 
     F = flags.FLAGS
     del argv
+    from covipal_jax import paths
+
     if F.summarize:
         reports = []
-        for name in sorted(os.listdir(F.summarize)):
-            if name.endswith(".json"):
-                with open(os.path.join(F.summarize, name)) as f:
-                    r = json.load(f)
-                r.setdefault("name", name[:-5])
-                reports.append(r)
+        for p in sorted(paths.as_path(F.summarize).glob("*.json")):
+            r = paths.read_json(p)
+            r.setdefault("name", p.name[:-5])
+            reports.append(r)
         print(table(reports))
         return
     if F.mode not in MODES:
@@ -583,15 +593,14 @@ def main(argv) -> None:
     req = Request(F.mode, batch, text_len, keep, method,
                   F.max_new_tokens or int(config.max_new_tokens), F.stage)
     try:
-        rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib)
+        rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib,
+                           batch_given=F.batch is not None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_report(rep))
     if F.json:
-        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
-        with open(F.json, "w") as f:
-            json.dump(rep, f, indent=1)
+        paths.write_json(F.json, rep)
     sys.exit(0 if rep["fits"] else 1)
 
 
