@@ -53,69 +53,14 @@ from covipal_jax.data import pipeline as pipeline_lib
 from covipal_jax.pruning.ppm import PPM
 from covipal_jax.train import checkpoint as ckpt_lib
 from covipal_jax.train import objectives
+from covipal_jax.train import resume as resume_lib
 from covipal_jax.train import state as state_lib
+from covipal_jax.train.plan import StagePlan, make_optimizer, stage_plan  # noqa: F401
 from covipal_jax.train.state import BATCH_KEYS, state_shardings  # noqa: F401 (re-exported)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or its gradient) became NaN/inf; training stopped, nothing was saved."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-    index: int      # position in the plan
-    stage: int      # 1 | 2
-    steps: int
-    start: int      # global step at which the stage begins
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.steps
-
-
-def stage_plan(train_cfg: Any) -> list[StagePlan]:
-    """`train.stage` (1|2, 0 = use `train.stages`) and `train.steps` -> the stages to run."""
-    t = train_cfg
-    steps = t.steps
-    steps = tuple(steps) if isinstance(steps, (tuple, list)) else (int(steps),)
-    if int(t.get("stage", 0)):
-        stages = (int(t.stage),)
-        if len(steps) != 1:
-            steps = (steps[list(t.stages).index(int(t.stage))] if int(t.stage) in t.stages
-                     else steps[0],)
-    else:
-        stages = tuple(int(s) for s in t.stages)
-    if len(stages) != len(steps):
-        raise ValueError(f"train.stages {stages} and train.steps {steps} differ in length")
-    out, start = [], 0
-    for i, (s, n) in enumerate(zip(stages, steps)):
-        if s not in (1, 2) or int(n) < 1:
-            raise ValueError(f"bad stage {s} with {n} steps")
-        out.append(StagePlan(i, s, int(n), start))
-        start += int(n)
-    return out
-
-
-def make_optimizer(train_cfg: Any, steps: int, stage: int) -> tuple[optax.GradientTransformation,
-                                                                    Callable]:
-    """AdamW with linear warmup (from peak / warmup_steps) + cosine decay to
-    `peak * end_lr_ratio`, and global-norm clipping.
-
-    Weight decay applies to matrices (kernels, the position table), not to biases / norms.
-    """
-    t = train_cfg
-    peak = float(t.lr if stage == 1 or not t.get("lr_stage2") else t.lr_stage2)
-    warmup = min(int(t.warmup_steps), max(steps - 1, 0))
-    # Linear warmup from peak / warmup (the first update is not a no-op), then cosine.
-    sched = optax.warmup_cosine_decay_schedule(
-        init_value=peak / warmup if warmup else peak, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(steps, warmup + 1), end_value=peak * float(t.end_lr_ratio))
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(float(t.clip_norm)),
-        optax.adamw(sched, b1=float(t.b1), b2=float(t.b2), eps=1e-8,
-                    weight_decay=float(t.weight_decay), mask=decay_mask))
-    return tx, sched
 
 
 def make_step(model, ppm_module, spec: objectives.ObjectiveSpec, tx, *, seed: int,
@@ -302,28 +247,9 @@ class Trainer:
     # -- logging -------------------------------------------------------------------------------
 
     def _truncate_metrics(self, step: int | None) -> None:
-        """Drop the records of `metrics.jsonl` after `step` (all of them when None): a resumed
-        run writes the steps after its checkpoint again, so they must not appear twice."""
-        if not self.primary:
-            return
-        path = self._dir / "metrics.jsonl"
-        if not path.exists():
-            self._metrics_lines = []
-            return
-        kept, dropped = [], 0
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:      # a line torn by a kill
-                dropped += 1
-                continue
-            if step is not None and int(rec.get("step", 0)) <= step:
-                kept.append(line + "\n")
-            else:
-                dropped += 1
-        if dropped:
-            paths.write_atomic(path, "".join(kept))
-        self._metrics_lines = kept
+        """Drop the metrics after `step` (all when None): the resumed run writes them again."""
+        if self.primary:
+            self._metrics_lines = resume_lib.truncate_metrics(self._dir / "metrics.jsonl", step)
 
     def _write_metrics(self, rec: dict) -> None:
         if not self.primary:
@@ -353,72 +279,11 @@ class Trainer:
         finally:
             self.close()
 
-    def _check_plan(self, meta: dict, where: str) -> None:
-        """Refuse a checkpoint whose stages up to its own differ from this config's plan
-        (stages after it may be added or changed)."""
-        i = int(meta["stage_index"])
-        saved = [(int(p["stage"]), int(p["steps"])) for p in meta.get("plan", [])]
-        now = [(p.stage, p.steps) for p in self.plan]
-        if i < len(now) and saved[:i + 1] == now[:i + 1]:
-            return
-        fmt = lambda pl: (f"stages={tuple(s for s, _ in pl)} steps="  # noqa: E731
-                          f"{tuple(n for _, n in pl)}")
-        raise ckpt_lib.CheckpointMismatchError(
-            f"checkpoint {where} was written by a run with {fmt(saved)} (at stage "
-            f"{meta['stage']}, step {meta['stage_step']} of it), but this config has "
-            f"{fmt(now)}. Resume with --config.train.stages='{tuple(s for s, _ in saved)}' "
-            f"--config.train.steps='{tuple(n for _, n in saved)}' (stages after the "
-            f"checkpoint's may be added), or start a new stage from an exported PPM in a fresh "
-            f"--workdir with --config.train.init_from=<workdir>/ppm.")
-
-    def _restore_latest(self, params, param_sh):
-        """The newest readable checkpoint: (meta, state) or None when there is none.
-
-        A checkpoint for another model, PPM or stage plan is refused
-        (`CheckpointMismatchError`). Unreadable ones are moved aside (to
-        `<workdir>/corrupt_checkpoints/`, named in the log) when an older complete one exists;
-        when none is readable, `CheckpointCorruptError` says how to start again.
-        """
-        bad: list[tuple[int, Exception]] = []
-        found = None
-        for step in sorted(self.ckpt.all_steps(), reverse=True):
-            where = f"{self.ckpt.directory}/{step}"
-            try:
-                meta = self.ckpt.read_meta(step)
-                self.ckpt.validate(meta, self.expected_meta, where)
-                self._check_plan(meta, where)
-                plan = self.plan[int(meta["stage_index"])]
-                tx, _ = make_optimizer(self.t, plan.steps, plan.stage)
-                abstract, _ = state_lib.abstract_state(params, param_sh, tx, self.mesh)
-                state, _ = self.ckpt.restore(step, abstract, self.expected_meta)
-            except ckpt_lib.CheckpointCorruptError as e:
-                self._log(f"warning: {e}")
-                bad.append((step, e))
-                continue
-            found = (meta, state)
-            break
-        if bad and found is None:
-            steps = ", ".join(str(s) for s, _ in bad)
-            raise ckpt_lib.CheckpointCorruptError(
-                f"no readable checkpoint in {self.ckpt.directory} (steps {steps}: "
-                f"{bad[0][1]}). To train again from step 0, move them aside: "
-                f"mv {self.ckpt.directory} {self.ckpt.directory}.corrupt")
-        if bad:
-            from jax.experimental import multihost_utils
-
-            if self.primary:
-                for s, _ in bad:
-                    dst = self.ckpt.quarantine(s)
-                    self._log(f"moved the unreadable checkpoint {self.ckpt.directory}/{s} to "
-                              f"{dst}; resuming from step {found[0]['step']}")
-            if self.pc > 1:
-                multihost_utils.sync_global_devices("covipal_quarantine")
-            self.ckpt.reload()
-        return found
-
     def _run(self) -> dict:
         params, param_sh = self.init_params()
-        found = self._restore_latest(params, param_sh)
+        found = resume_lib.restore_latest(
+            self.ckpt, self.plan, self.t, self.expected_meta, params, param_sh, self.mesh,
+            log=self._log, primary=self.primary, process_count=self.pc)
         meta, restored = found if found is not None else (None, None)
         if meta is None:
             stage_index, global_step, position = 0, 0, 0
