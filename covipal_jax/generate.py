@@ -1,4 +1,4 @@
-"""Generate an answer about an image, optionally pruning vision tokens.
+r"""Generate an answer about an image, optionally pruning vision tokens.
 
     python -m covipal_jax.generate --config configs/llava15_7b.py \
         --config.checkpoint=/path/to/llava-1.5-7b-hf --image cat.jpg \
@@ -96,4 +96,6 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

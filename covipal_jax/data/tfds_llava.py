@@ -58,7 +58,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
-from covipal_jax.data.synthetic.tfds_builder import default_to_array_record
+from covipal_jax.data.synthetic.tfds_builder import LocalBuild, default_to_array_record
 
 IMAGE_TOKEN = "<image>"
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -181,7 +181,7 @@ def read_records(path: str) -> Iterator[Any]:
                     yield None
 
 
-class CovipalLlava(tfds.core.GeneratorBasedBuilder):
+class CovipalLlava(LocalBuild, tfds.core.GeneratorBasedBuilder):
     """LLaVA-format (conversations + one image) instruction data from local files."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the real sharded steps for a TPU topology, on a CPU host.
+r"""Ahead-of-time compilation of the real sharded steps for a TPU topology, on a CPU host.
 
     python -m covipal_jax.tools.aot --config configs/llava15_7b.py --topology v5e:2x4 \
         --mode prefill --batch 8 --keep 0.25 --config.mesh.fsdp=-1 --config.mesh.data=1
@@ -485,4 +485,6 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

@@ -116,4 +116,6 @@ def jax_process_index() -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)
