@@ -331,7 +331,9 @@ class Trainer:
         ppm_io.save_ppm(path, {"params": params}, self.pcfg, self.cfg,
                         extra={"trained_steps": int(step), "keep": self.t.keep,
                                "stages": [p.stage for p in self.plan],
-                               "stage_steps": [p.steps for p in self.plan]})
+                               "stage_steps": [p.steps for p in self.plan]},
+                        base_model_name=str(self.config.get("checkpoint") or ""),
+                        train_config=json.loads(self.config.to_json_best_effort()))
         if self.primary:
             self._log(f"exported PPM to {path}")
         return str(path)
