@@ -7,14 +7,12 @@ with transformers; ours: `Llava.encode_image` on every view, then `models.anyres
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 
 import jax
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 
 import hf_models as H
@@ -58,24 +56,12 @@ def _build(kind: str, tmp: str, aspect: str = "anyres_max_9"):
     H.randomize_(model, seed=3)
     path = os.path.join(tmp, kind)
     model.save_pretrained(path)
-    if kind == "next":
-        # Until weights/ maps model_type "llava_next": its keys are OneVision's layout
-        # (model.vision_tower / multi_modal_projector / language_model / image_newline).
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
-        d.update(model_type="llava_onevision",
-                 architectures=["LlavaOnevisionForConditionalGeneration"])
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(d, f)
-        # transformers 5 saves NeXT in the legacy layout but with `model.image_newline`; the
-        # hub files (llava-v1.6-*-hf) have a bare `image_newline`: rename as the hub has it.
-        st = os.path.join(path, "model.safetensors")
-        tensors = safetensors.numpy.load_file(st)
-        tensors["image_newline"] = tensors.pop("model.image_newline")
-        safetensors.numpy.save_file(tensors, st, metadata={"format": "pt"})
-    cfg, params = load_llava(path)
+    cfg, params = load_llava(path)  # the real loader: config.json's model_type and packing
     g = cfg.vision.grid[0]
     max_crops = anyres.parse_aspect_ratio(aspect) if kind == "onevision" else 0
+    assert cfg.image_newline and cfg.anyres_max_crops == max_crops
+    assert cfg.image_grid_pinpoints == tuple(map(tuple, hc["image_grid_pinpoints"]))
+    assert (cfg.video_token_id >= 0) == (kind == "onevision")
     return model, cfg, params, proc, g, max_crops
 
 

@@ -1,10 +1,11 @@
 """Hugging Face LLaVA `config.json` <-> `LlavaConfig`, and the one check that they agree.
 
-- `config_from_hf(path_or_dict)`: a transformers `llava` / `llava_onevision` config (CLIP or
-  SigLIP tower, LLaMA or Qwen2 decoder) -> `LlavaConfig`. Fields a config.json leaves out take
-  transformers' defaults for that model type (`HF_DEFAULTS`). What we cannot run (several
-  feature layers, RoPE scaling, projector without bias, the SigLIP pooling head, sliding
-  windows, biased LLaMA attention/MLP) raises `ValueError`. The path may be local or `gs://`.
+- `config_from_hf(path_or_dict)`: a transformers `llava` / `llava_next` / `llava_onevision`
+  config (CLIP or SigLIP tower, LLaMA or Qwen2 decoder) -> `LlavaConfig`. Fields a config.json
+  leaves out take transformers' defaults for that model type (`HF_DEFAULTS`). What we cannot
+  run (several feature layers, RoPE scaling, projector without bias, the SigLIP pooling head,
+  sliding windows, biased LLaMA attention/MLP) raises `ValueError`. The path may be local or
+  `gs://`.
 - `computation_dict(cfg)`: every field that changes what the model computes (shapes, eps,
   RoPE theta, activations, feature layer, select strategy, biases, tying, image token...):
   everything but the runtime choices in `RUNTIME_FIELDS` and the input packing in
@@ -72,6 +73,13 @@ MODEL_TYPES = {
                         "qwen2",
                         dict(image_token_index=151646, vision_feature_layer=-1,
                              vision_feature_select_strategy="full")),
+    "llava_next": ("LlavaNextForConditionalGeneration",  # LLaVA-1.6: CLIP-L/14-336 + AnyRes
+                   dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024,
+                        patch_size=14, image_size=336, num_hidden_layers=24,
+                        num_attention_heads=16),
+                   "llama",
+                   dict(image_token_index=32000, vision_feature_layer=-2,
+                        vision_feature_select_strategy="default")),
 }
 VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 TEXT_TYPES = {"llama": "llama", "qwen2": "qwen2"}
@@ -202,10 +210,11 @@ def config_from_hf(path_or_dict: paths.PathLike | Mapping[str, Any], **overrides
         max_position_embeddings=int(t["max_position_embeddings"]))
     from covipal_jax.models import anyres  # numpy / jax only
 
-    packing = {k: v for k, v in anyres.hf_fields(hf).items() if k in INPUT_FIELDS}
+    fields = anyres.hf_fields(hf)  # image_newline (a weight) and the packing
+    packing = {k: v for k, v in fields.items() if k in INPUT_FIELDS}
     return LlavaConfig(vision=vision, text=text, image_token_id=int(image_token), **packing,
                        projector_act=_act(top.get("projector_hidden_act", "gelu"), "projector"),
-                       image_newline=mt == "llava_onevision", **overrides)
+                       image_newline=bool(fields["image_newline"]), **overrides)
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -267,8 +276,20 @@ def resolve_config(given: LlavaConfig | None, from_ckpt: LlavaConfig) -> LlavaCo
     return from_ckpt.replace(**{k: getattr(given, k) for k in RUNTIME_FIELDS + INPUT_FIELDS})
 
 
+def export_model_type(cfg: LlavaConfig) -> str:
+    """The transformers model_type a config exports as: "llava" without `image_newline`;
+    "llava_next" for a CLIP tower with AnyRes tiling but no `anyres_max_N` downsampling and no
+    video placeholder (LLaVA-1.6); else "llava_onevision"."""
+    if not cfg.image_newline:
+        return "llava"
+    if cfg.vision.kind == "clip" and cfg.anyres_max_crops == 0 and cfg.video_token_id < 0:
+        return "llava_next"
+    return "llava_onevision"
+
+
 def hf_config_dict(cfg: LlavaConfig, dtype: Any = None) -> dict[str, Any]:
-    """A transformers config.json dict for `cfg` (LlavaConfig or LlavaOnevisionConfig)."""
+    """A transformers config.json dict for `cfg` (LlavaConfig, LlavaNextConfig or
+    LlavaOnevisionConfig: `export_model_type`)."""
     v, t = cfg.vision, cfg.text
     dname = str(np.dtype(cfg.weight_dtype if dtype is None else dtype))
     if v.kind == "clip":
@@ -292,19 +313,20 @@ def hf_config_dict(cfg: LlavaConfig, dtype: Any = None) -> dict[str, Any]:
         text.update(attention_bias=False, mlp_bias=False)
     else:
         text.update(use_sliding_window=False)
-    if cfg.image_newline:
-        model_type, arch = "llava_onevision", MODEL_TYPES["llava_onevision"][0]
-    else:
-        model_type, arch = "llava", MODEL_TYPES["llava"][0]
+    model_type = export_model_type(cfg)
+    arch = MODEL_TYPES[model_type][0]
     out = dict(architectures=[arch], model_type=model_type, image_token_index=cfg.image_token_id,
                projector_hidden_act=ACT_TO_HF[cfg.projector_act],
                vision_feature_layer=v.feature_layer,
                vision_feature_select_strategy=v.select_strategy, multimodal_projector_bias=True,
                tie_word_embeddings=t.tie_word_embeddings, dtype=dname, torch_dtype=dname,
                vision_config=vision, text_config=text)
-    if model_type == "llava":
+    if model_type in ("llava", "llava_next"):
         out["image_seq_length"] = v.num_vision_tokens
-    else:  # OneVision: AnyRes tiling and the video placeholder (`models.anyres.hf_fields`)
+    if model_type == "llava_next":  # AnyRes tiling, no downsampling, no video
+        if cfg.image_grid_pinpoints:
+            out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+    elif model_type == "llava_onevision":  # AnyRes tiling, anyres_max_N, the video token
         if cfg.image_grid_pinpoints:
             out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
         out["vision_aspect_ratio"] = (f"anyres_max_{cfg.anyres_max_crops}"
@@ -315,5 +337,5 @@ def hf_config_dict(cfg: LlavaConfig, dtype: Any = None) -> dict[str, Any]:
 
 
 __all__ = ["HF_DEFAULTS", "INPUT_FIELDS", "MODEL_TYPES", "RUNTIME_FIELDS", "check_config",
-           "computation_dict", "config_diffs", "config_from_hf", "hf_config_dict", "read_hf_config",
-           "resolve_config"]
+           "computation_dict", "config_diffs", "config_from_hf", "export_model_type",
+           "hf_config_dict", "read_hf_config", "resolve_config"]
