@@ -7,6 +7,7 @@ write an object whole anyway). `WorkdirLock` refuses a second concurrent run on 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -55,6 +56,25 @@ def read_json(path: PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+class PathPermissionError(PermissionError, ValueError):
+    """No permission on a user path: a one-line message naming it (a ValueError too, so the
+    command lines print it as `error: ...` instead of a traceback)."""
+
+
+@contextlib.contextmanager
+def user_path_errors(path: PathLike, what: str = "path"):
+    """Re-raise a PermissionError met inside the block as `PathPermissionError` naming `path`."""
+    try:
+        yield
+    except PathPermissionError:
+        raise
+    except PermissionError as e:
+        where = getattr(e, "filename", None) or path
+        raise PathPermissionError(f"permission denied on {what} '{where}' ({e.strerror or e}): "
+                                  f"check its permissions (or the bucket's IAM "
+                                  f"roles)") from None
 
 
 class WorkdirLockedError(RuntimeError):

@@ -109,7 +109,7 @@ def test_real_checkpoint_path(quick_run, tmp_path):
     assert "[pretrain]" not in res.stdout  # steps 1-2 skipped: the checkpoint is given
     results = _results(tmp_path / "real")
     assert set(results["methods"]) == set(METHODS)
-    assert os.path.exists(tmp_path / "real" / "ppm_train" / "ppm" / "ppm.json")
+    assert os.path.exists(tmp_path / "real" / "ppm_train" / "ppm" / "config.json")
     # The same checkpoint and held-out split as the quick run: the same unpruned accuracy.
     assert results["unpruned"] == pytest.approx(_results(workdir)["unpruned"], abs=1e-6)
 

@@ -185,11 +185,13 @@ def test_builtin_tokenizer_save_load(tmp_path):
 # ---- templates -----------------------------------------------------------------------------------
 def test_template_strings():
     q = "What is this?"
-    assert tx.llava15(q) == (
+    assert tx.llava15(q) == "USER: <image>\nWhat is this? ASSISTANT:"   # llava-hf's template
+    assert tx.llava15(q, "A cat.") == tx.llava15(q) + " A cat.</s>"
+    assert tx.llava15_vicuna(q) == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant "
         "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
         "What is this? ASSISTANT:")
-    assert tx.llava15(q, "A cat.") == tx.llava15(q) + " A cat.</s>"
+    assert tx.llava15_vicuna(q, "A cat.") == tx.llava15_vicuna(q) + " A cat.</s>"
     assert tx.qwen2(q) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                            "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n"
                            "<|im_start|>assistant\n")
@@ -199,7 +201,7 @@ def test_template_strings():
     # A question that already places the image is used verbatim; image=False drops it.
     assert tx.plain("Look: <image> what?") == "Look: <image> what? ANSWER:"
     assert tx.plain(q, image=False) == "What is this? ANSWER:"
-    assert set(tx.TEMPLATES) == {"llava15", "qwen2", "plain"}
+    assert set(tx.TEMPLATES) == {"llava15", "llava15_vicuna", "qwen2", "plain"}
     with pytest.raises(ValueError, match="unknown template"):
         tx.get_template("vicuna")
 
@@ -209,8 +211,8 @@ def test_llava15_matches_llava_conversation_rule():
     system, roles, seps = tx.LLAVA_SYSTEM, ("USER", "ASSISTANT"), (" ", "</s>")
     q, a = "What is this?", "A cat."
     for messages, expect in [
-        ([(roles[0], "<image>\n" + q), (roles[1], None)], tx.llava15(q)),
-        ([(roles[0], "<image>\n" + q), (roles[1], a)], tx.llava15(q, a)),
+        ([(roles[0], "<image>\n" + q), (roles[1], None)], tx.llava15_vicuna(q)),
+        ([(roles[0], "<image>\n" + q), (roles[1], a)], tx.llava15_vicuna(q, a)),
     ]:
         ret = system + seps[0]
         for i, (role, message) in enumerate(messages):

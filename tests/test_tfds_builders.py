@@ -141,7 +141,7 @@ def _turns(*pairs):
 
 @pytest.fixture(scope="module")
 def llava_fixture(tmp_path_factory):
-    """A JSON with 5 good and 10 malformed records, and its image folder."""
+    """A JSON with 5 good and 12 malformed records, and its image folder."""
     root = tmp_path_factory.mktemp("llava")
     img = root / "images"
     (img / "coco").mkdir(parents=True)
@@ -178,7 +178,7 @@ def llava_fixture(tmp_path_factory):
         ({"id": "b_trunc", "image": "truncated.jpg",
           "conversations": _turns(("<image>\nQ", "A"))}, "unreadable_image"),
         ({"id": "b_notoken", "image": "b.png",
-          "conversations": _turns(("Q without token", "A"))}, "no_image_token"),
+          "conversations": _turns(("Q without token", "A"))}, "missing_placeholder"),
         ({"id": "b_empty", "image": "b.png",
           "conversations": _turns(("<image>\nQ", "A"), ("Q2", "  "))}, "empty_answer"),
         ({"id": "b_order", "image": "b.png",
@@ -188,9 +188,11 @@ def llava_fixture(tmp_path_factory):
           "conversations": [{"from": "human", "value": "<image>\nQ"}]}, "bad_role_order"),
         ({"id": "b_two", "image": "b.png",
           "conversations": _turns(("<image>\nQ", "A"), ("<image> again", "B"))},
-         "extra_image_token"),
+         "extra_placeholder"),
         ({"id": "b_multi", "image": ["b.png", "coco/a.jpg"],
-          "conversations": _turns(("<image>\nQ", "A"))}, "multi_image"),
+          "conversations": _turns(("<image>\nQ", "A"))}, "missing_placeholder"),
+        ({"id": "b_many", "image": ["b.png"] * 5,
+          "conversations": _turns(("<image>" * 5, "A"))}, "too_many_images"),
         ({"id": "b_struct", "image": "b.png"}, "malformed_record"),
     ]
     records = []
@@ -212,7 +214,7 @@ def llava_fixture(tmp_path_factory):
 def llava_built(llava_fixture, tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds_llava"))
     b = L.llava_builder(data_dir, "fixture", llava_fixture["json"], llava_fixture["images"],
-                        num_workers=2)
+                        num_workers=2, max_images=4)
     records: list = []
     handler = _ListHandler(records)
     absl_logger = logging.getLogger("absl")
@@ -249,6 +251,9 @@ def test_llava_skips_counted_with_one_warning(llava_fixture, llava_built):
     assert reread.info.metadata["skipped"] == {"train": exp}
     assert reread.info.metadata["kept"] == {"train": len(llava_fixture["good"])}
     assert "b_trunc" in reread.info.metadata["skipped_ids"]["train"]["unreadable_image"]
+    # and in a json beside the dataset files
+    saved = json.loads((b.data_path / L.SKIPPED_FILE).read_text())
+    assert saved["skipped"] == {"train": exp} and saved["kept"] == {"train": 5}
 
 
 def test_llava_round_trip(llava_fixture, llava_built):
@@ -260,24 +265,21 @@ def test_llava_round_trip(llava_fixture, llava_built):
     assert g2["roles"] == ["human", "gpt"] * 3
     assert g2["values"] == [t["value"] for t in llava_fixture["good"][1]["conversations"]]
     assert (g2["question"], g2["answer"]) == ("Describe it.", "Noise.")
-    assert np.array_equal(g2["image"], llava_fixture["rgb"])  # PNG bytes kept as they were
-    assert g2["image_path"] == "b.png"
+    assert len(g2["images"]) == 1 and len(g2["frames"]) == 0 and g2["video_path"] == ""
+    assert np.array_equal(g2["images"][0], llava_fixture["rgb"])  # PNG bytes kept as they were
+    assert g2["image_paths"] == ["b.png"]
     assert recs["3"]["roles"] == ["human", "gpt"] and recs["3"]["question"] == "Q"
-    assert np.array_equal(recs["3"]["image"], llava_fixture["rgba"][..., :3])  # RGBA -> RGB
-    assert np.array_equal(recs["g4"]["image"], np.repeat(llava_fixture["gray"][..., None], 3, -1))
+    assert np.array_equal(recs["3"]["images"][0], llava_fixture["rgba"][..., :3])  # RGBA -> RGB
+    assert np.array_equal(recs["g4"]["images"][0],
+                          np.repeat(llava_fixture["gray"][..., None], 3, -1))
     assert recs["g4"]["question"] == ""
     ref = np.asarray(PIL.Image.open(io.BytesIO(llava_fixture["jpeg"])).convert("RGB"))
-    assert np.array_equal(recs["g1"]["image"], ref)
-    # the image can also be read undecoded: the original JPEG bytes
-    raw = L.load_llava(llava_built["data_dir"], "fixture", "train",
-                       decoders={"image": tfds.decode.SkipDecoding()})
-    raw_by_id = {raw[i]["id"]: raw[i]["image"] for i in range(len(raw))}
-    assert raw_by_id[b"g1"] == llava_fixture["jpeg"]
+    assert np.array_equal(recs["g1"]["images"][0], ref)
 
 
 def test_llava_check_conversation_reasons():
     ok = {"image": "x.jpg", "conversations": _turns(("<image>\nQ", "A"))}
-    assert L.check_conversation(ok) == ("x.jpg", ["human", "gpt"], ["<image>\nQ", "A"])
+    assert L.check_record(ok) == L.Checked(("x.jpg",), "", ("human", "gpt"), ("<image>\nQ", "A"))
     for rec, reason in [
         ("not a dict", "malformed_record"),
         ({"image": "x.jpg", "conversations": [{"from": "human"}]}, "malformed_record"),
@@ -285,8 +287,8 @@ def test_llava_check_conversation_reasons():
         ({"image": "x.jpg", "conversations": _turns(("<image>", ""))}, "empty_answer"),
         ({"image": "", "conversations": _turns(("<image>", "A"))}, "text_only"),
     ]:
-        with pytest.raises(L._Skip) as e:
-            L.check_conversation(rec)
+        with pytest.raises(L.Skip) as e:
+            L.check_record(rec)
         assert e.value.reason == reason
 
 

@@ -57,6 +57,6 @@ def test_sigkill_then_resume_matches_uninterrupted():
     a, b = tu.checkpoint_params(w, total), tu.checkpoint_params(ref, total)
     for k in b:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
-    assert os.path.exists(os.path.join(w, "ppm", "ppm.json"))
+    assert os.path.exists(os.path.join(w, "ppm", "config.json"))
     print(f"\nkilled with checkpoints {at_kill[0]}..{at_kill[-1]}, resumed from {start}; "
           f"losses of steps {start + 1}..{total} equal the uninterrupted run's")

@@ -137,7 +137,7 @@ def test_config_from_hf_legacy_fields():
 @pytest.mark.parametrize("edit, match", [
     (lambda d: d.update(vision_feature_layer=[-2, -1]), "single feature layer"),
     (lambda d: d.update(multimodal_projector_bias=False), "multimodal_projector_bias"),
-    (lambda d: d.update(model_type="llava_next"), "model_type"),
+    (lambda d: d.update(model_type="llava_next_video"), "model_type"),
     (lambda d: d["vision_config"].update(model_type="dinov2"), "sub-model type"),
     (lambda d: d["text_config"].update(model_type="mistral"), "sub-model type"),
     (lambda d: d["text_config"].update(rope_parameters=dict(rope_type="linear", factor=2.0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -119,15 +120,25 @@ class ImageProcessorConfig:
 
     # ---- from a Hugging Face checkpoint dir -----------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], *,
-                     pad_to_square: bool | None = None) -> ImageProcessorConfig:
+    def from_hf_dict(cls, d: dict[str, Any], *, pad_to_square: bool | None = None,
+                     family: str | None = None,
+                     image_size: int | None = None) -> ImageProcessorConfig:
         """Build from a `preprocessor_config.json` dict (CLIP / SigLIP / Llava / LlavaOnevision).
 
         `pad_to_square=None` takes the file's `do_pad` for `LlavaImageProcessor` and False for
         CLIP (llava-hf ships `CLIPImageProcessor`, i.e. no padding, although the original LLaVA-1.5
         evaluation pads: pass `pad_to_square=True` to reproduce it).
+        `family` ("clip" | "siglip", the model's vision tower) decides the preprocessing when the
+        dict names no processor type or size. Fields the dict lacks (`image_mean`, `image_std`,
+        sizes, resample, ...) take the defaults of the processor's family: OpenAI-CLIP mean/std
+        for CLIP (and LlavaOnevisionImageProcessor, as transformers), 0.5/0.5 for SigLIP;
+        missing sizes take `image_size` (the tower's input size) when given, else 224.
         """
-        ptype = str(d.get("image_processor_type", ""))
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessor config must be a JSON object, got {type(d).__name__}")
+        if family is not None and family not in ("clip", "siglip"):
+            raise ValueError(f"family must be 'clip' or 'siglip', got {family!r}")
+        ptype = str(d.get("image_processor_type") or "")
         for suffix in ("Fast", "Pil"):
             if ptype.endswith(suffix):
                 ptype = ptype[: -len(suffix)]
@@ -141,14 +152,18 @@ class ImageProcessorConfig:
             kind = "clip"
         elif isinstance(size, dict) and "height" in size:
             kind = "siglip"
+        elif family is not None:
+            kind = family
         else:
             raise ValueError(f"unsupported image processor config (type {ptype!r}, size {size!r})")
 
+        fallback_size = 224 if image_size is None else int(image_size)
         if kind == "clip":
             default_mean, default_std, default_resample = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 3
-            image_size = _side(size, key="shortest_edge", default=224)
+            image_size = _side(size, key="shortest_edge", default=fallback_size)
             do_center_crop = bool(d.get("do_center_crop", True))
-            crop_size = _side(crop, key="height", default=224) if do_center_crop else image_size
+            crop_size = (_side(crop, key="height", default=fallback_size) if do_center_crop
+                         else image_size)
             if pad_to_square is None:
                 pad_to_square = bool(d.get("do_pad", False)) and ptype == "LlavaImageProcessor"
         else:
@@ -157,15 +172,27 @@ class ImageProcessorConfig:
             else:
                 default_mean, default_std = SIGLIP_MEAN, SIGLIP_STD
             default_resample = 3
-            image_size = _side(size, key="height", default=224)
+            image_size = _side(size, key="height", default=fallback_size)
             crop_size, do_center_crop = image_size, False
             pad_to_square = bool(pad_to_square)
         resample = d.get("resample", default_resample)
         resample = _RESAMPLE_BY_CODE[int(resample)] if not isinstance(resample, str) else resample
-        mean = d.get("image_mean") or default_mean
-        std = d.get("image_std") or default_std
-        mean = tuple(float(x) for x in (mean if isinstance(mean, list) else [mean] * 3))
-        std = tuple(float(x) for x in (std if isinstance(std, list) else [std] * 3))
+
+        def _rgb(v: Any, default: tuple[float, ...], key: str) -> tuple[float, ...]:
+            """An RGB triple from a field: a list of 3, one number, or missing/null."""
+            if v is None:
+                return tuple(float(x) for x in default)  # type: ignore[return-value]
+            vals = list(v) if isinstance(v, (list, tuple)) else [v] * 3
+            try:
+                out = tuple(float(x) for x in vals)
+            except (TypeError, ValueError):
+                raise ValueError(f"preprocessor {key}={v!r}: expected 3 numbers") from None
+            if len(out) != 3:
+                raise ValueError(f"preprocessor {key}={v!r}: expected 3 numbers (RGB)")
+            return out  # type: ignore[return-value]
+
+        mean = _rgb(d.get("image_mean"), default_mean, "image_mean")
+        std = _rgb(d.get("image_std"), default_std, "image_std")
         return cls(
             kind=kind, image_size=image_size, crop_size=crop_size, mean=mean, std=std,
             rescale_factor=float(d.get("rescale_factor", 1.0 / 255.0)), resample=resample,
@@ -315,11 +342,28 @@ def preprocess(images: ImageLike | Sequence[ImageLike], cfg: ImageProcessorConfi
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open and decode an image file as RGB (alpha composited onto white).
 
-    Raises ValueError naming the path when the file is missing or not a readable image.
+    Raises ValueError naming the path, in one line, when the file is missing, not readable
+    (permissions), not an image, or a decompression bomb (more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS`, e.g. a 20000x20000 PNG).
     """
+    name = os.fspath(path)
     try:
-        with PIL.Image.open(path) as im:
-            im.load()
-            return to_rgb(im).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as im:
+                im.load()
+                return to_rgb(im).copy()
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+        raise ValueError(
+            f"image {name!r} is too large to decode safely: {str(e).split(',')[0]} (PIL's "
+            f"limit is {PIL.Image.MAX_IMAGE_PIXELS} pixels); resize it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+    except PermissionError:
+        raise ValueError(f"cannot read image {name!r}: permission denied") from None
+    except FileNotFoundError:
+        raise ValueError(f"cannot read image {name!r}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"cannot read image {name!r}: it is a directory") from None
     except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+        msg = " ".join(str(e).split())
+        raise ValueError(f"cannot read image {name!r}: {msg}") from e

@@ -21,7 +21,9 @@ example's index in the split, -1 for padding).
 Sources (`source_from_config`): `data.kind = "synthetic"` (the `covipal_synthetic_vqa` TFDS
 builder, built offline into the data dir on first use) or `"llava"` (LLaVA-format JSON + image
 folder through the `covipal_llava` builder; malformed records are skipped and counted at build
-time, see `tfds_llava.py`, and reported here).
+time, see `tfds_llava.py`, and reported here). The trainer's rows hold one image, so its LLaVA
+source is built with `max_images=1, num_frames=0`: multi-image and video records are counted
+(`too_many_images`, `video_not_enabled`) and skipped.
 """
 from __future__ import annotations
 
@@ -50,9 +52,16 @@ def qa_from_record(record: Mapping[str, Any]) -> tuple[np.ndarray, str, str]:
     """(image uint8[H, W, 3], question, answer) of a synthetic or LLaVA TFDS record.
 
     LLaVA records use the first (human, gpt) turn; the `<image>` token is re-added by the chat
-    template.
+    template. A LLaVA record must hold exactly one image and no video: `build_source` builds
+    with `max_images=1, num_frames=0`, so multi-image and video records are skipped and counted.
     """
-    return np.asarray(record["image"]), _str(record["question"]), _str(record["answer"])
+    if "image" in record:  # synthetic
+        return np.asarray(record["image"]), _str(record["question"]), _str(record["answer"])
+    images, frames = record["images"], record.get("frames", ())
+    if len(images) != 1 or len(frames):
+        raise ValueError(f"record {_str(record.get('id', '?'))!r} has {len(images)} images and "
+                         f"{len(frames)} video frames: the single-image pipeline needs one image")
+    return np.asarray(images[0]), _str(record["question"]), _str(record["answer"])
 
 
 @dataclasses.dataclass
@@ -246,7 +255,7 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
         if not d.images:
             raise ValueError("data.kind='llava' needs config.data.images (the image folder)")
         b = tfds_llava.llava_builder(directory, d.name, {d.split: absolute(d.json)},
-                                     absolute(d.images))
+                                     absolute(d.images), max_images=1, num_frames=0)
         if prepare:
             b.download_and_prepare()
         skipped = dict(b.skipped.get(d.split, {}))

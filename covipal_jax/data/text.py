@@ -3,8 +3,11 @@
 - `Tokenizer`: the protocol the rest of the package uses. `HFTokenizer` wraps a checkpoint's
   `tokenizer.json` with the `tokenizers` library (no transformers at runtime); `BuiltinTokenizer`
   is a deterministic word-level tokenizer defined in code (tiny model, synthetic demo).
-- `ChatTemplate`s: `llava15` (LLaVA-1.5 `conv_vicuna_v1`), `qwen2` (ChatML, LLaVA-OneVision's
-  `conv_qwen`), `plain` (tiny/synthetic). Registry `TEMPLATES`.
+- Chat templates: a checkpoint's own jinja template (`chat_template.py`, read by
+  `HFTokenizer.from_dir` and used whenever the tokenizer has one), else a built-in `ChatTemplate`:
+  `llava15` (llava-hf's LLaVA-1.5 template), `llava15_vicuna` (original LLaVA-1.5
+  `conv_vicuna_v1`, with its system prompt), `qwen2` (ChatML, LLaVA-OneVision's `conv_qwen`),
+  `plain` (tiny/synthetic). Registry `TEMPLATES`; `get_template(name, tokenizer)` resolves.
 - `encode_prompts`: template + tokenize a batch, pick the smallest bucket that fits, left-pad:
   `ids i32[B, T]`, `mask bool[B, T]`.
 - `encode_example`: one training example (prompt + answer), left-padded to `max_len`, with
@@ -20,8 +23,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from absl import logging as absl_logging
 
-IMAGE_TOKEN = "<image>"
+from covipal_jax.data import chat_template as chat_template_lib
+from covipal_jax.data.chat_template import (  # noqa: F401 (re-exported)
+    BUILTIN_PREFIX, IMAGE_TOKEN, LLAVA_SYSTEM, QWEN_SYSTEM, TEMPLATES, ChatTemplate,
+    describe_template, get_template, llava15, llava15_vicuna, plain, qwen2)
+
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -82,8 +90,10 @@ class HFTokenizer:
     """
 
     def __init__(self, tok, *, bos_id: int | None, eos_id: int, pad_id: int,
-                 image_token_id: int, add_bos_default: bool):
+                 image_token_id: int, add_bos_default: bool,
+                 chat_template: chat_template_lib.JinjaTemplate | None = None):
         self._tok = tok
+        self.chat_template = chat_template  # the checkpoint's own template (or None)
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.pad_id = pad_id
@@ -152,8 +162,11 @@ class HFTokenizer:
         with_specials = tok.encode("a", add_special_tokens=True).ids
         add_bos = bool(bos is not None and (
             tcfg.get("add_bos_token", False) or (with_specials and with_specials[0] == bos)))
+        template = chat_template_lib.from_dir(path)
+        absl_logging.info("%s: %s", path, f"chat template from {template.source}" if template
+                          else "no chat template (the config's built-in template is used)")
         return cls(tok, bos_id=bos, eos_id=eos, pad_id=pad, image_token_id=image,
-                   add_bos_default=add_bos)
+                   add_bos_default=add_bos, chat_template=template)
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -194,6 +207,8 @@ class BuiltinTokenizer:
     `decode(encode(s)) == s` for in-vocab text in canonical form: single spaces between words,
     punctuation attached to the word before it (and `'`, `-`, `(` , "\\n" to the word after).
     """
+
+    chat_template = None   # built-in templates only
 
     def __init__(self, words: Iterable[str] = ()):
         vocab: list[str] = []
@@ -306,78 +321,6 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | BuiltinTokenizer:
 
 
 # ================================================================================================
-# Chat templates
-# ================================================================================================
-LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                "The assistant gives helpful, detailed, and polite answers to the user's "
-                "questions.")
-QWEN_SYSTEM = "You are a helpful assistant."
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTemplate:
-    """Single-turn prompt format: `prefix + [<image> + image_sep] + question + suffix`.
-
-    The training target is `answer_prefix + answer + end`; `end` is the end-of-turn token string
-    (a single token of the model's vocabulary; generation stops there or at EOS).
-    """
-
-    name: str
-    prefix: str
-    image_sep: str
-    suffix: str
-    answer_prefix: str
-    end: str
-
-    def prompt(self, question: str, *, image: bool = True) -> str:
-        """Prompt ending with the generation cue. A question that already contains "<image>" is
-        used as is; otherwise "<image>" + image_sep is put in front when `image`."""
-        if IMAGE_TOKEN not in question and image:
-            question = IMAGE_TOKEN + self.image_sep + question
-        return self.prefix + question + self.suffix
-
-    def answer(self, answer: str) -> str:
-        """The text after the prompt for a training example (end token included)."""
-        return self.answer_prefix + answer + self.end
-
-    def __call__(self, question: str, answer: str | None = None, *, image: bool = True) -> str:
-        text = self.prompt(question, image=image)
-        return text if answer is None else text + self.answer(answer)
-
-    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
-        """Token ids that end generation: EOS and the template's end token."""
-        ids = [tokenizer.eos_id]
-        end = tokenizer.token_to_id(self.end)
-        if end is not None and end not in ids:
-            ids.append(end)
-        return tuple(ids)
-
-
-# LLaVA-1.5 conv_vicuna_v1 (SeparatorStyle.TWO, sep=" ", sep2="</s>"), image first + "\n".
-llava15 = ChatTemplate(name="llava15", prefix=LLAVA_SYSTEM + " USER: ", image_sep="\n",
-                       suffix=" ASSISTANT:", answer_prefix=" ", end="</s>")
-# LLaVA-OneVision conv_qwen (ChatML, SeparatorStyle.CHATML, sep="<|im_end|>").
-qwen2 = ChatTemplate(
-    name="qwen2", prefix=f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n",
-    image_sep="\n", suffix="<|im_end|>\n<|im_start|>assistant\n", answer_prefix="",
-    end="<|im_end|>")
-# Tiny / synthetic model: short, all in BuiltinTokenizer's fixed vocabulary.
-plain = ChatTemplate(name="plain", prefix="", image_sep=" ", suffix=" ANSWER:",
-                     answer_prefix=" ", end="</s>")
-
-TEMPLATES: dict[str, ChatTemplate] = {"llava15": llava15, "qwen2": qwen2, "plain": plain}
-
-
-def get_template(template: str | ChatTemplate | None) -> ChatTemplate | None:
-    if template is None or isinstance(template, ChatTemplate):
-        return template
-    try:
-        return TEMPLATES[template]
-    except KeyError:
-        raise ValueError(f"unknown template {template!r}; one of {sorted(TEMPLATES)}") from None
-
-
-# ================================================================================================
 # Encoding, bucketing, left padding
 # ================================================================================================
 def pad_left(seqs: Sequence[Sequence[int]], length: int,
@@ -411,8 +354,11 @@ def _check_image(ids: Sequence[int], image_token_id: int, require_image: bool, w
         raise ValueError(f"{where} has no image placeholder ({IMAGE_TOKEN!r})")
 
 
-def _resolve_bos(tokenizer: Tokenizer, add_bos: bool | None) -> bool:
-    return tokenizer.add_bos_default if add_bos is None else add_bos
+def _resolve_bos(tokenizer: Tokenizer, add_bos: bool | None, template=None) -> bool:
+    """None -> the tokenizer's default, unless the template writes BOS itself."""
+    if add_bos is None:
+        return tokenizer.add_bos_default and not getattr(template, "includes_bos", False)
+    return add_bos
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
@@ -421,7 +367,8 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
                    require_image: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Template + tokenize + left-pad a batch of questions to the smallest fitting bucket.
 
-    template: a `TEMPLATES` name, a `ChatTemplate`, or None for already formatted prompts.
+    template: a name (the tokenizer's checkpoint template if it has one, else the built-in
+    `TEMPLATES[name]`; see `get_template`), a template object, or None for formatted prompts.
     add_bos: None -> `tokenizer.add_bos_default`.
     Returns `ids i32[B, T]`, `mask bool[B, T]` with `T = min(b in buckets, b >= longest)`.
     Raises ValueError for a prompt longer than the largest bucket, a prompt with no image
@@ -431,8 +378,8 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
         raise TypeError("encode_prompts takes a list of prompts, not one string")
     if not prompts:
         raise ValueError("encode_prompts: empty batch")
-    tmpl = get_template(template)
-    bos = _resolve_bos(tokenizer, add_bos)
+    tmpl = get_template(template, tokenizer)
+    bos = _resolve_bos(tokenizer, add_bos, tmpl)
     seqs = []
     for i, p in enumerate(prompts):
         text = tmpl.prompt(p, image=require_image) if tmpl is not None else p
@@ -463,8 +410,8 @@ def encode_example(tokenizer: Tokenizer, question: str, answer: str, *,
     the prompt/answer boundary (true for the three templates: each prompt ends at ':' or '\\n');
     answer tokens are those after the common prefix with the prompt alone.
     """
-    tmpl = get_template(template)
-    bos = _resolve_bos(tokenizer, add_bos)
+    tmpl = get_template(template, tokenizer)
+    bos = _resolve_bos(tokenizer, add_bos, tmpl)
     prompt = tmpl.prompt(question, image=require_image)
     p_ids = tokenizer.encode(prompt, add_bos=bos)
     f_ids = tokenizer.encode(prompt + tmpl.answer(answer), add_bos=bos)

@@ -1,11 +1,13 @@
 """TFDS builder `covipal_llava` for LLaVA-format instruction data stored as local files.
 
-Input: a JSON list (or JSON-lines file) of records as in LLaVA-665K and LLaVA-OneVision
-single-image data, plus an image folder::
+Input: a JSON list (or JSON-lines file) of records as in LLaVA-665K and the LLaVA-OneVision
+data (single-image, multi-image and video records), plus an image folder and a video folder::
 
     {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
      "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
                        {"from": "gpt", "value": "The bus is white and red."}, ...]}
+    {"id": "m1", "image": ["a.jpg", "b.jpg"], "conversations": [... "<image> <image> Differ?" ...]}
+    {"id": "v1", "video": "clips/v1.mp4", "conversations": [... "<image>\\nWhat happens?" ...]}
 
 Nothing is downloaded. Paths come from a `LlavaConfig`: absolute paths are used as they are,
 relative ones are resolved against the manual dir (``download_config=tfds.download.
@@ -21,171 +23,84 @@ DownloadConfig(manual_dir=...)``, default ``<data_dir>/downloads/manual``)::
 The registered config ``llava_v1_5_mix665k`` expects ``llava_v1_5_mix665k.json`` and the image
 folders (coco/, gqa/, ocr_vqa/, textvqa/, vg/) directly in the manual dir.
 
+Options (`LlavaConfig`): ``max_images`` (16; a record with more is skipped), ``num_frames``
+(32, LLaVA-OneVision's count; 0 skips video records), ``frame_sampling`` ("hf" or
+"linspace", see data/video.py), ``frame_format`` ("jpeg" at ``frame_quality`` 95, or "png"),
+``video_dir`` (default: ``image_dir``), ``verify_images``, ``num_workers``.
+
 Output features (one record per valid input record; all turns kept):
-  ``id`` Text; ``image`` Image uint8[H, W, 3], stored encoded and decoded on access (original
-  JPEG/PNG bytes when already 8-bit RGB, otherwise converted to RGB and re-encoded as PNG; pass
-  ``decoders={"image": tfds.decode.SkipDecoding()}`` to get the bytes); ``image_path`` Text
-  (relative path from the JSON); ``roles`` / ``values`` parallel Sequence(Text) of every turn,
-  roles normalised to "human" / "gpt" (aliases "user" / "assistant" accepted), values verbatim
-  (the first human turn keeps its `<image>` token, so its position is known); ``question`` /
-  ``answer`` the first turn pair, `<image>` token and surrounding whitespace removed from the
+  ``id`` Text; ``images`` Sequence(Image uint8[H, W, 3]) of 0..max_images images in
+  placeholder order, stored encoded and decoded on access (original JPEG/PNG bytes when already
+  8-bit RGB, otherwise converted to RGB and re-encoded as PNG); ``image_paths``
+  Sequence(Text) (relative paths from the JSON); ``frames`` Sequence(Image) of exactly
+  ``num_frames`` frames for a video record (sampled and encoded at build time with
+  data/video.py), empty otherwise; ``video_path`` Text ("" for image records); ``roles`` /
+  ``values`` parallel Sequence(Text) of every turn, roles normalised to "human" / "gpt"
+  (aliases "user" / "assistant" accepted), values verbatim (placeholders kept, so their
+  positions are known; a video record's placeholder is written `<video>`); ``question`` /
+  ``answer`` the first turn pair, placeholders and surrounding whitespace removed from the
   question. Multi-turn training should use ``roles`` / ``values`` (loss on every gpt turn);
   single-turn consumers may use ``question`` / ``answer``.
 
-Malformed records are skipped, never fatal, and counted per reason (the first failing check, in
-this order): ``malformed_record`` (not a dict, no conversations list, a turn without string
-"from"/"value", an unparsable JSON line), ``text_only`` (no "image"), ``multi_image`` (a list of
-several images), ``bad_role_order`` (turns must alternate human, gpt, ... and end with gpt),
-``empty_answer`` (a blank gpt turn), ``no_image_token`` (first human turn lacks `<image>`),
-``extra_image_token`` (`<image>` more than once in the conversation), ``missing_image_file``,
-``unreadable_image`` (PIL cannot decode it; fully decoded when `verify_images`). One warning
-summary (absl) is logged after the whole build; counts are kept in
-``builder.info.metadata["skipped"][split]`` (saved with the dataset) with
-``metadata["kept"][split]`` and a few example ids per reason in ``metadata["skipped_ids"]``.
+Malformed records are skipped, never fatal, and counted per reason (data/llava_records.py lists
+the reasons and their order: unreadable image or video, too few frames, placeholders that do
+not match the images, ...). One warning summary (absl) is logged after the whole build; counts
+are kept in ``builder.info.metadata["skipped"][split]`` (saved with the dataset) with
+``metadata["kept"][split]`` and a few example ids per reason in ``metadata["skipped_ids"]``,
+and written to ``skipped.json`` beside the dataset files.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import dataclasses
-import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
-from covipal_jax.data.synthetic.tfds_builder import default_to_array_record
+from covipal_jax.data import llava_records as R
+from covipal_jax.data.synthetic.tfds_builder import LocalBuild, default_to_array_record
 
-IMAGE_TOKEN = "<image>"
-ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-SKIP_REASONS = (
-    "malformed_record",
-    "text_only",
-    "multi_image",
-    "bad_role_order",
-    "empty_answer",
-    "no_image_token",
-    "extra_image_token",
-    "missing_image_file",
-    "unreadable_image",
-)
+# the record-level API, re-exported
+IMAGE_TOKEN, VIDEO_TOKEN, ROLE_ALIASES = R.IMAGE_TOKEN, R.VIDEO_TOKEN, R.ROLE_ALIASES
+SKIP_REASONS, Skip, Checked = R.SKIP_REASONS, R.Skip, R.Checked
+check_record, load_image_bytes, read_records = R.check_record, R.load_image_bytes, R.read_records
+load_video_frames = R.load_video_frames
+SKIPPED_FILE = "skipped.json"  # beside the dataset files: the skip counts of the build
 _IDS_PER_REASON = 5
-_CHUNK = 256  # records validated concurrently
+_CHUNK = 64  # records validated concurrently
 
 
 @dataclasses.dataclass
 class LlavaConfig(tfds.core.BuilderConfig):
-    """Where the LLaVA-format files are (absolute, or relative to the manual dir)."""
+    """Where the LLaVA-format files are (absolute, or relative to the manual dir) and how
+    multi-image and video records are stored."""
 
     json_files: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> .json/.jsonl
     image_dir: str = "."
+    video_dir: str = ""          # "" = image_dir
     image_token: str = IMAGE_TOKEN
+    video_token: str = VIDEO_TOKEN
+    max_images: int = 16         # images per record (more: skipped as too_many_images)
+    num_frames: int = 32         # frames kept per video (0: video records are skipped)
+    frame_sampling: str = "hf"   # hf | linspace (data/video.py)
+    frame_format: str = "jpeg"   # jpeg | png (lossless)
+    frame_quality: int = 95
     verify_images: bool = True  # fully decode every image at build time (else header only)
-    num_workers: int = 8  # threads reading and checking images
+    num_workers: int = 8  # threads reading and checking images and videos
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+class CovipalLlava(LocalBuild, tfds.core.GeneratorBasedBuilder):
+    """LLaVA-format (conversations + images or a video) instruction data from local files."""
 
-
-def _record_id(rec: Any, index: int) -> str:
-    if isinstance(rec, dict) and rec.get("id") is not None:
-        return str(rec["id"])
-    return str(index)
-
-
-def check_conversation(rec: Any, image_token: str = IMAGE_TOKEN) -> tuple[str, list[str],
-                                                                         list[str]]:
-    """Validates a record's structure; returns (image relative path, roles, values).
-
-    Raises `_Skip(reason)` for the structural reasons of `SKIP_REASONS` (no file access).
-    """
-    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
-        raise _Skip("malformed_record")
-    turns = rec["conversations"]
-    roles, values = [], []
-    for t in turns:
-        if not isinstance(t, dict) or not isinstance(t.get("from"), str) \
-                or not isinstance(t.get("value"), str):
-            raise _Skip("malformed_record")
-        roles.append(ROLE_ALIASES.get(t["from"].strip().lower(), t["from"]))
-        values.append(t["value"])
-    image = rec.get("image")
-    if image is None or image == "" or image == []:
-        raise _Skip("text_only")
-    if isinstance(image, list):
-        if len(image) != 1:
-            raise _Skip("multi_image")
-        image = image[0]
-    if not isinstance(image, str):
-        raise _Skip("malformed_record")
-    if not roles or len(roles) % 2 or any(
-            r != ("human" if i % 2 == 0 else "gpt") for i, r in enumerate(roles)):
-        raise _Skip("bad_role_order")
-    if any(not v.strip() for r, v in zip(roles, values) if r == "gpt"):
-        raise _Skip("empty_answer")
-    if image_token not in values[0]:
-        raise _Skip("no_image_token")
-    if sum(v.count(image_token) for v in values) > 1:
-        raise _Skip("extra_image_token")
-    return image, roles, values
-
-
-def load_image_bytes(path: str, verify: bool = True) -> bytes:
-    """Encoded bytes of an 8-bit RGB JPEG/PNG for `path` (original bytes when possible).
-
-    Raises `_Skip("missing_image_file")` or `_Skip("unreadable_image")`.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise _Skip("missing_image_file") from None
-    except OSError:
-        raise _Skip("unreadable_image") from None
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as im:
-            if verify:
-                im.load()
-            if im.format in ("JPEG", "PNG") and im.mode == "RGB":
-                return data
-            im = im.convert("RGB")
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            return buf.getvalue()
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError):
-        raise _Skip("unreadable_image") from None
-
-
-def read_records(path: str) -> Iterator[Any]:
-    """Records of a JSON list or a JSON-lines file (an unparsable line yields `None`)."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            yield from json.load(f)
-            return
-        for line in f:
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield None
-
-
-class CovipalLlava(tfds.core.GeneratorBasedBuilder):
-    """LLaVA-format (conversations + one image) instruction data from local files."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "2.0.0": "Multi-image and video records: `images`, `image_paths`, "
+                              "`frames`, `video_path` replace `image`, `image_path`."}
     BUILDER_CONFIGS = [
         LlavaConfig(
             name="llava_v1_5_mix665k",
@@ -211,8 +126,10 @@ class CovipalLlava(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
                 "id": tfds.features.Text(),
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "image_path": tfds.features.Text(),
+                "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
+                "image_paths": tfds.features.Sequence(tfds.features.Text()),
+                "frames": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
+                "video_path": tfds.features.Text(),
                 "roles": tfds.features.Sequence(tfds.features.Text()),
                 "values": tfds.features.Sequence(tfds.features.Text()),
                 "question": tfds.features.Text(),
@@ -232,48 +149,65 @@ class CovipalLlava(tfds.core.GeneratorBasedBuilder):
         cfg: LlavaConfig = self.builder_config
         if not cfg.json_files:
             raise ValueError("LlavaConfig.json_files is empty")
+        if cfg.frame_format not in R.FRAME_FORMATS:
+            raise ValueError(f"LlavaConfig.frame_format must be one of {R.FRAME_FORMATS}, got "
+                             f"{cfg.frame_format!r}")
         image_dir = self._resolve(cfg.image_dir, dl_manager)
+        video_dir = self._resolve(cfg.video_dir, dl_manager) if cfg.video_dir else image_dir
         return {
-            split: self._generate_examples(split, self._resolve(p, dl_manager), image_dir)
+            split: self._generate_examples(split, self._resolve(p, dl_manager), image_dir,
+                                           video_dir)
             for split, p in cfg.json_files.items()
         }
 
-    def _generate_examples(self, split: str, json_path: str, image_dir: str):
+    def convert(self, rec: Any, index: int, image_dir: str, video_dir: str) -> dict[str, Any]:
+        """One input record -> a TFDS example; raises `Skip(reason)`."""
         cfg: LlavaConfig = self.builder_config
+        c = check_record(rec, max_images=cfg.max_images, num_frames=cfg.num_frames,
+                         image_token=cfg.image_token, video_token=cfg.video_token)
+        images = [load_image_bytes(os.path.join(image_dir, p), cfg.verify_images)
+                  for p in c.images]
+        frames = []
+        if c.video:
+            frames = load_video_frames(os.path.join(video_dir, c.video), cfg.num_frames,
+                                       sampling=cfg.frame_sampling, fmt=cfg.frame_format,
+                                       quality=cfg.frame_quality)
+        return {
+            "id": R.record_id(rec, index),
+            "images": images,
+            "image_paths": list(c.images),
+            "frames": frames,
+            "video_path": c.video,
+            "roles": list(c.roles),
+            "values": list(c.values),
+            "question": c.question,
+            "answer": c.values[1],
+        }
+
+    def _generate_examples(self, split: str, json_path: str, image_dir: str, video_dir: str):
         counts: collections.Counter = collections.Counter()
         ids: dict[str, list[str]] = collections.defaultdict(list)
         kept = 0
 
-        def convert(item: tuple[int, Any]) -> tuple[int, str, Any]:
+        def convert(item: tuple[int, Any]) -> tuple[str, Any]:
             index, rec = item
             try:
-                image, roles, values = check_conversation(rec, cfg.image_token)
-                data = load_image_bytes(os.path.join(image_dir, image), cfg.verify_images)
-            except _Skip as e:
-                return index, e.reason, None
-            question = values[0].replace(cfg.image_token, "").strip()
-            return index, "", {
-                "id": _record_id(rec, index),
-                "image": data,
-                "image_path": image,
-                "roles": roles,
-                "values": values,
-                "question": question,
-                "answer": values[1],
-            }
+                return "", self.convert(rec, index, image_dir, video_dir)
+            except Skip as e:
+                return e.reason, None
 
-        with concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_workers)) as pool:
-            chunk: list[tuple[int, Any]] = []
+        workers = max(1, self.builder_config.num_workers)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             records = enumerate(read_records(json_path))
             while True:
                 chunk = [item for _, item in zip(range(_CHUNK), records)]
                 if not chunk:
                     break
-                for (index, rec), (_, reason, example) in zip(chunk, pool.map(convert, chunk)):
+                for (index, rec), (reason, example) in zip(chunk, pool.map(convert, chunk)):
                     if reason:
                         counts[reason] += 1
                         if len(ids[reason]) < _IDS_PER_REASON:
-                            ids[reason].append(_record_id(rec, index))
+                            ids[reason].append(R.record_id(rec, index))
                         continue
                     kept += 1
                     yield index, example
@@ -297,6 +231,10 @@ class CovipalLlava(tfds.core.GeneratorBasedBuilder):
         else:
             logging.info("covipal_llava/%s: no malformed records, kept %s",
                          self.builder_config.name, self._kept)
+        if self._kept:  # a fresh build (not a reuse of prepared data)
+            (self.data_path / SKIPPED_FILE).write_text(json.dumps(
+                {"skipped": self.skipped, "kept": dict(self._kept),
+                 "skipped_ids": dict(self._skipped_ids)}, indent=1, sort_keys=True))
         return out
 
     @property
@@ -328,7 +266,7 @@ def llava_builder(
 
 
 def load_llava(data_dir: str, name: str, split: str = "train",
-               version: str = "1.0.0", **kwargs: Any) -> Sequence[dict[str, Any]]:
+               version: str = str(CovipalLlava.VERSION), **kwargs: Any) -> Sequence[dict[str, Any]]:
     """Random-access data source of a prepared `covipal_llava/<name>` (any config, including
     custom `LlavaConfig`s, which the registry does not know): read from its directory."""
     path = os.path.join(data_dir, CovipalLlava.name, name, version)

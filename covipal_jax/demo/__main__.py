@@ -1,4 +1,4 @@
-"""The main job: synthetic VQA -> tiny LLaVA from scratch -> PPM -> pruning sweep, on CPU.
+r"""The main job: synthetic VQA -> tiny LLaVA from scratch -> PPM -> pruning sweep, on CPU.
 
     python -m covipal_jax.demo --workdir /tmp/covipal_demo           # ~15 min on 2 CPU cores
     python -m covipal_jax.demo --workdir /tmp/covipal_quick --quick  # reduced, < 2 min
@@ -60,4 +60,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

@@ -51,7 +51,7 @@ def answer_token_ids(tokenizer: text_lib.Tokenizer, template: str | text_lib.Cha
     `cased`: also accept the lower-case and capitalized spellings of the answer (real chat
     models answer "Red" as often as "red").
     """
-    tmpl = text_lib.get_template(template)
+    tmpl = text_lib.get_template(template, tokenizer)
     prompt = tmpl.prompt(question)
     bos = tokenizer.add_bos_default
     p_ids = tokenizer.encode(prompt, add_bos=bos)

@@ -462,7 +462,7 @@ def ppm_stage(config: Any, workdir: str, stages: Stages, upstream: str, *,
     if given:
         stages.log(f"[ppm] using the given PPM {given}")
         stages.seconds["ppm"] = 0.0
-        return given, fingerprint(upstream, given, _mtime(os.path.join(given, "ppm.json")))
+        return given, fingerprint(upstream, given, _mtime(os.path.join(given, "config.json")))
     fp = fingerprint("ppm", upstream, config.train, config.ppm, config.data)
     if stages.cached("ppm", directory, fp):
         return ppm_dir, fp

@@ -33,8 +33,10 @@ from typing import Any, Protocol, runtime_checkable
 import tqdm
 from PIL import Image
 
+from covipal_jax import paths
 from covipal_jax.eval import benchmarks as bm
 from covipal_jax.eval import metrics as mt
+from covipal_jax.eval import video as video_lib
 
 log = logging.getLogger(__name__)
 
@@ -82,32 +84,33 @@ def pad_batch(items: Sequence[Any], size: int) -> tuple[list[Any], int]:
 # --------------------------------------------------------------------------------------------
 # JSONL predictions file.
 # --------------------------------------------------------------------------------------------
-def load_records(paths: str | Sequence[str]) -> list[dict[str, Any]]:
-    """Records of one or more prediction files (a torn last line is ignored; later records of a
-    qid replace earlier ones)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+def load_records(files: str | Sequence[str]) -> list[dict[str, Any]]:
+    """Records of one or more prediction files, local or `gs://` (a torn last line is
+    ignored; later records of a qid replace earlier ones)."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
     by_qid: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        if not os.path.exists(path):
+    for path in files:
+        p = paths.as_path(path)
+        if not p.exists():
             continue
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s:%d: skipping unparsable line (torn write?)", path, lineno)
-                    continue
-                if isinstance(rec, dict) and "qid" in rec:
-                    by_qid[str(rec["qid"])] = rec
+        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping unparsable line (torn write?)", path, lineno)
+                continue
+            if isinstance(rec, dict) and "qid" in rec:
+                by_qid[str(rec["qid"])] = rec
     return list(by_qid.values())
 
 
 def _repair_tail(path: str) -> None:
-    """Drops a torn (newline-less) last line left by a crash, so appends start clean."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
+    """Drops a torn (newline-less) last line left by a crash, so appends start clean (local
+    files; a remote file is always written whole)."""
+    if paths.is_remote(path) or not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb+") as f:
         f.seek(-1, os.SEEK_END)
@@ -121,13 +124,53 @@ def _repair_tail(path: str) -> None:
         log.warning("%s: dropped a torn last line (%d bytes)", path, len(data) - cut)
 
 
+class _LineWriter:
+    """Appends JSON lines: a local file is appended to and flushed (optionally fsynced) after
+    each batch; a remote one (`gs://`, no append) is rewritten whole after each batch."""
+
+    def __init__(self, path: str, fsync: bool):
+        self.path, self.fsync = path, fsync
+        self.remote = paths.is_remote(path)
+        paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            p = paths.as_path(path)
+            self.text = p.read_text(encoding="utf-8") if p.exists() else ""
+            if self.text and not self.text.endswith("\n"):
+                self.text = self.text[:self.text.rfind("\n") + 1]
+        else:
+            _repair_tail(path)
+            self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, lines: Sequence[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in lines)
+        if self.remote:
+            self.text += text
+            paths.write_atomic(self.path, self.text)
+            return
+        self.f.write(text)
+        self.f.flush()
+        if self.fsync:
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if not self.remote:
+            self.f.close()
+
+
 # --------------------------------------------------------------------------------------------
 # run_benchmark.
 # --------------------------------------------------------------------------------------------
-def _load_images(examples: Sequence[bm.Example], pool: concurrent.futures.Executor | None
-                 ) -> list[Image.Image | Exception]:
-    def load(ex: bm.Example) -> Image.Image | Exception:
+def _media(ex: bm.Example) -> str:
+    return "video" if isinstance(ex.image, bm.VideoRef) else "image"
+
+
+def _load_images(examples: Sequence[bm.Example], pool: concurrent.futures.Executor | None,
+                 predictor: Any = None) -> list[Any]:
+    """Per example: a PIL image, a video input (`video.load_input`), or the load error."""
+    def load(ex: bm.Example) -> Any:
         try:
+            if isinstance(ex.image, bm.VideoRef):
+                return video_lib.load_input(ex.image, predictor)
             return ex.image.load()
         except Exception as e:  # noqa: BLE001  (any decode error is a per-example failure)
             return e
@@ -174,11 +217,16 @@ def run_benchmark(
         examples = examples.examples
     if benchmark is None:
         raise ValueError("pass benchmark= when examples is not a BenchmarkData")
-    benchmark = bm.canonical_name(benchmark)
+    bench = bm.get(benchmark)
+    benchmark = bench.name
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if bench.kind == "video" and not video_lib.supports_video(predictor):
+        video_lib.predict_video(predictor, [], max_new_tokens)  # raises: what is missing
     if use_option_scores:
-        if benchmark not in bm.MULTIPLE_CHOICE:
+        if bench.kind == "video":
+            raise ValueError(f"option scoring is not available for video benchmarks ({benchmark})")
+        if not bench.multiple_choice:
             raise ValueError(f"option scoring is for multiple-choice benchmarks, not {benchmark}")
         if not isinstance(predictor, OptionScorer):
             raise TypeError("use_option_scores=True needs a predictor with score_options()")
@@ -189,8 +237,8 @@ def run_benchmark(
     idx, count = shard
     examples = examples[idx::count]
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
-    _repair_tail(out_jsonl)
+    out_jsonl = os.fspath(out_jsonl)
+    writer = _LineWriter(out_jsonl, fsync)
     done = {r["qid"] for r in load_records(out_jsonl) if not r.get("error")}
     todo = [ex for ex in examples if ex.qid not in done]
     log.info("%s: %d examples, %d already in %s, %d to answer", benchmark, len(examples),
@@ -201,31 +249,27 @@ def run_benchmark(
                     dynamic_ncols=True)
     stats = {"answered": 0, "image_errors": 0, "batches": 0}
     try:
-        with open(out_jsonl, "a", encoding="utf-8") as f:
-            for chunk in iter_batches(todo, batch_size):
-                images = _load_images(chunk, pool)
-                lines = []
-                good: list[tuple[bm.Example, Image.Image]] = []
-                for ex, img in zip(chunk, images):
-                    if isinstance(img, Exception):
-                        stats["image_errors"] += 1
-                        lines.append(dict(ex.to_record(), pred="", benchmark=benchmark,
-                                          error=f"image: {type(img).__name__}: {img}"))
-                    else:
-                        good.append((ex, img))
-                if good:
-                    padded, n_real = pad_batch(good, batch_size)
-                    lines += _predict(predictor, padded, n_real, benchmark, max_new_tokens,
-                                      use_option_scores)
-                    stats["batches"] += 1
-                for rec in lines:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-                stats["answered"] += len(lines)
-                bar.update(len(chunk))
+        for chunk in iter_batches(todo, batch_size):
+            images = _load_images(chunk, pool, predictor)
+            lines = []
+            good: list[tuple[bm.Example, Any]] = []
+            for ex, img in zip(chunk, images):
+                if isinstance(img, Exception):
+                    stats["image_errors"] += 1
+                    lines.append(dict(ex.to_record(), pred="", benchmark=benchmark,
+                                      error=f"{_media(ex)}: {type(img).__name__}: {img}"))
+                else:
+                    good.append((ex, img))
+            if good:
+                padded, n_real = pad_batch(good, batch_size)
+                lines += _predict(predictor, padded, n_real, benchmark, max_new_tokens,
+                                  use_option_scores)
+                stats["batches"] += 1
+            writer.write(lines)
+            stats["answered"] += len(lines)
+            bar.update(len(chunk))
     finally:
+        writer.close()
         bar.close()
         if pool is not None:
             pool.shutdown(wait=False)
@@ -237,10 +281,9 @@ def run_benchmark(
     records = load_records(out_jsonl)
     wanted = {ex.qid for ex in examples}
     records = [r for r in records if r["qid"] in wanted]
-    result = mt.compute_metrics(benchmark, records)
+    result = bench.score(records)
     result["run"] = dict(stats, n_examples=len(examples), out_jsonl=out_jsonl)
-    with open(out_jsonl + ".metrics.json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=str)
+    paths.write_atomic(out_jsonl + ".metrics.json", json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -262,7 +305,11 @@ def _predict(predictor: Any, padded: list[tuple[bm.Example, Image.Image]], n_rea
             out.append(dict(ex.to_record(), pred=bm.LETTERS[best], choice=bm.LETTERS[best],
                             option_scores=[float(x) for x in row], benchmark=benchmark))
         return out
-    texts = predictor.predict([(img, ex.prompt) for ex, img in padded], max_new_tokens)
+    if isinstance(padded[0][0].image, bm.VideoRef):
+        texts = video_lib.predict_video(predictor, [(v, ex.prompt, ex.meta) for ex, v in padded],
+                                        max_new_tokens)
+    else:
+        texts = predictor.predict([(img, ex.prompt) for ex, img in padded], max_new_tokens)
     if len(texts) != size:
         raise RuntimeError(f"predict returned {len(texts)} outputs for a batch of {size}")
     for (ex, _), text in list(zip(padded, texts))[:n_real]:
@@ -286,7 +333,8 @@ def _fmt(v: float, digits: int) -> str:
 
 def summary_table(results: Mapping[str, Mapping[Any, Mapping[str, float]]], unpruned_key: str,
                   benchmarks: Sequence[str] | None = None, digits: int = 2,
-                  show_ratio: bool = False) -> str:
+                  show_ratio: bool = False, avg_columns: Sequence[str] | None = None,
+                  keep_label: Any = None) -> str:
     """Markdown table of scores per (keep, method), with the papers' "Avg" column.
 
     Args:
@@ -295,6 +343,8 @@ def summary_table(results: Mapping[str, Mapping[Any, Mapping[str, float]]], unpr
       unpruned_key: the method every score is divided by.
       benchmarks: column order (default: first-seen order across `results`).
       show_ratio: also print each cell's ratio to unpruned, "59.93 (97.1%)".
+      avg_columns: the columns Avg is taken over (default: all; e.g. MME-P but not MME total).
+      keep_label: keep -> the text of the Keep cell (default: str).
     Returns:
       Rows sorted by keep (descending), unpruned first. Avg = mean over benchmarks of
       score / unpruned score (in %); a method missing a benchmark gets "–" there, and its Avg
@@ -315,6 +365,10 @@ def summary_table(results: Mapping[str, Mapping[Any, Mapping[str, float]]], unpr
     header = ["Keep", "Method", *benchmarks, "Avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
+    avg_set = set(avg_columns if avg_columns is not None else benchmarks)
+    n_avg = sum(b in avg_set for b in benchmarks)
+    label = keep_label or str
+
     def row(keep: Any, method: str, scores: Mapping[str, float]) -> str:
         cells, ratios = [], []
         for b in benchmarks:
@@ -323,13 +377,14 @@ def summary_table(results: Mapping[str, Mapping[Any, Mapping[str, float]]], unpr
                 cells.append("–")
                 continue
             ratio = scores[b] / ref[b] if ref[b] else float("nan")
-            ratios.append(ratio)
+            if b in avg_set:
+                ratios.append(ratio)
             cell = _fmt(scores[b], digits)
             cells.append(f"{cell} ({100 * ratio:.1f}%)" if show_ratio else cell)
         avg = "–" if not ratios else f"{100 * sum(ratios) / len(ratios):.2f}%"
-        if ratios and len(ratios) < len(benchmarks):
-            avg += f" ({len(ratios)}/{len(benchmarks)})"
-        return "| " + " | ".join([str(keep), method, *cells, avg]) + " |"
+        if ratios and len(ratios) < n_avg:
+            avg += f" ({len(ratios)}/{n_avg})"
+        return "| " + " | ".join([label(keep), method, *cells, avg]) + " |"
 
     lines.append(row(ref_keep, unpruned_key, ref))
     keeps = sorted({k for m, pk in results.items() if m != unpruned_key for k in pk},
@@ -354,15 +409,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("table", help="markdown table from {method: {keep: {bench: score}}}")
     p.add_argument("--unpruned", required=True)
     p.add_argument("--ratio", action="store_true")
+    p.add_argument("--mme_score", choices=("perception", "total"), default="total",
+                   help="the MME column in Avg when both mme_p and mme are present")
     p.add_argument("results_json")
     args = parser.parse_args(argv)
     if args.cmd == "score":
         print(json.dumps(mt.compute_metrics(args.benchmark, load_records(args.files)),
                          indent=1, default=str))
     else:
-        with open(args.results_json, encoding="utf-8") as f:
-            results = json.load(f)
-        print(summary_table(results, args.unpruned, show_ratio=args.ratio), end="")
+        results = json.loads(paths.as_path(args.results_json).read_text())
+        columns = dict.fromkeys(c for per in results.values() for s in per.values() for c in s)
+        drop = {"perception": "mme", "total": "mme_p"}[args.mme_score]
+        avg = [c for c in columns if not (c == drop and {"mme", "mme_p"} <= set(columns))]
+        print(summary_table(results, args.unpruned, show_ratio=args.ratio, avg_columns=avg),
+              end="")
+        print(f"\nAvg: mean over {', '.join(avg)} of score / unpruned score")
+        print("Protocols:")
+        for c in columns:
+            print(f"- {c}: {bm.column_protocol(c) or '(not a registered benchmark column)'}")
     return 0
 
 

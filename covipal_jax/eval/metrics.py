@@ -1,27 +1,20 @@
-"""Benchmark metrics with the official definitions (answer parsing included).
+"""Scoring functions shared by the benchmarks (answer normalisation, parsing, accuracies).
 
-All accuracies are percentages (0-100), as papers report them. Per benchmark:
+Each benchmark's own metric lives in its module (`covipal_jax/eval/benchmarks/<name>.py`)
+and is built from these. All accuracies are percentages (0-100), as papers report them.
 
-* GQA: exact match after normalisation (lower case, punctuation removed, trailing period,
-  whitespace collapsed), as lmms-eval's `exact_match(ignore_case, ignore_punctuation)` and
-  LLaVA's `convert_gqa_for_eval` (`rstrip('.').lower()`).
-* MME: the official `eval_tool/calculation.py`: the answer is "yes"/"no" when it is exactly
-  that, else the first 4 characters are searched for "yes", then "no", else "other". Per task
-  `acc` = % questions correct, `acc+` = % images with both questions correct,
-  score = acc + acc+. Perception = sum over the 10 perception tasks, cognition = sum over the
-  4 cognition tasks, total = both (max 2800).
-* POPE: LLaVA's `eval_pope.py`: keep the first sentence, drop commas, "no" if the words contain
-  "No"/"no"/"not", else "yes". Positive = "yes". accuracy, precision, recall, F1, yes-ratio per
-  split; the headline is the mean F1 over the splits.
-* TextVQA: VQA accuracy with EvalAI answer normalisation (MMF's `EvalAIAnswerProcessor`):
-  for each of the 10 leave-one-out subsets of the human answers, min(#matches / 3, 1), averaged.
-* ScienceQA-IMG, SEED-Bench (image), AI2D, MMStar: option-letter accuracy (+ per category).
-* MMBench: CircularEval accuracy (a question counts only if every rotation of its options is
-  answered correctly) and plain accuracy (original option order only).
+* `normalize_vqa_answer` / `vqa_accuracy`: the VQA / TextVQA accuracy with EvalAI answer
+  normalisation (MMF's `EvalAIAnswerProcessor`): for each of the 10 leave-one-out subsets of
+  the human answers, min(#matches / 3, 1), averaged.
+* `anls`: average normalized Levenshtein similarity (InfoVQA / DocVQA), threshold 0.5.
+* `normalize_short_answer`: lower case, strip, trailing period, punctuation, whitespace (GQA).
+* `parse_mme_answer`, `parse_pope_answer`: the official parsers of MME and POPE.
+* `extract_choice`, `mc_metrics`: option letters from free-form answers; option accuracy.
 
 Records are the JSON lines the harness writes: `{"qid", "pred", "answer", "answers", "options",
 "meta", ["choice"], ["error"]}`; `choice` (a letter) takes precedence over parsing `pred` for
 multiple-choice benchmarks (it is set when the predictor scored the options).
+`compute_metrics(name, records)` and `headline_score` dispatch through the benchmark registry.
 """
 from __future__ import annotations
 
@@ -31,8 +24,7 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from covipal_jax.eval.benchmarks import (LETTERS, MME_COGNITION, MME_PERCEPTION, MULTIPLE_CHOICE,
-                                         canonical_name)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 Record = Mapping[str, Any]
 
@@ -220,11 +212,11 @@ def extract_choice(text: str, options: Sequence[str] = (), num_options: int | No
 # --------------------------------------------------------------------------------------------
 # Metric helpers.
 # --------------------------------------------------------------------------------------------
-def _pct(num: float, den: float) -> float:
+def pct(num: float, den: float) -> float:
     return 100.0 * num / den if den else 0.0
 
 
-def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[str, int]]:
+def scored(records: Iterable[Record]) -> tuple[list[Record], dict[str, int]]:
     """Records that can be scored, and counts of those left out: `unscored` (no reference
     answer, e.g. a test split) and `errors` (the harness could not run them, e.g. an
     unreadable image; they are retried on the next run)."""
@@ -239,7 +231,7 @@ def _scored(records: Iterable[Record]) -> tuple[list[Record], dict[str, int]]:
     return out, counts
 
 
-def _category(r: Record, key: str = "category") -> str:
+def category(r: Record, key: str = "category") -> str:
     v = (r.get("meta") or {}).get(key)
     return "unknown" if v is None else str(v)
 
@@ -251,58 +243,20 @@ def mc_choice(r: Record) -> str | None:
     return extract_choice(r.get("pred") or "", r.get("options") or ())
 
 
-def _by_category(records: Sequence[Record], correct: Sequence[bool], key: str = "category"
+def by_category(records: Sequence[Record], correct: Sequence[bool], key: str = "category"
                  ) -> dict[str, float]:
     tot: collections.Counter = collections.Counter()
     hit: collections.Counter = collections.Counter()
     for r, c in zip(records, correct):
-        cat = _category(r, key)
+        cat = category(r, key)
         tot[cat] += 1
         hit[cat] += int(c)
-    return {k: _pct(hit[k], tot[k]) for k in sorted(tot)}
+    return {k: pct(hit[k], tot[k]) for k in sorted(tot)}
 
 
 # --------------------------------------------------------------------------------------------
 # Per-benchmark metrics.
 # --------------------------------------------------------------------------------------------
-def gqa_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, left_out = _scored(records)
-    correct = [normalize_short_answer(r.get("pred") or "") == normalize_short_answer(
-        r["answer"]) for r in recs]
-    acc = _pct(sum(correct), len(recs))
-    return {"score": acc, "accuracy": acc, "n": len(recs), **left_out,
-            "by_structural": _by_category(recs, correct, "structural")}
-
-
-def mme_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, left_out = _scored(records)
-    tasks: dict[str, list[bool]] = collections.defaultdict(list)
-    images: dict[str, dict[str, list[bool]]] = collections.defaultdict(
-        lambda: collections.defaultdict(list))
-    for r in recs:
-        task = _category(r)
-        ok = parse_mme_answer(r.get("pred") or "") == str(r["answer"]).strip().lower()
-        tasks[task].append(ok)
-        images[task][(r.get("meta") or {}).get("image_key", r["qid"])].append(ok)
-    per_task = {}
-    for task, oks in sorted(tasks.items()):
-        acc = _pct(sum(oks), len(oks))
-        acc_plus = _pct(sum(all(v) for v in images[task].values()), len(images[task]))
-        per_task[task] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus,
-                          "n": len(oks), "n_images": len(images[task])}
-    lower = {t.lower(): s["score"] for t, s in per_task.items()}
-    perception = sum(lower.get(t.lower(), 0.0) for t in MME_PERCEPTION)
-    cognition = sum(lower.get(t.lower(), 0.0) for t in MME_COGNITION)
-    known = {t.lower() for t in MME_PERCEPTION + MME_COGNITION}
-    return {
-        "score": perception + cognition, "total": perception + cognition,
-        "perception": perception, "cognition": cognition, "tasks": per_task,
-        "missing_tasks": [t for t in MME_PERCEPTION + MME_COGNITION if t.lower() not in lower],
-        "unknown_tasks": sorted(t for t in per_task if t.lower() not in known),
-        "n": len(recs), **left_out,
-    }
-
-
 def binary_metrics(preds: Sequence[str], labels: Sequence[str], positive: str = "yes"
                    ) -> dict[str, float]:
     """accuracy / precision / recall / F1 / yes-ratio in percent (positive class `positive`)."""
@@ -314,92 +268,90 @@ def binary_metrics(preds: Sequence[str], labels: Sequence[str], positive: str = 
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": _pct(tp + tn, n), "precision": 100 * precision,
-            "recall": 100 * recall, "f1": 100 * f1, "yes_ratio": _pct(tp + fp, n),
+    return {"accuracy": pct(tp + tn, n), "precision": 100 * precision,
+            "recall": 100 * recall, "f1": 100 * f1, "yes_ratio": pct(tp + fp, n),
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
-
-
-def pope_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, left_out = _scored(records)
-    by_split: dict[str, tuple[list[str], list[str]]] = collections.defaultdict(
-        lambda: ([], []))
-    for r in recs:
-        preds, labels = by_split[_category(r)]
-        preds.append(parse_pope_answer(r.get("pred") or ""))
-        labels.append(str(r["answer"]).strip().lower())
-    splits = {s: binary_metrics(p, y) for s, (p, y) in sorted(by_split.items())}
-    mean = {k: sum(m[k] for m in splits.values()) / len(splits) if splits else 0.0
-            for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-    return {"score": mean["f1"], **mean, "splits": splits, "n": len(recs),
-            **left_out}
-
-
-def textvqa_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    recs, left_out = _scored(records)
-    accs = [vqa_accuracy(r.get("pred") or "", r.get("answers") or [r["answer"]]) for r in recs]
-    acc = 100.0 * sum(accs) / len(accs) if accs else 0.0
-    return {"score": acc, "accuracy": acc, "n": len(recs), **left_out}
 
 
 def mc_metrics(records: Iterable[Record]) -> dict[str, Any]:
     """Option-letter accuracy (+ per category, + how many answers had no parsable letter)."""
-    recs, left_out = _scored(records)
+    recs, left_out = scored(records)
     choices = [mc_choice(r) for r in recs]
     correct = [c is not None and c == r["answer"] for c, r in zip(choices, recs)]
-    acc = _pct(sum(correct), len(recs))
+    acc = pct(sum(correct), len(recs))
     return {"score": acc, "accuracy": acc, "n": len(recs), **left_out,
             "unparsed": sum(c is None for c in choices),
-            "by_category": _by_category(recs, correct)}
+            "by_category": by_category(recs, correct)}
 
 
-def mmbench_metrics(records: Iterable[Record]) -> dict[str, Any]:
-    """CircularEval (all rotations right) and plain (rotation 0) accuracy, per category too."""
-    recs, left_out = _scored(records)
-    groups: dict[Any, list[bool]] = collections.defaultdict(list)
-    first: dict[Any, Record] = {}
-    plain_recs, plain_ok = [], []
-    for r in recs:
-        meta = r.get("meta") or {}
-        base = meta.get("base_index", r["qid"])
-        ok = mc_choice(r) == r["answer"]
-        groups[base].append(ok)
-        first.setdefault(base, r)
-        if meta.get("rotation", 0) == 0:
-            plain_recs.append(r)
-            plain_ok.append(ok)
-    bases = sorted(groups, key=str)
-    circ_ok = [all(groups[b]) for b in bases]
-    circ = _pct(sum(circ_ok), len(bases))
-    return {
-        "score": circ, "circular": circ, "plain": _pct(sum(plain_ok), len(plain_recs)),
-        "n_questions": len(bases), "n": len(recs), **left_out,
-        "by_category": _by_category([first[b] for b in bases], circ_ok),
-        "by_l2_category": _by_category([first[b] for b in bases], circ_ok, "l2_category"),
-    }
 
 
-METRICS = {
-    "gqa": gqa_metrics,
-    "mme": mme_metrics,
-    "pope": pope_metrics,
-    "textvqa": textvqa_metrics,
-    "scienceqa": mc_metrics,
-    "mmbench": mmbench_metrics,
-    "seed": mc_metrics,
-    "ai2d": mc_metrics,
-    "mmstar": mc_metrics,
-}
-assert set(METRICS) >= MULTIPLE_CHOICE
+def mean_metric(records: Iterable[Record], per_record, **extra: Any) -> dict[str, Any]:
+    """`score` = 100 x the mean of `per_record(record)` (each in [0, 1]) over scorable records,
+    with per-category means."""
+    recs, left_out = scored(records)
+    vals = [float(per_record(r)) for r in recs]
+    acc = 100.0 * sum(vals) / len(vals) if vals else 0.0
+    tot: collections.Counter = collections.Counter()
+    hit: collections.Counter = collections.Counter()
+    for r, v in zip(recs, vals):
+        tot[category(r)] += 1
+        hit[category(r)] += v
+    return {"score": acc, "accuracy": acc, "n": len(recs), **left_out,
+            "by_category": {k: pct(hit[k], tot[k]) for k in sorted(tot)}, **extra}
 
 
+# --------------------------------------------------------------------------------------------
+# ANLS (InfoVQA, DocVQA).
+# --------------------------------------------------------------------------------------------
+ANLS_THRESHOLD = 0.5
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def anls(pred: str, gt_answers: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
+    """ANLS of one question in [0, 1] (the official InfographicVQA / DocVQA evaluation, also
+    lmms-eval's `anls`): both strings stripped, lower-cased and whitespace-collapsed; the
+    normalized distance is dist / max(len); the best answer's similarity 1 - NL counts only
+    when it is >= `threshold` (0.5), else 0."""
+    if not gt_answers:
+        raise ValueError("ANLS needs the reference answers")
+    det = " ".join(str(pred).strip().lower().split())
+    dists = []
+    for gt in gt_answers:
+        g = " ".join(str(gt).strip().lower().split())
+        length = max(len(g), len(det))
+        dists.append(0.0 if length == 0 else levenshtein(g, det) / length)
+    sim = 1.0 - min(dists)
+    return 0.0 if sim < threshold else sim
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch through the benchmark registry.
+# --------------------------------------------------------------------------------------------
 def compute_metrics(benchmark: str, records: Iterable[Record]) -> dict[str, Any]:
     """The benchmark's metrics from prediction records; `["score"]` is the headline number."""
-    return METRICS[canonical_name(benchmark)](list(records))
+    from covipal_jax.eval import benchmarks  # noqa: PLC0415  (the registry imports us)
+
+    return benchmarks.get(benchmark).score(list(records))
 
 
 def headline_score(benchmark: str, metrics: Mapping[str, Any], mme: str = "total") -> float:
     """The number a results table shows. `mme="perception"` gives MME-P (CoViPAL's Table 1
     most likely and VisPruner/CDPruner), `"total"` perception + cognition (VisionZip/DART)."""
-    if canonical_name(benchmark) == "mme":
+    from covipal_jax.eval import benchmarks  # noqa: PLC0415
+
+    if benchmarks.canonical_name(benchmark) == "mme":
         return float(metrics[mme])
     return float(metrics["score"])

@@ -61,7 +61,7 @@ def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str
     prompt, for the letters that are one known token, distinct from the other letters' (the
     built-in word tokenizer of the tiny model has none: option scoring needs letter tokens).
     """
-    tmpl = text_lib.get_template(template)
+    tmpl = text_lib.get_template(template, tokenizer)
     probe = tmpl.prompt("x") if tmpl is not None else "x"
     sep = tmpl.answer_prefix if tmpl is not None else " "
     base = tokenizer.encode(probe)

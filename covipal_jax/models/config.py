@@ -118,11 +118,31 @@ class LlavaConfig:
     # LLaVA-OneVision's learned `image_newline` (used by its multi-crop "anyres" packing; the
     # single base-resolution crop used here does not apply it, but checkpoints carry it).
     image_newline: bool = False
+    # AnyRes (LLaVA-NeXT, LLaVA-OneVision; see models/anyres.py, data/anyres.py): the candidate
+    # resolutions (height, width), multiples of vision.image_size; () = one base crop only.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # OneVision's `anyres_max_N`: N (downsample the unpadded crop map beyond ~N crops); 0: none.
+    anyres_max_crops: int = 0
+    video_token_id: int = -1  # OneVision's `<video>` placeholder (-1: no video)
     dtype: Any = "float32"  # activation / compute dtype
     param_dtype: Any = "float32"
     scan_layers: bool = True  # lax.scan over the stacked layers (else an unrolled loop)
     remat_policy: str = "none"  # "none" | a `jax.checkpoint_policies` name | "full"
     attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention ("xla"|"cudnn"|None)
+    # Attention backend: "auto" (by platform, shape and dtype: see models/attention.py) |
+    # "xla" | "chunked" | "splash" | "cudnn". A non-default `attention_impl` ("cudnn" / None)
+    # still applies while this is "auto".
+    attention: str = "auto"
+
+    def __post_init__(self):
+        from covipal_jax.models.attention import IMPLS
+        if self.attention not in IMPLS:
+            raise ValueError(f"model.attention must be one of {IMPLS}, got {self.attention!r}")
+        pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+        object.__setattr__(self, "image_grid_pinpoints", pins)  # hashable under jit
+        s = self.vision.image_size
+        if any(h % s or w % s for h, w in pins):
+            raise ValueError(f"image_grid_pinpoints must be multiples of vision.image_size={s}")
 
     @property
     def compute_dtype(self):
@@ -160,7 +180,9 @@ class LlavaConfig:
     def architecture_dict(self) -> dict[str, Any]:
         """The fields that decide parameter shapes (used to validate checkpoints)."""
         d = self.to_dict()
-        for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl"):
+        for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                  "image_grid_pinpoints", "anyres_max_crops", "video_token_id",  # no params
+                  "attention"):
             d.pop(k)
         d["vision"].pop("layer_norm_eps")
         d["text"].pop("rms_norm_eps")

@@ -34,7 +34,7 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str | None = "xla"
+    attention: str = "auto"  # see `attention.IMPLS`
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -60,11 +60,12 @@ class DecoderLayer(nn.Module):
         k = rope(self.k(h), positions, theta)
         return (nn.with_logical_constraint(q, ACT_HEADS), k, self.v(h))
 
-    def __call__(self, x: Array, cache: dict | None, *, positions: Array, mask: Array,
+    def __call__(self, x: Array, cache: dict | None, *, positions: Array, mask: attn_lib.Mask,
                  cache_index: Array | int = 0, bias: Array | None = None):
         """One layer.
 
-        x: f32[B, T, D]; positions: i32[B, T]; mask: bool[B, T, S];
+        x: f32[B, T, D]; positions: i32[B, T]; mask: `attention.Mask` (queries' cache indices
+        and bool[B, S] key validity);
         cache: {"k", "v": [B, S, K, H]} or None (then S = T); bias: f32[B, S] or None.
         Returns (x, updated cache).
         """
@@ -74,8 +75,8 @@ class DecoderLayer(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
             cache = {"k": k, "v": v}
-        a = attn_lib.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, bias,
-                            implementation=self.attention_impl)
+        a = attn_lib.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
+                               impl=self.attention)
         x = x + self.o(a)
         x = nn.with_logical_constraint(x, ACT)
         h = self.post_attn_norm(x)
@@ -95,12 +96,12 @@ class Decoder(nn.Module):
         self.embed = nn.Embed(
             t.vocab_size, t.hidden_size, embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
-        layer = lambda: DecoderLayer(t, attention_impl=c.attention_impl, **kw, parent=None)
+        layer = lambda: DecoderLayer(t, attention=attention_backend(c), **kw, parent=None)
         self.layers = LayerStack(
             make_layer=layer, num_layers=t.num_layers,
             init_args=lambda: ((jnp.zeros((1, 1, t.hidden_size), c.compute_dtype), None),
                                dict(positions=jnp.zeros((1, 1), jnp.int32),
-                                    mask=jnp.ones((1, 1, 1), bool))),
+                                    mask=attn_lib.Mask.causal(0, 1, jnp.ones((1, 1), bool)))),
             scan=c.scan_layers, remat=c.remat_policy)
         self.final_norm = RMSNorm(t.rms_norm_eps, **kw)
         if not t.tie_word_embeddings:
@@ -132,9 +133,7 @@ class Decoder(nn.Module):
         [L', B, S, K, H]} for exactly the L' = stop - start layers run. Queries sit at cache
         indices `cache_index + arange(T)`.
         """
-        t = x.shape[1]
-        q_index = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
-        mask = attn_lib.causal_mask(q_index, key_valid)
+        mask = attn_lib.Mask.causal(cache_index, x.shape[1], key_valid)
         return self.layers(x, cache, start=start, stop=stop, positions=positions, mask=mask,
                            cache_index=cache_index, bias=bias)
 
@@ -166,6 +165,13 @@ class Decoder(nn.Module):
         """Text-only forward (used for init): ids i32[B, T] -> logits f32[B, T, V]."""
         h, _ = self.run(self.embed_tokens(ids), positions=positions, key_valid=key_valid)
         return self.logits(h)
+
+
+def attention_backend(cfg: LlavaConfig) -> str:
+    """`cfg.attention`, or the legacy `cfg.attention_impl` when that was set and this is auto."""
+    if cfg.attention == "auto" and cfg.attention_impl != "xla":
+        return "cudnn" if cfg.attention_impl == "cudnn" else "xla"
+    return cfg.attention
 
 
 def init_cache(cfg: LlavaConfig, batch: int, size: int, num_layers: int | None = None,

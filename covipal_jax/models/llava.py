@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covipal_jax.models import anyres
 from covipal_jax.models.config import LlavaConfig
-from covipal_jax.models.decoder import Decoder
+from covipal_jax.models.decoder import Decoder, attention_backend
 from covipal_jax.models.layers import activation, dense
 from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.models.vit import VisionOutput, VisionTower
@@ -46,7 +47,8 @@ class Llava(nn.Module):
     def setup(self):
         c = self.cfg
         self.vision_tower = VisionTower(c.vision, c.compute_dtype, c.weight_dtype,
-                                        scan=c.scan_layers, remat=c.remat_policy)
+                                        scan=c.scan_layers, remat=c.remat_policy,
+                                        attention=attention_backend(c))
         self.projector = Projector(c)
         self.language_model = Decoder(c)
         if c.image_newline:
@@ -64,6 +66,52 @@ class Llava(nn.Module):
 
     def project(self, features: Array) -> Array:
         return self.projector(features)
+
+    # -- AnyRes images and video (models/anyres.py) --------------------------------------------
+
+    def encode_views(self, pixels: Array) -> Array:
+        """pixels f32[B, C, H, W, 3] -> projected tokens f32[B, C, n_v, D] (every view)."""
+        b, c = pixels.shape[:2]
+        _, vis = self.encode_image(pixels.reshape(b * c, *pixels.shape[2:]))
+        return vis.reshape(b, c, *vis.shape[1:])
+
+    def encode_anyres(self, pixels: Array, plan: Array, *, capacity: int):
+        """AnyRes image: pixels f32[B, C, H, W, 3] (view 0 the base view), plan i32[B, 8]
+        (`anyres.pack_plan`) -> (packed f32[B, N, D], valid bool[B, N], coords i32[B, N, 3]),
+        N = n_v + capacity; the valid slots (a prefix) are HF's `pack_image_features`."""
+        return anyres.pack_image_features(self.encode_views(pixels), self.image_newline, plan,
+                                          grid=self.cfg.vision.grid[0], capacity=capacity)
+
+    def encode_video(self, frames: Array) -> Array:
+        """OneVision video: frames f32[B, F, H, W, 3] -> f32[B, F*p*p + 1, D] (pooled frames,
+        one newline)."""
+        return anyres.pack_video_features(self.encode_views(frames), self.image_newline,
+                                          grid=self.cfg.vision.grid[0])
+
+    def forward_packed(self, vis: Array, valid: Array, ids: Array, mask: Array,
+                       token_id: int) -> tuple[Array, Array]:
+        """Unpruned forward with one placeholder `token_id` per row replaced by the valid slots
+        of vis f32[B, N, D] (valid bool[B, N]). Returns (logits f32[B, L, V], mask bool[B, L]),
+        L = T - 1 + N; invalid slots are masked out and take no position."""
+        text = self.embed_text(jnp.where(ids == token_id, self.cfg.image_token_id, ids))
+        pos = image_positions(ids, token_id)
+        seq, seq_mask, _, is_vis = splice(text, mask, pos, vis, None,
+                                          positions_mode="contiguous")
+        seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, valid)
+        h, _ = self.run(seq, positions=positions, key_valid=seq_mask)
+        return self.logits(h), seq_mask
+
+    def forward_anyres(self, pixels: Array, plan: Array, ids: Array, mask: Array, *,
+                       capacity: int) -> tuple[Array, Array]:
+        """Unpruned forward of an AnyRes image per row (one image placeholder each)."""
+        packed, valid, _ = self.encode_anyres(pixels, plan, capacity=capacity)
+        return self.forward_packed(packed, valid, ids, mask, self.cfg.image_token_id)
+
+    def forward_video(self, frames: Array, ids: Array, mask: Array) -> tuple[Array, Array]:
+        """Unpruned forward of a video per row (one `video_token_id` placeholder each)."""
+        vis = self.encode_video(frames)
+        valid = jnp.ones(vis.shape[:2], bool)
+        return self.forward_packed(vis, valid, ids, mask, self.cfg.video_token_id)
 
     # -- text / decoder -----------------------------------------------------------------------
 

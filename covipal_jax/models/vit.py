@@ -53,6 +53,7 @@ class VisionLayer(nn.Module):
     cfg: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # see `attention.IMPLS`
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -75,7 +76,7 @@ class VisionLayer(nn.Module):
 
     def __call__(self, x: Array, carry: Any = None) -> tuple[Array, Any]:
         h = self.ln1(x)
-        a = attn_lib.attend(self.q(h), self.k(h), self.v(h), mask=None)
+        a = attn_lib.attention(self.q(h), self.k(h), self.v(h), impl=self.attention)
         x = x + self.o(a)
         x = nn.with_logical_constraint(x, ACT)
         h = activation(self.cfg.act)(self.fc1(self.ln2(x)))
@@ -89,6 +90,7 @@ class VisionTower(nn.Module):
     param_dtype: Any = jnp.float32
     scan: bool = True
     remat: str = "none"
+    attention: str = "auto"  # see `attention.IMPLS` (llava.py passes the config's switch)
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -110,7 +112,7 @@ class VisionTower(nn.Module):
                 nn.initializers.normal(0.02), (None, "vision_embed")),
             (c.num_positions, c.hidden_size), self.param_dtype)
         self.layers = LayerStack(
-            make_layer=lambda: VisionLayer(c, **kw, parent=None), num_layers=c.num_layers,
+            make_layer=lambda: VisionLayer(c, **kw, attention=self.attention, parent=None), num_layers=c.num_layers,
             init_args=lambda: ((jnp.zeros((1, 1, c.hidden_size), self.dtype),), {}),
             scan=self.scan, remat=self.remat)
         self.post_layernorm = layer_norm(c.layer_norm_eps, "vision_embed", **kw)

@@ -1,4 +1,4 @@
-"""Show which image patches a pruning method kept: pruned patches greyed out.
+r"""Show which image patches a pruning method kept: pruned patches greyed out.
 
     python -m covipal_jax.tools.visualize --config configs/llava15_7b.py \
         --config.checkpoint=/ckpt/llava-1.5-7b-hf --image cat.jpg --prompt "What is this?" \
@@ -285,4 +285,6 @@ if __name__ == "__main__":
                                  "config.pruning.method), all at config.pruning.keep.")
     _OUT = flags.DEFINE_string("out", "kept.png", "Output PNG.")
     _COLS = flags.DEFINE_integer("cols", None, "Panels per row (default: all in one row).")
-    app.run(main)
+    from covipal_jax import cli
+
+    cli.run(main)

@@ -13,7 +13,10 @@ Section prefixes differ between checkpoint layouts (`LAYOUTS`):
   `lm_head.weight`, `model.vision_tower.*`, `model.multi_modal_projector.*`,
   `model.image_newline`.
 - `transformers5_saved` (what 5.24's `save_pretrained` writes): as `hub`, but
-  `vision_tower.*` without `vision_model.`.
+  `vision_tower.*` without `vision_model.`. `transformers5_saved_next`: the same with
+  `model.image_newline`, which 5.24 writes for a LLaVA-NeXT whose `LlavaNextConfig` was built
+  with a stray `model_type="llava"` (the hub's llava-v1.6-*-hf files: `hub`, bare
+  `image_newline`).
 - `transformers4` (a 4.5x model's `state_dict()`): as `transformers5`, but
   `model.vision_tower.vision_model.*`.
 
@@ -89,6 +92,9 @@ LAYOUTS: dict[str, dict[str, str]] = {
     "transformers5_saved": dict(text="language_model.model.", lm_head="language_model.",
                                 vision="vision_tower.", projector="multi_modal_projector.",
                                 newline=""),
+    "transformers5_saved_next": dict(text="language_model.model.", lm_head="language_model.",
+                                     vision="vision_tower.", projector="multi_modal_projector.",
+                                     newline="model."),
     "transformers4": dict(text="model.language_model.", lm_head="",
                           vision="model.vision_tower.vision_model.",
                           projector="model.multi_modal_projector.", newline="model."),

@@ -165,7 +165,7 @@ def encode_turns(tokenizer: text_lib.Tokenizer, turns: Sequence[tuple[str, str]]
     """A multi-turn example `[(question, answer), ...]` -> ids, mask, loss_mask (each [max_len],
     left-padded), or None when even the first turn does not fit. Turns that do not fit are
     dropped from the end. The first turn equals `text.encode_example(question, answer)`."""
-    tmpl = text_lib.get_template(template)
+    tmpl = text_lib.get_template(template, tokenizer)
     bos = tokenizer.add_bos_default if add_bos is None else add_bos
     ids: list[int] = [tokenizer.bos_id] if bos else []
     loss: list[bool] = [False] * len(ids)

@@ -58,7 +58,16 @@ def default_to_array_record(builder: tfds.core.DatasetBuilder, file_format: str 
         builder.info.set_file_format(DEFAULT_FILE_FORMAT, override=True)
 
 
-class CovipalSyntheticVqa(tfds.core.GeneratorBasedBuilder):
+class LocalBuild:
+    """Mixin of builders that generate their data locally: one line instead of TFDS'
+    "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"."""
+
+    def _log_download_bytes(self) -> None:
+        print(f"Building dataset {self.name}/{self.builder_config.name} locally in "
+              f"{self.data_dir} ...", flush=True)
+
+
+class CovipalSyntheticVqa(LocalBuild, tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes-and-colours VQA with held-out (shape, colour) combinations in `test`."""
 
     VERSION = tfds.core.Version("1.0.0")
