@@ -285,7 +285,7 @@ def renumbers_stages(method: PruningMethod) -> bool:
     `positions == "contiguous"` and its class opts in with `renumbers_stages = True`, as PDrop
     and SparseVLM v1.5 do officially); otherwise kept tokens keep their position ids (FastV,
     DART: the official `position_ids = keep_indexs`)."""
-    return method.positions == "contiguous" and bool(getattr(method, "renumbers_stages", False))
+    return method.positions == "contiguous" and method.renumbers_stages
 
 
 def _in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, extra):

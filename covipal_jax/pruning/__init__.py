@@ -25,11 +25,6 @@ from covipal_jax.pruning.simple import NoneMethod, PoolMethod, RandomMethod
 from covipal_jax.pruning.sparsevlm import SparseVLM
 from covipal_jax.pruning.visionzip import VisionZipMethod
 
-# PDrop and SparseVLM v1.5 renumber positions after each stage (official); FastV and DART keep
-# the kept tokens' ids. Read by prefill (`renumbers_stages`); TODO(lead): move into the classes.
-PyramidDrop.renumbers_stages = True
-SparseVLM.renumbers_stages = True
-
 __all__ = ["DART", "DivPrune", "FastV", "InLLMMethod", "InLLMResult", "LayerProbe", "NoneMethod",
            "PPMMethod", "PoolMethod", "PreLLMMethod", "PruneContext", "PruneResult",
            "PruningMethod", "PyramidDrop", "RandomMethod", "SparseVLM", "VisionZipMethod",

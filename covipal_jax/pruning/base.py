@@ -316,6 +316,10 @@ class InLLMMethod(PruningMethod):
 
     where: ClassVar[str] = "in_llm"
     config_keys: ClassVar[tuple[str, ...]] = ("layer",)
+    # With positions="contiguous": renumber positions after each stage and shift each KV
+    # segment's decode positions by the tokens dropped before it (PDrop, SparseVLM v1.5).
+    # FastV and DART keep the kept tokens' original ids, as their official code does.
+    renumbers_stages: ClassVar[bool] = False
     layer: int = 2
 
     def stages(self, n_v: int, num_layers: int) -> tuple[tuple[int, int], ...]:

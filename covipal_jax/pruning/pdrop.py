@@ -129,6 +129,7 @@ class PyramidDrop(InLLMMethod):
     """
 
     name = "pdrop"
+    renumbers_stages = True  # official: position_ids renumbered after each stage
     config_keys = ("layers", "ratios", "lam")
     description = "PyramidDrop: staged drops ranked by the last instruction token's attention"
 

@@ -159,6 +159,7 @@ class SparseVLM(InLLMMethod):
     """
 
     name = "sparsevlm"
+    renumbers_stages = True  # official v1.5: position_ids renumbered after each stage
     merges = True                      # recycled tokens are not a subset of the inputs
     config_keys = ("layers", "counts", "recycle")
     description = "SparseVLM v1.5: text-rater attention, stages 2/6/15, token recycling"
