@@ -45,7 +45,7 @@ fi
 source "${VENV}/bin/activate"
 
 STAMP="${VENV}/.covipal_install_stamp"
-WANT="$(sha256sum requirements.txt | cut -d' ' -f1) jax[tpu]==${JAX_VERSION}"
+WANT="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1) jax[tpu]==${JAX_VERSION}"
 if [[ ! -f "${STAMP}" || "$(cat "${STAMP}")" != "${WANT}" ]]; then
   log "pip install -r requirements.txt jax[tpu]==${JAX_VERSION}"
   python -m pip install -q --upgrade pip

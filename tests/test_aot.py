@@ -162,3 +162,34 @@ def test_hlo_flops_include_every_ppm_block():
     block = aot.ppm_block_cost(pcfg, 1, 16, grad=False)
     assert block > 0
     assert three - one == pytest.approx(block, rel=1e-6)  # 2 blocks (default) -> 3 blocks
+
+
+@needs_libtpu
+def test_cli_config_batch_is_fitted_to_the_mesh():
+    """The README's command (a config batch of 1 on a topology whose default mesh splits the
+    batch 4 ways) compiles the smallest batch that divides the mesh and says so; a --batch
+    that does not divide is an error that names one that does."""
+    cmd = [sys.executable, "-m", "covipal_jax.tools.aot", "--config", "configs/tiny.py",
+           "--config.batch_size=1", "--topology", "v5e:2x2", "--mode", "prefill",
+           "--text_len", "16", "--noflops"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert ("note: batch 1 (from the config) does not divide data x fsdp = 4 x 1 = 4: "
+            "compiled batch 4") in res.stdout
+    assert ", batch 4," in res.stdout and "FITS" in res.stdout
+    bad = subprocess.run(cmd + ["--batch", "6"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "batch 6 is not divisible by data x fsdp = 4 x 1 = 4: use --batch 8" in bad.stderr
+
+
+def test_fitting_batch():
+    from types import SimpleNamespace
+
+    from covipal_jax.train import state as state_lib
+
+    mesh = SimpleNamespace(shape={"data": 2, "fsdp": 4, "tensor": 1})
+    assert state_lib.data_parallelism(mesh) == 8
+    assert [state_lib.fitting_batch(b, mesh) for b in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    assert state_lib.fitting_batch(8, mesh, hosts=3) == 24

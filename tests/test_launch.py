@@ -166,8 +166,10 @@ def test_run_on_worker_sh_execs_module(tmp_path):
     (venv / "bin").mkdir(parents=True)
     os.symlink(sys.executable, venv / "bin" / "python")
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
-    sha = subprocess.run(["sha256sum", os.path.join(ROOT, "requirements.txt")],
-                         capture_output=True, text=True, check=True).stdout.split()[0]
+    blob = b"".join(open(os.path.join(ROOT, f), "rb").read()
+                    for f in ("requirements.txt", "pyproject.toml"))
+    sha = subprocess.run(["sha256sum"], input=blob, capture_output=True,
+                         check=True).stdout.split()[0].decode()
     (venv / ".covipal_install_stamp").write_text(f"{sha} jax[tpu]==0.10.2\n")
     mod = tmp_path / "mods"
     mod.mkdir()

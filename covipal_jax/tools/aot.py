@@ -38,70 +38,18 @@ from __future__ import annotations
 
 from covipal_jax import configs as configs_lib
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from typing import Any
 
-# chip generation -> (HBM GiB per chip, peak bf16 TFLOP/s per chip, HBM GB/s per chip).
-CHIPS = {
-    "v4": (32, 275, 1228),
-    "v5e": (16, 197, 819),
-    "v5p": (95, 459, 2765),
-    "v6e": (32, 918, 1640),
-}
-# Common slice names -> topology names (TensorCores: v4-8 / v5p-8 are 4 chips, megacore).
-ALIASES = {
-    "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5litepod-4": "v5e:2x2",
-    "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
-    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4",
-    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4",
-    "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
-}
+from covipal_jax.tools.aot_report import (_oom_report, format_report,  # noqa: F401
+                                          table)
+from covipal_jax.tools.topology import (ALIASES, CHIPS, libtpu_available,  # noqa: F401
+                                        resolve_topology, setup_host, topology_devices,
+                                        topology_mesh)
+
 MODES = ("prefill", "decode", "train_ppm")
-
-
-def setup_host(accelerator_type: str = "v5litepod-4") -> None:
-    """Environment for compile-only TPU devices on a CPU host. Call before any JAX backend."""
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    # Another process holding libtpu's lock file (any JAX program on this host) must not stop
-    # a compile-only client.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import jax
-    jax.config.update("jax_platforms", "cpu")
-
-
-def libtpu_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("libtpu") is not None
-
-
-def resolve_topology(name: str) -> tuple[str, str]:
-    """A topology or slice name -> (topology name, chip generation)."""
-    topo = ALIASES.get(name, name)
-    gen = topo.split(":")[0]
-    if gen == "v5litepod":
-        gen = "v5e"
-    if gen not in CHIPS or ":" not in topo:
-        raise ValueError(f"unknown topology {name!r}: use e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, "
-                         f"v6e:2x4 or one of {sorted(ALIASES)}")
-    return topo, gen
-
-
-def topology_devices(name: str) -> tuple[list, str]:
-    """Compile-only devices of a TPU topology (one per chip: megacore on v4 / v5p)."""
-    from jax.experimental import topologies
-
-    topo, gen = resolve_topology(name)
-    kw = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
-    desc = topologies.get_topology_desc(topology_name=topo, platform="tpu", **kw)
-    return list(desc.devices), gen
 
 
 # ----------------------------------------------------------------------------- config
@@ -155,29 +103,14 @@ def model_config(config, scan: bool | None = None, vision_run: int | None = None
 
 
 def _sds(x, sharding=None, dtype=None):
-    import jax
-    return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding)
+    from covipal_jax.train import state as state_lib
+    return state_lib.sds(x, sharding, dtype)
 
 
 def abstract_params(init_fn, mesh, rules, dtype=None):
     """(abstract unboxed tree with NamedShardings, shardings) of a boxed init function."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from covipal_jax import sharding as sh
-
-    with nn.logical_axis_rules(()):
-        boxed = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
-    shardings = sh.logical_shardings(boxed, mesh, rules) if mesh is not None else None
-    unboxed = nn.unbox(boxed)
-
-    def cast(x):
-        return dtype if (dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)) \
-            else x.dtype
-    if shardings is None:
-        return jax.tree.map(lambda x: _sds(x, None, cast(x)), unboxed), None
-    return jax.tree.map(lambda x, s: _sds(x, s, cast(x)), unboxed, shardings), shardings
+    from covipal_jax.train import state as state_lib
+    return state_lib.abstract_params(init_fn, mesh, rules, dtype)
 
 
 def _batch_sds(shape, dtype, mesh):
@@ -285,43 +218,32 @@ def decode_state_abstract(state, batch: int, mesh, rules):
 
 
 def _train_step(req: Request, config, cfg, model, params, mesh, rules) -> Step:
+    """The trainer's own jitted PPM step on its own abstract state and batch
+    (`covipal_jax.train.state`), as `train.loop.Trainer` jits it."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from covipal_jax.train import loop, objectives
+    from covipal_jax.train import state as state_lib
 
     config = _with_train(config)
     t = config.train
     spec = objectives.ObjectiveSpec.from_config(t, cfg, req.stage)
     ppm_module, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
     tx, _ = loop.make_optimizer(t, 1000, req.stage)
-    frozen_dtype = jnp.dtype(t.frozen_dtype)
-    frozen = jax.tree.map(
-        lambda x: _sds(x, x.sharding, frozen_dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                       else x.dtype), params)
+    frozen = state_lib.abstract_frozen(params, t.frozen_dtype)
     ppm_params = ppm_vars["params"]
-    opt_state = jax.eval_shape(tx.init, ppm_params)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": ppm_params,
-             "opt_state": opt_state}
-    b, tl, v = req.batch, req.text_len, cfg.vision
-    batch = {"pixels": _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh),
-             "ids": _batch_sds((b, tl), jnp.int32, mesh),
-             "mask": _batch_sds((b, tl), jnp.bool_, mesh),
-             "loss_mask": _batch_sds((b, tl), jnp.bool_, mesh),
-             "weight": _batch_sds((b,), jnp.float32, mesh)}
+    param_sh = None if mesh is None else jax.tree.map(lambda x: x.sharding, ppm_params)
+    state, state_sh = state_lib.abstract_state(ppm_params, param_sh, tx, mesh)
+    batch = state_lib.abstract_batch(req.batch, req.text_len, cfg.vision.image_size, mesh)
     step = loop.make_step(model, ppm_module, spec, tx, seed=0, deterministic=True)
     jit_kw: dict = dict(donate_argnums=(0,))
     if mesh is not None:
-        param_sh = jax.tree.map(lambda x: x.sharding, ppm_params)
-        state_sh = loop.state_shardings(state, param_sh, mesh)
-        state = jax.tree.map(lambda x, s: _sds(x, s), state, state_sh)
-        rep = NamedSharding(mesh, P())
         jit_kw.update(in_shardings=(state_sh, jax.tree.map(lambda x: x.sharding, frozen),
-                                    jax.tree.map(lambda x: x.sharding, batch)),
-                      out_shardings=(state_sh, rep))
+                                    state_lib.batch_shardings(mesh)),
+                      out_shardings=(state_sh, NamedSharding(mesh, P())))
     return Step(step, (state, frozen, batch), jit_kw, ppm_cfg=pcfg, ppm_grad=True,
-                ppm_text_len=tl)
+                ppm_text_len=req.text_len)
 
 
 # ----------------------------------------------------------------------------- costs
@@ -370,33 +292,51 @@ def hlo_flops(req: Request, config) -> float:
 # ----------------------------------------------------------------------------- the report
 
 
+def fit_batch(req: Request, mesh, *, given: bool) -> tuple[Request, str | None]:
+    """`req` with a batch that divides the mesh's data x fsdp axes, and a note saying so.
+
+    A batch from the config (`given=False`) that does not divide becomes the smallest one
+    that does; a batch given with `--batch` is an error that names the batches that fit."""
+    from covipal_jax.train import state as state_lib
+
+    dp = state_lib.data_parallelism(mesh)
+    if req.batch % dp == 0:
+        return req, None
+    fit = state_lib.fitting_batch(req.batch, mesh)
+    axes = f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {dp}"
+    if given:
+        raise ValueError(
+            f"batch {req.batch} is not divisible by {axes}: use --batch {fit} (or a multiple "
+            f"of {dp}), or another mesh, e.g. --config.mesh.data=1 "
+            f"--config.mesh.fsdp={math.gcd(req.batch, dp) or 1} --config.mesh.tensor=-1")
+    return (dataclasses.replace(req, batch=fit),
+            f"batch {req.batch} (from the config) does not divide {axes}: compiled batch {fit}, "
+            f"the smallest that does (--batch to choose another)")
+
+
 def compile_step(req: Request, config, topology: str, *, flops: bool = True,
-                 hbm_gib: float | None = None) -> dict:
-    """Compile `req` for `topology` (sharded by `config.mesh`); per-device memory and costs."""
+                 hbm_gib: float | None = None, batch_given: bool = True) -> dict:
+    """Compile `req` for `topology` (sharded by `config.mesh`); per-device memory and costs.
+
+    batch_given=False: a batch that does not divide the mesh is raised to the smallest that
+    does (reported in `batch_note`); True: it is an error that suggests one."""
     import jax
-    import numpy as np
-    from jax.experimental import mesh_utils
-    from jax.sharding import AxisType, Mesh
 
     from covipal_jax import sharding as sh
 
-    devices, gen = topology_devices(topology)
-    shape = sh.mesh_shape(config.mesh.to_dict(), len(devices))
-    try:
-        arr = mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        arr = np.asarray(devices).reshape(shape)
-    mesh = Mesh(arr, sh.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    mesh, gen = topology_mesh(config, topology)
+    shape = tuple(mesh.shape[a] for a in sh.MESH_AXES)
+    devices = list(mesh.devices.flat)
     rules = config.logical_axis_rules
     cfg = model_config(config)
-    if req.batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch {req.batch} is not divisible by data x fsdp = "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    req, note = fit_batch(req, mesh, given=batch_given)
     t0 = time.perf_counter()
     # Abstract trees are built outside the mesh context: Flax's init runs eagerly on
     # constant dummy inputs, which cannot execute on compile-only devices.
     step = build_step(req, config, cfg, mesh, rules)
     header = _report_header(req, config, cfg, topology, gen, shape, len(devices))
+    if note:
+        header["batch_note"] = note
     chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
     with sh.use_mesh(mesh, rules):
@@ -450,93 +390,11 @@ def _report_header(req, config, cfg, topology, gen, shape, n) -> dict:
         remat_policy=cfg.remat_policy)
 
 
-def _oom_report(header: dict, hbm_gib: float, msg: str, secs: float) -> dict:
-    """The report of a step the TPU compiler rejected as too big for the HBM."""
-    import re
-
-    m = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", msg)
-    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-    temp = int(float(m.group(1)) * scale[m.group(2)]) if m else None
-    first = msg.strip().splitlines()[-1][:300]
-    return dict(
-        header,
-        bytes=dict(argument=None, output=None, temp=temp, alias=None, generated_code=None,
-                   total=temp), hbm_bytes=int(hbm_gib * 2 ** 30),
-        hbm_fraction=None if temp is None else temp / (hbm_gib * 2 ** 30), fits=False,
-        compile_s=secs, compiler_error=first)
-
-
 def _kept(req, config, cfg) -> int:
     from covipal_jax.pruning.base import resolve_keep
     if req.mode == "train_ppm":
         return resolve_keep(_with_train(config).train.keep, cfg.num_vision_tokens)
     return resolve_keep(req.keep, cfg.num_vision_tokens)
-
-
-def _human(x: float) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{int(x)} B"
-
-
-def format_report(r: dict) -> str:
-    gib = lambda x: "?" if x is None else _human(x)  # noqa: E731
-    b = r["bytes"]
-    mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
-    stage = "" if r["stage"] is None else f" (stage {r['stage']})"
-    lines = [
-        f"{r['mode']}{stage} on {r['topology']} ({r['devices']} x TPU {r['chip']}, {gib(r['hbm_bytes'])} HBM each)"
-        f", mesh {mesh}, batch {r['batch']}, text {r['text_len']}, vision tokens "
-        f"{r['k']}/{r['num_vision_tokens']} ({r['method']}), {r['decoder_layers']} decoder "
-        f"layers, params {r['param_dtype']}",
-        f"  per device: arguments {gib(b['argument'])}, outputs {gib(b['output'])}, "
-        f"temporaries {gib(b['temp'])}, aliased {gib(b['alias'])}, code {gib(b['generated_code'])}",
-        f"  total {gib(b['total'])} of {gib(r['hbm_bytes'])}"
-        + ("" if r["hbm_fraction"] is None else f" ({r['hbm_fraction']:.0%})")
-        + f": {'FITS' if r['fits'] else 'DOES NOT FIT'}",
-    ]
-    if r.get("compiler_error"):
-        lines.append(f"  compiler: {r['compiler_error']}")
-    if "flops_global" in r:
-        lines.append(
-            f"  FLOPs: {r['flops_global']:.3e} global, {r['flops_per_device']:.3e} per device; "
-            f"estimated step >= {r['est_step_s'] * 1e3:.1f} ms (compute "
-            f"{r['est_compute_s'] * 1e3:.1f} ms, argument reads {r['est_memory_s'] * 1e3:.1f} ms)")
-    xo = r.get("xla_optimal_seconds")
-    if xo is not None and "compile_s" in r:
-        lines.append(f"  XLA optimal_seconds: {xo:.4g}{' (not usable)' if xo < 0 else ''}; "
-                     f"compile {r['compile_s']:.0f} s")
-    return "\n".join(lines)
-
-
-def table(reports: list[dict]) -> str:
-    """A markdown table of several reports (e.g. the JSON files of a sweep)."""
-    def gib(x):
-        return "?" if x is None else f"{x / 2 ** 30:.2f}"
-
-    lines = ["| run | slice | mesh | step | batch | vision tokens | args GiB | temp GiB "
-             "| out GiB | total GiB / HBM | fits | TFLOP / device | est. step ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in reports:
-        b = r["bytes"]
-        mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
-        if r["mode"] == "train_ppm":
-            step = f"train PPM stage {r.get('stage') or 1}"
-            if r.get("remat_policy", "none") != "none":
-                step += f" (remat {r['remat_policy']})"
-        elif r["mode"] == "prefill":
-            step = "prefill " + ("unpruned" if r["k"] == r["num_vision_tokens"] else "pruned")
-        else:
-            step = r["mode"]
-        fl = (f"{r['flops_per_device'] / 1e12:.2f} | {r['est_step_s'] * 1e3:.0f}"
-              if "flops_per_device" in r else "– | –")
-        lines.append(
-            f"| {r.get('name', '')} | {r['chip']} x{r['devices']} | {mesh} | {step} "
-            f"| {r['batch']} | {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} "
-            f"| {gib(b['temp'])} | {gib(b['output'])} | {gib(b['total'])} / "
-            f"{gib(r['hbm_bytes'])} | {'yes' if r['fits'] else 'NO'} | {fl} |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -547,14 +405,14 @@ def main(argv) -> None:
 
     F = flags.FLAGS
     del argv
+    from covipal_jax import paths
+
     if F.summarize:
         reports = []
-        for name in sorted(os.listdir(F.summarize)):
-            if name.endswith(".json"):
-                with open(os.path.join(F.summarize, name)) as f:
-                    r = json.load(f)
-                r.setdefault("name", name[:-5])
-                reports.append(r)
+        for p in sorted(paths.as_path(F.summarize).glob("*.json")):
+            r = paths.read_json(p)
+            r.setdefault("name", p.name[:-5])
+            reports.append(r)
         print(table(reports))
         return
     if F.mode not in MODES:
@@ -586,15 +444,14 @@ def main(argv) -> None:
     req = Request(F.mode, batch, text_len, keep, method,
                   F.max_new_tokens or int(config.max_new_tokens), F.stage)
     try:
-        rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib)
+        rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib,
+                           batch_given=F.batch is not None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_report(rep))
     if F.json:
-        os.makedirs(os.path.dirname(os.path.abspath(F.json)), exist_ok=True)
-        with open(F.json, "w") as f:
-            json.dump(rep, f, indent=1)
+        paths.write_json(F.json, rep)
     sys.exit(0 if rep["fits"] else 1)
 
 

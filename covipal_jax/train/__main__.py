@@ -9,8 +9,11 @@ Several hosts: `jax.distributed.initialize()` runs only when asked: with `--coor
 environment variable `COVIPAL_DISTRIBUTED=1` (JAX's own cluster detection: TPU pods, SLURM,
 ...). A single host never initializes the distributed runtime.
 
-Exit status: 0 done; 2 bad config / data / checkpoint mismatch; 3 non-finite loss (the last
-good checkpoint is left as it was).
+Exit status: 0 done; 1 unexpected error; 2 bad config / data / checkpoint mismatch / an
+unreadable checkpoint with no older one to resume from / the workdir in use by another run;
+3 non-finite loss (the last good checkpoint is left as it was); 4 a checkpoint write failed
+(full disk, lost permission). A failing run always exits: Orbax's background threads of a
+failed asynchronous save would hold the interpreter open, so errors leave with `os._exit`.
 """
 from __future__ import annotations
 
@@ -74,20 +77,36 @@ def main(argv):
         print(f"data ready in {d}: {len(source)} examples"
               + (f", skipped {skipped}" if skipped else ""))
         return
+    from covipal_jax import paths
+
     try:
         summary = loop.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value,
                              stop_after=_STOP_AFTER.value)
     except loop.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except (checkpoint.CheckpointMismatchError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(3, e)
+    except checkpoint.CheckpointWriteError as e:
+        _exit(4, e)
+    except (checkpoint.CheckpointMismatchError, checkpoint.CheckpointCorruptError,
+            paths.WorkdirLockedError, ValueError, FileNotFoundError) as e:
+        _exit(2, e)
+    except Exception:  # noqa: BLE001 (never hang on Orbax's threads: print, then leave)
+        import traceback
+
+        traceback.print_exc()
+        _exit(1, "training failed (traceback above)")
     last = [s["last"] for s in summary["stages"] if s.get("last")]
     if last and jax_process_index() == 0:
         stopped = any(s.get("stopped_at") is not None for s in summary["stages"])
         print(f"{'stopped' if stopped else 'done'}: step {summary['step']}, "
               f"loss {last[-1]['loss']:.4g}, recall {last[-1]['recall']:.3f}")
+
+
+def _exit(code: int, message: object) -> None:
+    """Print `error: message` and leave now (see the exit status in the module docstring)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def jax_process_index() -> int:

@@ -44,104 +44,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from covipal_jax import sharding
+from covipal_jax import paths, sharding
 from covipal_jax.inference import loading
 from covipal_jax.weights import ppm_io
 from covipal_jax.data import pipeline as pipeline_lib
 from covipal_jax.pruning.ppm import PPM
 from covipal_jax.train import checkpoint as ckpt_lib
 from covipal_jax.train import objectives
-
-BATCH_KEYS = ("pixels", "ids", "mask", "loss_mask", "weight")
+from covipal_jax.train import resume as resume_lib
+from covipal_jax.train import state as state_lib
+from covipal_jax.train.plan import StagePlan, make_optimizer, stage_plan  # noqa: F401
+from covipal_jax.train.state import BATCH_KEYS, state_shardings  # noqa: F401 (re-exported)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or its gradient) became NaN/inf; training stopped, nothing was saved."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePlan:
-    index: int      # position in the plan
-    stage: int      # 1 | 2
-    steps: int
-    start: int      # global step at which the stage begins
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.steps
-
-
-def stage_plan(train_cfg: Any) -> list[StagePlan]:
-    """`train.stage` (1|2, 0 = use `train.stages`) and `train.steps` -> the stages to run."""
-    t = train_cfg
-    steps = t.steps
-    steps = tuple(steps) if isinstance(steps, (tuple, list)) else (int(steps),)
-    if int(t.get("stage", 0)):
-        stages = (int(t.stage),)
-        if len(steps) != 1:
-            steps = (steps[list(t.stages).index(int(t.stage))] if int(t.stage) in t.stages
-                     else steps[0],)
-    else:
-        stages = tuple(int(s) for s in t.stages)
-    if len(stages) != len(steps):
-        raise ValueError(f"train.stages {stages} and train.steps {steps} differ in length")
-    out, start = [], 0
-    for i, (s, n) in enumerate(zip(stages, steps)):
-        if s not in (1, 2) or int(n) < 1:
-            raise ValueError(f"bad stage {s} with {n} steps")
-        out.append(StagePlan(i, s, int(n), start))
-        start += int(n)
-    return out
-
-
-def make_optimizer(train_cfg: Any, steps: int, stage: int) -> tuple[optax.GradientTransformation,
-                                                                    Callable]:
-    """AdamW with linear warmup (from peak / warmup_steps) + cosine decay to
-    `peak * end_lr_ratio`, and global-norm clipping.
-
-    Weight decay applies to matrices (kernels, the position table), not to biases / norms.
-    """
-    t = train_cfg
-    peak = float(t.lr if stage == 1 or not t.get("lr_stage2") else t.lr_stage2)
-    warmup = min(int(t.warmup_steps), max(steps - 1, 0))
-    # Linear warmup from peak / warmup (the first update is not a no-op), then cosine.
-    sched = optax.warmup_cosine_decay_schedule(
-        init_value=peak / warmup if warmup else peak, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(steps, warmup + 1), end_value=peak * float(t.end_lr_ratio))
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(float(t.clip_norm)),
-        optax.adamw(sched, b1=float(t.b1), b2=float(t.b2), eps=1e-8,
-                    weight_decay=float(t.weight_decay), mask=decay_mask))
-    return tx, sched
-
-
-def _keystr(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def state_shardings(abstract_state: Any, param_shardings: Any, mesh) -> Any:
-    """Shardings for `{"step", "params", "opt_state"}`: every optimizer leaf that mirrors a
-    parameter (same key path suffix and shape, e.g. Adam's mu / nu) takes its sharding, the
-    rest (counts, step) are replicated."""
-    rep = NamedSharding(mesh, P())
-    flat_p, _ = jax.tree_util.tree_flatten_with_path(abstract_state["params"])
-    flat_s = jax.tree.leaves(param_shardings)
-    by_path = {_keystr(p): (x.shape, s) for (p, x), s in zip(flat_p, flat_s)}
-
-    def pick(path, leaf):
-        keys = _keystr(path)
-        for i in range(len(keys)):
-            hit = by_path.get(keys[i:])
-            if hit is not None and hit[0] == leaf.shape:
-                return hit[1]
-        return rep
-
-    opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
-    return {"step": rep, "params": param_shardings, "opt_state": opt}
 
 
 def make_step(model, ppm_module, spec: objectives.ObjectiveSpec, tx, *, seed: int,
@@ -204,10 +123,25 @@ class Trainer:
         self.primary = self.pi == 0
         self._log = log or (lambda s: print(s, flush=True))
         self.data_dir = pipeline_lib.data_dir(config, workdir, data_dir)
-        self._dir = epath.Path(self.workdir)
-        if self.primary:
-            self._dir.mkdir(parents=True, exist_ok=True)
+        self._dir = paths.as_path(self.workdir)
         self._metrics_lines: list[str] | None = None
+        # One run per workdir: taken before anything is written there (Orbax cleans temporary
+        # checkpoint directories when it opens one); released at the end of `run()`.
+        self._lock = (paths.WorkdirLock(self._dir, "training run").acquire() if self.primary
+                      else None)
+        try:
+            self._setup(config, source, eval_source)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the workdir lock (`run()` does it when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, config: Any, source: Any, eval_source: Any) -> None:
 
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = config.logical_axis_rules
@@ -235,7 +169,7 @@ class Trainer:
         self.seq_len = int(config.data.max_len) - 1 + self.cfg.num_vision_tokens
         self.expected_meta = {"base_model": self.cfg.architecture_dict(),
                               "ppm": dataclasses.asdict(self.pcfg)}
-        self.ckpt = ckpt_lib.Checkpointer(str(self._dir / "checkpoints"),
+        self.ckpt = ckpt_lib.Checkpointer(self._dir / "checkpoints",
                                           keep=int(self.t.keep_checkpoints),
                                           async_save=bool(self.t.get("async_checkpoint", True)))
         self._source, self._skipped = source, {}
@@ -297,11 +231,7 @@ class Trainer:
         return params, param_sh
 
     def new_state(self, params, param_sh, tx):
-        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
-                    "params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                           params)}
-        abstract["opt_state"] = jax.eval_shape(tx.init, abstract["params"])
-        shard = state_shardings(abstract, param_sh, self.mesh)
+        _, shard = state_lib.abstract_state(params, param_sh, tx, self.mesh)
         with sharding.use_mesh(self.mesh, self.rules):
             opt_state = jax.jit(tx.init, out_shardings=shard["opt_state"])(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), shard["step"])
@@ -316,18 +246,23 @@ class Trainer:
 
     # -- logging -------------------------------------------------------------------------------
 
+    def _truncate_metrics(self, step: int | None) -> None:
+        """Drop the metrics after `step` (all when None): the resumed run writes them again."""
+        if self.primary:
+            self._metrics_lines = resume_lib.truncate_metrics(self._dir / "metrics.jsonl", step)
+
     def _write_metrics(self, rec: dict) -> None:
         if not self.primary:
             return
         path = self._dir / "metrics.jsonl"
         line = json.dumps(rec) + "\n"
-        if "://" in self.workdir:        # object stores have no append: rewrite the file
+        if paths.is_remote(path):         # object stores have no append: rewrite the file
             if self._metrics_lines is None:
                 self._metrics_lines = [path.read_text()] if path.exists() else []
             self._metrics_lines.append(line)
             path.write_text("".join(self._metrics_lines))
         else:
-            with open(path, "a") as f:
+            with path.open("a") as f:
                 f.write(line)
         keys = [k for k in ("loss", "recall", "eval_recall", "lm", "kl", "keep_prob", "lr",
                             "steps_per_s", "tokens_per_s") if k in rec]
@@ -337,26 +272,28 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        if self.primary:
-            (self._dir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
-        with sharding.use_mesh(self.mesh, self.rules):
-            return self._run()
-
-    def _resume(self):
-        """(stage index, global step, data position, restored state or None)."""
-        latest = self.ckpt.latest_step()
-        if latest is None:
-            return 0, 0, 0, None
-        meta = self.ckpt.read_meta(latest)
-        self.ckpt.validate(meta, self.expected_meta, f"{self.ckpt.directory}/{latest}")
-        return int(meta["stage_index"]), int(meta["step"]), int(meta["data_position"]), meta
+        """Train (or resume), then release the workdir lock."""
+        try:
+            with sharding.use_mesh(self.mesh, self.rules):
+                return self._run()
+        finally:
+            self.close()
 
     def _run(self) -> dict:
-        stage_index, global_step, position, meta = self._resume()
-        if stage_index >= len(self.plan):
-            raise ckpt_lib.CheckpointMismatchError(
-                f"checkpoint stage index {stage_index} is beyond the plan {self.plan}")
         params, param_sh = self.init_params()
+        found = resume_lib.restore_latest(
+            self.ckpt, self.plan, self.t, self.expected_meta, params, param_sh, self.mesh,
+            log=self._log, primary=self.primary, process_count=self.pc)
+        meta, restored = found if found is not None else (None, None)
+        if meta is None:
+            stage_index, global_step, position = 0, 0, 0
+        else:
+            stage_index, global_step = int(meta["stage_index"]), int(meta["step"])
+            position = int(meta["data_position"])
+        self._truncate_metrics(None if meta is None else global_step)
+        if self.primary:       # only once the checkpoint is accepted
+            paths.write_atomic(self._dir / "config.json",
+                               self.config.to_json_best_effort(indent=1))
         summary: dict[str, Any] = {"stages": [], "resumed_from": meta and meta["step"]}
         state = None
         for plan in self.plan[stage_index:]:
@@ -365,8 +302,7 @@ class Trainer:
             fresh, shard = self.new_state(params if state is None else state["params"],
                                           param_sh, tx)
             if meta is not None:  # resuming inside (or at the end of) this stage
-                state, _ = self.ckpt.restore(int(meta["step"]), ckpt_lib.abstract_like(fresh),
-                                             self.expected_meta)
+                state, restored = restored, None
                 self._log(f"resumed from checkpoint step {meta['step']} (stage {plan.stage}, "
                           f"data position {position})")
                 done = int(meta["stage_step"]) >= plan.steps
@@ -391,13 +327,16 @@ class Trainer:
         return summary
 
     def export(self, params, step: int) -> str:
-        path = str(self._dir / "ppm")
+        path = self._dir / "ppm"
         ppm_io.save_ppm(path, {"params": params}, self.pcfg, self.cfg,
-                        extra={"trained_steps": int(step),
-                               "keep": self.t.keep, "stages": [p.stage for p in self.plan]})
+                        extra={"trained_steps": int(step), "keep": self.t.keep,
+                               "stages": [p.stage for p in self.plan],
+                               "stage_steps": [p.steps for p in self.plan]},
+                        base_model_name=str(self.config.get("checkpoint") or ""),
+                        train_config=json.loads(self.config.to_json_best_effort()))
         if self.primary:
             self._log(f"exported PPM to {path}")
-        return path
+        return str(path)
 
     def _eval(self, eval_fn, params) -> float | None:
         """Mean top-k recall of the PPM against the stage-1 targets on `data.eval_split`."""
@@ -424,8 +363,7 @@ class Trainer:
         from tqdm import tqdm
 
         mesh = self.mesh
-        batch_sh = {k: sharding.batch_sharding(mesh, nd) for k, nd in
-                    (("pixels", 4), ("ids", 2), ("mask", 2), ("loss_mask", 2), ("weight", 1))}
+        batch_sh = state_lib.batch_shardings(mesh)
         rep = NamedSharding(mesh, P())
         step_fn = jax.jit(make_step(self.model, self.ppm, spec, tx, seed=int(self.t.seed),
                                     deterministic=self.deterministic),
@@ -520,7 +458,7 @@ def train(config: Any, workdir: str, *, data_dir: str | None = None,
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of `<workdir>/metrics.jsonl` (all of them, in order)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
+    path = paths.as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,127 @@
+"""The trainer's state and batches as abstract, sharded shapes (`jax.eval_shape`, no memory).
+
+The one description of what the PPM trainer feeds its jitted step, used by the trainer (to
+build and restore its state, to shard its batches) and by `tools/aot.py` (to compile the same
+step for a TPU topology without running it: MaxText's `train_compile` pattern):
+
+    state  {"step": i32[], "params": PPM params (f32), "opt_state": optax state}
+    frozen the LLaVA params, floats cast to `train.frozen_dtype`
+    batch  {"pixels": f32[B, S, S, 3], "ids": i32[B, T], "mask": bool[B, T],
+            "loss_mask": bool[B, T], "weight": f32[B]}
+
+Every optimizer leaf that mirrors a parameter (Adam's mu / nu) takes the parameter's sharding;
+counts and the step are replicated; batches are sharded over (data, fsdp) on their leading axis.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from covipal_jax import sharding
+
+BATCH_KEYS = ("pixels", "ids", "mask", "loss_mask", "weight")
+
+
+def sds(x: Any, sharding_: Any = None, dtype: Any = None) -> jax.ShapeDtypeStruct:
+    """ShapeDtypeStruct of `x` (optionally another sharding / dtype)."""
+    return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding_)
+
+
+def abstract_params(init_fn, mesh, rules, dtype: Any = None) -> tuple[Any, Any]:
+    """(unboxed ShapeDtypeStructs carrying NamedShardings, the shardings) of a boxed init
+    function `rng -> variables`; floats cast to `dtype` when given. `mesh=None`: unsharded."""
+    with nn.logical_axis_rules(()):
+        boxed = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+    shardings = sharding.logical_shardings(boxed, mesh, rules) if mesh is not None else None
+    unboxed = nn.unbox(boxed)
+
+    def cast(x):
+        return dtype if (dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)) \
+            else x.dtype
+    if shardings is None:
+        return jax.tree.map(lambda x: sds(x, None, cast(x)), unboxed), None
+    return jax.tree.map(lambda x, s: sds(x, s, cast(x)), unboxed, shardings), shardings
+
+
+def _keystr(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(abstract_state: Any, param_shardings: Any, mesh) -> Any:
+    """Shardings for `{"step", "params", "opt_state"}`: every optimizer leaf that mirrors a
+    parameter (same key path suffix and shape, e.g. Adam's mu / nu) takes its sharding, the
+    rest (counts, step) are replicated."""
+    rep = NamedSharding(mesh, P())
+    flat_p, _ = jax.tree_util.tree_flatten_with_path(abstract_state["params"])
+    flat_s = jax.tree.leaves(param_shardings)
+    by_path = {_keystr(p): (x.shape, s) for (p, x), s in zip(flat_p, flat_s)}
+
+    def pick(path, leaf):
+        keys = _keystr(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+
+    opt = jax.tree_util.tree_map_with_path(pick, abstract_state["opt_state"])
+    return {"step": rep, "params": param_shardings, "opt_state": opt}
+
+
+def abstract_state(params: Any, param_shardings: Any, tx, mesh) -> tuple[Any, Any]:
+    """(abstract train state with shardings, its shardings) for PPM `params` (arrays or
+    ShapeDtypeStructs) under the optax transformation `tx`. `mesh=None`: unsharded."""
+    p = jax.tree.map(lambda x: sds(x), params)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p,
+             "opt_state": jax.eval_shape(tx.init, p)}
+    if mesh is None:
+        return state, None
+    shard = state_shardings(state, param_shardings, mesh)
+    return jax.tree.map(lambda x, s: sds(x, s), state, shard), shard
+
+
+def abstract_frozen(params: Any, dtype: Any) -> Any:
+    """The frozen LLaVA params as the train step sees them (floats in `dtype`)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: sds(x, getattr(x, "sharding", None),
+                      dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
+
+
+def batch_shapes(batch: int, text_len: int, image_size: int) -> dict[str, tuple[tuple, Any]]:
+    """{key: (shape, dtype)} of one global train batch."""
+    return {"pixels": ((batch, image_size, image_size, 3), jnp.float32),
+            "ids": ((batch, text_len), jnp.int32),
+            "mask": ((batch, text_len), jnp.bool_),
+            "loss_mask": ((batch, text_len), jnp.bool_),
+            "weight": ((batch,), jnp.float32)}
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    """The train batch's shardings: leading axis over (data, fsdp)."""
+    return {k: sharding.batch_sharding(mesh, nd) for k, nd in
+            (("pixels", 4), ("ids", 2), ("mask", 2), ("loss_mask", 2), ("weight", 1))}
+
+
+def abstract_batch(batch: int, text_len: int, image_size: int, mesh=None) -> dict:
+    """ShapeDtypeStructs of one global train batch (sharded when `mesh`)."""
+    sh = batch_shardings(mesh) if mesh is not None else {}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh.get(k))
+            for k, (shape, dtype) in batch_shapes(batch, text_len, image_size).items()}
+
+
+def data_parallelism(mesh) -> int:
+    """How many ways the batch is split: the product of the data and fsdp mesh axes."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def fitting_batch(batch: int, mesh, hosts: int = 1) -> int:
+    """The smallest batch >= `batch` divisible by the mesh's data x fsdp axes and `hosts`."""
+    import math
+
+    m = math.lcm(data_parallelism(mesh), int(hosts))
+    return max(m, -(-int(batch) // m) * m)
