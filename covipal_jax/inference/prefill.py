@@ -32,6 +32,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from covipal_jax.inference import visual_inputs as vi
+from covipal_jax.models import anyres
 from covipal_jax.models import multimodal as mm
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import init_cache
@@ -125,7 +127,12 @@ def prefill(model: Llava, params: Any, pixels: Array, ids: Array, mask: Array,
     pixels f32[B, H, W, 3]; ids i32[B, T] left-padded, one placeholder each; mask bool[B, T];
     method: a `PruningMethod` value (static); variables: its trainable variables (PPM) or None;
     rng: PRNG keys [B] (one per example) or one key, for stochastic methods.
+    `pixels` may also be a packed visual input (`visual_inputs.AnyResImage` / `Video`): see
+    `prefill_packed`.
     """
+    if vi.is_packed(pixels):
+        return prefill_packed(model, params, pixels, ids, mask, method, extra=extra,
+                              variables=variables, rng=rng)
     cfg: LlavaConfig = model.cfg
     n_layers = cfg.text.num_layers
     ctx, text = build_context(model, params, pixels, ids, mask, method, rng)
@@ -147,6 +154,58 @@ def prefill(model: Llava, params: Any, pixels: Array, ids: Array, mask: Array,
 
     last = model.apply(params, h[:, -1:], method=Llava.logits)[:, 0]
     return PrefillOutput(last, segments, positions[:, -1] + 1, kept, scores)
+
+
+def packed_sequence(model: Llava, params: Any, visual: Any, ids: Array, mask: Array,
+                    method: PruningMethod, *, variables: Any = None, rng: Array | None = None
+                    ) -> tuple[Array, Array, Array, Array, PruneResult]:
+    """A pre-LLM method on a packed visual input (AnyRes image / video), spliced.
+
+    The method sees every slot of the buffer (a global top-k over base view, crops, frames);
+    it never keeps a padding slot and always keeps the newlines (`select.masked_select`); the
+    static k is `method.k(N)` (N the bucket's packed length), each example keeps its own
+    budget of real tokens (`select.example_budget`). Returns (seq f32[B, L_k, D], seq_mask
+    bool[B, L_k], positions i32[B, L_k], kept i32[B, k] source slot or -1 for a slot the LLM
+    does not see, the PruneResult), L_k = T - 1 + k; positions are contiguous over what the
+    LLM sees (the returned invalid slots are masked out and take no position).
+    """
+    if method.where != "pre_llm":
+        raise ValueError(f"in-LLM method {method.name!r} on AnyRes / video input is not "
+                         "supported yet (pre-LLM methods only)")
+    if method.positions != "contiguous":
+        raise ValueError('AnyRes / video input supports positions="contiguous" only')
+    ctx, text, pos = vi.packed_context(model, params, visual, ids, mask, method, rng)
+    res = select_pre_llm(model, params, ctx, method, variables)
+    seq, seq_mask, _, is_vis = mm.splice(text, mask, pos, res.tokens, None, "contiguous")
+    kept_valid = (jnp.ones(res.indices.shape, bool) if res.valid is None else res.valid)
+    kept_valid = kept_valid & jnp.take_along_axis(ctx.valid, res.indices, axis=1)
+    seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, kept_valid)
+    kept = jnp.where(kept_valid, res.indices, -1).astype(jnp.int32)
+    return seq, seq_mask, positions, kept, res
+
+
+def prefill_packed(model: Llava, params: Any, visual: Any, ids: Array, mask: Array,
+                   method: PruningMethod, *, extra: int, variables: Any = None,
+                   rng: Array | None = None) -> PrefillOutput:
+    """`prefill` for a packed visual input (`packed_sequence`); `kept` i32[B, k] is -1 where
+    the LLM sees no token (padding or beyond the example's budget)."""
+    seq, seq_mask, positions, kept, res = packed_sequence(
+        model, params, visual, ids, mask, method, variables=variables, rng=rng)
+    h, seg = _run_segment(model, params, seq, positions, seq_mask, 0,
+                          model.cfg.text.num_layers, extra)
+    last = model.apply(params, h[:, -1:], method=Llava.logits)[:, 0]
+    return PrefillOutput(last, (seg,), positions[:, -1] + 1, kept, res.scores)
+
+
+def forward_packed(model: Llava, params: Any, visual: Any, ids: Array, mask: Array,
+                   method: PruningMethod, *, variables: Any = None, rng: Array | None = None
+                   ) -> tuple[Array, Array, Array]:
+    """Logits over the whole pruned prompt of a packed visual input, no cache:
+    (logits f32[B, L_k, V], seq_mask bool[B, L_k], kept i32[B, k])."""
+    seq, seq_mask, positions, kept, _ = packed_sequence(
+        model, params, visual, ids, mask, method, variables=variables, rng=rng)
+    h, _ = model.apply(params, seq, method=Llava.run, positions=positions, key_valid=seq_mask)
+    return model.apply(params, h, method=Llava.logits), seq_mask, kept
 
 
 def _merge(a: Segment, b: Segment) -> Segment:

@@ -21,6 +21,12 @@ Randomness is per example: a stochastic method (`random`) draws with the key
 `fold_in(key(seed), crc32(example))`, where the example is its prompt and pixels, so an answer
 never depends on the batch it was computed in.
 
+AnyRes images and videos (`kind="anyres"` / `"video"` in `encode`, `generate`,
+`first_token_logits`) go through the same Generator: the batch becomes a packed visual input
+(`inference/visual_inputs.py`), one program per (crop bucket or frame count, text bucket, k);
+pruning is a global top-k over every crop / frame token (padding never kept, newlines always).
+`kept` then holds source slots of the packed buffer, -1 where the LLM sees no token.
+
 Letters: B batch, T prompt bucket, k kept vision tokens, V vocab.
 """
 from __future__ import annotations
@@ -35,9 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from covipal_jax import pruning, sharding
+from covipal_jax.data import anyres as anyres_data
 from covipal_jax.data import image as image_lib
 from covipal_jax.data import text as text_lib
+from covipal_jax.data import video as video_lib
 from covipal_jax.inference import decoding
+from covipal_jax.inference import visual_inputs as vi
+from covipal_jax.models import anyres as anyres_model
 from covipal_jax.inference.loading import Loaded
 from covipal_jax.inference.prefill import prefill
 from covipal_jax.pruning.base import PruningMethod
@@ -177,10 +187,47 @@ class Sampler:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def encode(self, images: Sequence[Any], prompts: Sequence[str], *, pad_to: int | None = None
-               ) -> tuple[tuple[Array, Array, Array], Array]:
-        """Images (PIL / uint8 arrays) and plain prompts -> ((pixels, ids, mask) on the mesh,
-        per-example keys [B]); rows padded to `pad_to` by repeating the last one."""
+    KINDS = ("image", "anyres", "video")
+
+    def anyres_processor(self) -> anyres_data.AnyResConfig:
+        """The AnyRes processor: the checkpoint's `preprocessor_config.json` when there is
+        one, else the model config's pinpoints (`AnyResConfig.for_model`)."""
+        proc = getattr(self, "_anyres_proc", None)
+        if proc is None:
+            ckpt = getattr(self.loaded, "checkpoint", None)
+            proc = (anyres_data.AnyResConfig.from_hf_dir(ckpt) if ckpt
+                    else anyres_data.AnyResConfig.for_model(self.loaded.cfg))
+            self._anyres_proc = proc
+        return proc
+
+    def visual(self, items: Sequence[Any], kind: str) -> tuple[Any, np.ndarray]:
+        """Images / videos -> (the prefill's visual input, host pixels for the example keys).
+
+        kind "image": f32[B, H, W, 3] (one base-resolution view); "anyres": `AnyResImage`
+        padded to the smallest crop bucket that fits the batch; "video": `Video` from frame
+        stacks u8[F, H, W, 3] of one frame count F (`data.video.load` reads a file or a folder
+        of frames)."""
+        if kind == "image":
+            px = image_lib.preprocess(items, self.processor)
+            return px, px
+        cfg = self.loaded.cfg
+        proc = self.anyres_processor()
+        if kind == "anyres":
+            x = anyres_data.preprocess(items, proc)
+            plan = anyres_model.pack_plan(x.layout, cfg.vision.grid[0], cfg.anyres_max_crops)
+            cap = anyres_model.bucket_capacity(cfg, x.pixels.shape[1])
+            return vi.AnyResImage(x.pixels, plan, cap), x.pixels
+        if kind == "video":
+            frames = video_lib.preprocess_videos([np.asarray(v) for v in items], proc.crop)
+            return vi.Video(frames), frames
+        raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+
+    def encode(self, images: Sequence[Any], prompts: Sequence[str], *, pad_to: int | None = None,
+               kind: str = "image") -> tuple[tuple[Any, Array, Array], Array]:
+        """Images (PIL / uint8 arrays; videos: u8[F, H, W, 3] each) and plain prompts ->
+        ((visual input, ids, mask) on the mesh, per-example keys [B]); rows padded to `pad_to`
+        by repeating the last one. For a video the template's `<image>` placeholder becomes
+        the model's `<video>` token."""
         images, prompts = list(images), list(prompts)
         if not images or len(images) != len(prompts):
             raise ValueError(f"need as many images as prompts (> 0), got {len(images)} and "
@@ -190,22 +237,27 @@ class Sampler:
                 raise ValueError(f"batch of {len(images)} > batch_size {pad_to}")
             images += [images[-1]] * (pad_to - len(images))
             prompts += [prompts[-1]] * (pad_to - len(prompts))
-        pixels = image_lib.preprocess(images, self.processor)
+        visual, pixels = self.visual(images, kind)
         ids, mask = text_lib.encode_prompts(self.loaded.tokenizer, prompts,
                                             template=self.template, buckets=self.buckets)
+        if kind == "video":
+            ids = np.where(ids == self.loaded.tokenizer.image_token_id,
+                           vi.placeholder_id(self.loaded.cfg, visual), ids)
         keys = example_keys(self.seed, example_digests(pixels, prompts))
-        return sharding.put_batch(self.loaded.mesh, (pixels, ids, mask)), keys
+        return sharding.put_batch(self.loaded.mesh, (visual, ids, mask)), keys
 
     # -- generation -----------------------------------------------------------------------------
 
     def generate(self, images: Sequence[Any], prompts: Sequence[str], *,
                  method: PruningMethod | str | None = None, max_new_tokens: int = 32,
-                 rng: Array | None = None, pad_to: int | None = None) -> SampleOutput:
-        """Answers for a batch (one program per (bucket, method, max_new_tokens, batch))."""
+                 rng: Array | None = None, pad_to: int | None = None,
+                 kind: str = "image") -> SampleOutput:
+        """Answers for a batch (one program per (bucket, method, max_new_tokens, batch));
+        kind: "image" | "anyres" | "video" (see `visual`)."""
         method, variables = self.resolve(method)
         gen = self.generator(method, max_new_tokens)
         n = len(prompts)
-        (pixels, ids, mask), keys = self.encode(images, prompts, pad_to=pad_to)
+        (pixels, ids, mask), keys = self.encode(images, prompts, pad_to=pad_to, kind=kind)
         rng = jax.random.key(self.seed) if rng is None else rng
         with sharding.use_mesh(self.loaded.mesh, self.loaded.rules):
             out = gen(self.loaded.params, pixels, ids, mask, rng=rng, variables=variables,
@@ -217,11 +269,12 @@ class Sampler:
 
     def first_token_logits(self, images: Sequence[Any], prompts: Sequence[str], *,
                            method: PruningMethod | str | None = None,
-                           pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           pad_to: int | None = None, kind: str = "image"
+                           ) -> tuple[np.ndarray, np.ndarray]:
         """(next-token logits f32[B, V], kept i32[B, k]) after the pruned prompt."""
         method, variables = self.resolve(method)
         n = len(prompts)
-        (pixels, ids, mask), keys = self.encode(images, prompts, pad_to=pad_to)
+        (pixels, ids, mask), keys = self.encode(images, prompts, pad_to=pad_to, kind=kind)
         with sharding.use_mesh(self.loaded.mesh, self.loaded.rules):
             logits, kept = self.first_token(method)(self.loaded.params, variables, pixels, ids,
                                                     mask, keys)

@@ -95,8 +95,8 @@ class Llava(nn.Module):
         L = T - 1 + N; invalid slots are masked out and take no position."""
         text = self.embed_text(jnp.where(ids == token_id, self.cfg.image_token_id, ids))
         pos = image_positions(ids, token_id)
-        seq, seq_mask, _, is_vis = select.splice(text, mask, pos, vis, None,
-                                                 positions_mode="contiguous")
+        seq, seq_mask, _, is_vis = splice(text, mask, pos, vis, None,
+                                          positions_mode="contiguous")
         seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, valid)
         h, _ = self.run(seq, positions=positions, key_valid=seq_mask)
         return self.logits(h), seq_mask

@@ -83,6 +83,14 @@ class PruneContext:
         (`random`); may be None.
     project:        f32[B, M, Dv] -> f32[B, M, D], the model's projector (static; for methods
         that merge tower features before projecting, VisionZip).
+    valid:          bool[B, n_v] | None  the slots that hold a real token. None: every slot (a
+        single base-resolution image). A packed AnyRes buffer (`models/anyres.py`) pads each
+        image to the bucket's static length N = n_v; its padding slots are False and no method
+        ever hands them to the LLM (`select.masked_select`).
+    coords:         i32[B, n_v, 3] | None  (kind, row, col) per slot, kind 0 base view / 1 crop
+        grid / 2 `image_newline` / 3 video frame (row = frame * p + r) / -1 padding
+        (`models/anyres.py`). None: a plain (h, w) = `grid` image. Newline slots carry the
+        layout, not content: `masked_select` always keeps them and they count toward k.
     """
 
     vision_tokens: Array
@@ -94,6 +102,8 @@ class PruneContext:
     vision_keys: Array | None = None
     mean_attention_received: Array | None = None
     rng: Any = None
+    valid: Array | None = None
+    coords: Array | None = None
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
     project: Any = flax.struct.field(pytree_node=False, default=None)
 
@@ -111,6 +121,17 @@ class PruneContext:
         if missing:
             raise ValueError(f"pruning method {method!r} needs PruneContext fields {missing}; "
                              "the vision tower must be run to produce them")
+
+    @property
+    def packed(self) -> bool:
+        """Whether the tokens are a packed multi-crop / video buffer (not one h x w grid)."""
+        return self.valid is not None or self.coords is not None
+
+    def refuse_packed(self, method: str, why: str) -> None:
+        """Raise a clear error: `method` does not (yet) run on packed multi-crop / video input."""
+        if self.packed:
+            raise ValueError(f"pruning method {method!r} does not run on multi-crop (AnyRes) or "
+                             f"video input: {why}")
 
     def checked_grid(self) -> tuple[int, int]:
         h, w = self.grid
@@ -131,11 +152,16 @@ class PruneResult:
         default `order="visionzip"` keeps the official order [CLS, dominant..., contextual...],
         which is not globally sorted (see `visionzip.py`).
     scores:  f32[B, n_v] | None  the per-token score the selection used (higher = kept).
+    valid:   bool[B, k] | None  which of the k returned tokens the LLM sees (None: all). On a
+        packed buffer (`PruneContext.valid`) a row with fewer real tokens than its budget, or a
+        per-example budget below the static k, returns False slots; prefill masks them out of
+        attention and positions (they are never attended to).
     """
 
     tokens: Array
     indices: Array
     scores: Array | None = None
+    valid: Array | None = None
 
 
 # ============================================================================= methods as values

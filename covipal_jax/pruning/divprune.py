@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from covipal_jax.pruning import registry
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
-from covipal_jax.pruning.select import gather_tokens
+from covipal_jax.pruning.select import KIND_NEWLINE, gather_tokens, masked_select
 
 Array = jax.Array
 
@@ -99,9 +99,65 @@ class DivPrune(PreLLMMethod):
         tokens not kept)."""
         del variables
         b, n_v = ctx.vision_tokens.shape[:2]
+        if ctx.packed:
+            return self._select_packed(ctx, k)
         order = divprune_order(cosine_distance(ctx.vision_tokens), k)
         idx = jnp.sort(order, axis=-1)
         rank = jnp.zeros((b, n_v), jnp.float32).at[jnp.arange(b)[:, None], order].set(
             jnp.arange(k, 0, -1, dtype=jnp.float32)[None, :])
         return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
                            scores=rank)
+
+    def _select_packed(self, ctx: PruneContext, k: int) -> PruneResult:
+        """On a packed buffer: the greedy runs over the content slots only (valid, not
+        `image_newline`; the others sit at distance 0 from everything so they are never
+        picked while a content slot remains, and are excluded from the first pick), then
+        `masked_select` keeps the newlines and the first picks up to the example's budget
+        (a prefix of the greedy order, so the result is the greedy on the budget)."""
+        b, n_v = ctx.vision_tokens.shape[:2]
+        valid = ctx.valid if ctx.valid is not None else jnp.ones((b, n_v), bool)
+        content = valid
+        if ctx.coords is not None:
+            content = content & (ctx.coords[..., 0] != KIND_NEWLINE)
+        dist = cosine_distance(ctx.vision_tokens)
+        pair = content[:, :, None] & content[:, None, :]
+        # non-content rows/columns: distance 0 (never preferred), first pick: -inf below
+        dist = jnp.where(pair, dist, 0.0)
+        kk = min(k, n_v)
+        order = divprune_order_masked(dist, kk, content)
+        rank = jnp.full((b, n_v), -1.0, jnp.float32).at[jnp.arange(b)[:, None], order].set(
+            jnp.arange(kk, 0, -1, dtype=jnp.float32)[None, :])
+        rank = jnp.where(content, rank, -2.0)
+        idx, kept = masked_select(ctx, rank, k, self.keep)
+        return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
+                           scores=rank, valid=kept)
+
+
+def divprune_order_masked(dist: Array, k: int, allowed: Array) -> Array:
+    """`divprune_order` restricted to `allowed` bool[B, N] columns (a first pick and every
+    later pick among allowed slots while any is left): f32[B, N, N] -> i32[B, k]."""
+    b, n, _ = dist.shape
+    cols = jnp.swapaxes(dist, 1, 2)
+    if n > 1:
+        big = jnp.where(allowed[:, None, :], cols, jnp.inf)          # only allowed rows i
+        first_scores = -jax.lax.top_k(-big, 2)[0][..., 1]
+    else:
+        first_scores = jnp.zeros((b, 1), jnp.float32)
+    first_scores = jnp.where(allowed & jnp.isfinite(first_scores), first_scores, -jnp.inf)
+    first = jnp.argmax(first_scores, axis=-1).astype(jnp.int32)
+    rows = jnp.arange(b)
+    picks = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first)
+    chosen = jnp.zeros((b, n), bool).at[rows, first].set(True)
+    min_dist = dist[rows, first]
+
+    def step(t, carry):
+        picks, chosen, min_dist = carry
+        score = jnp.where(chosen, -jnp.inf, jnp.where(allowed, min_dist, -1e30))
+        nxt = jnp.argmax(score, axis=-1).astype(jnp.int32)
+        picks = picks.at[:, t].set(nxt)
+        chosen = chosen.at[rows, nxt].set(True)
+        min_dist = jnp.minimum(min_dist, dist[rows, nxt])
+        return picks, chosen, min_dist
+
+    picks, _, _ = jax.lax.fori_loop(1, k, step, (picks, chosen, min_dist))
+    return picks

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from covipal_jax.models.layers import dense, kernel_init, layer_norm
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
 from covipal_jax.pruning.registry import register
-from covipal_jax.pruning.select import gather_tokens, topk_indices
+from covipal_jax.pruning.select import gather_tokens, masked_select
 
 Array = jax.Array
 
@@ -172,17 +172,20 @@ class PPM(nn.Module):
 # ----------------------------------------------------------------------------- the method
 
 def ppm(ctx: PruneContext, k: int, *, module: PPM, variables: Any,
-        project: Any = None) -> PruneResult:
+        project: Any = None, keep: float | int = 1.0) -> PruneResult:
     """CoViPAL pre-LLM pruning: scores = PPM(H_v, H_t), keep TopK(scores, k), gather H_v.
 
     `module` is a `PPM`, `variables` its `{"params": ...}`. `project` is unused (the PPM
-    scores the already projected tokens).
+    scores the already projected tokens). On a packed buffer (`ctx.valid`) the top-k is
+    `select.masked_select` (padding never kept, newlines kept, per-example budget from `keep`);
+    the PPM's position table still has `PPMConfig.n_v` rows, so it runs only when the buffer
+    length equals it (a layout-aware position encoding is issue 12's next part).
     """
     del project
     scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
-    idx = topk_indices(scores, k)
+    idx, kept = masked_select(ctx, scores, k, keep)
     return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
-                       scores=scores)
+                       scores=scores, valid=kept)
 
 
 @register
@@ -220,7 +223,7 @@ class PPMMethod(PreLLMMethod):
         if variables is None:
             raise ValueError("pruning.method='ppm' needs trained PPM variables "
                              "(pruning.ppm_checkpoint)")
-        return ppm(ctx, k, module=self.module(), variables=variables)
+        return ppm(ctx, k, module=self.module(), variables=variables, keep=self.keep)
 
 
 # ----------------------------------------------------------------------------- cost model

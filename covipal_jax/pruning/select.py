@@ -59,3 +59,74 @@ def slice_span(x: Array, start: Array, length: int, axis: int = 1) -> Array:
     ax = axis % x.ndim
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, length, axis=ax - 1))(
         x, start.astype(jnp.int32))
+
+
+KIND_NEWLINE = 2  # `models.anyres.KIND_NEWLINE` (coords[..., 0] of an `image_newline` slot)
+
+
+def example_budget(keep: float | int, k: int, valid: Array) -> Array:
+    """Per-example number of tokens the LLM sees out of the static k: i32[B].
+
+    keep a ratio r: `max(1, round(r * n_valid))` (the ratio of THIS example's real tokens, not
+    of the padded bucket length); a count: `min(keep, n_valid)`; both clipped to [1, k].
+    valid bool[B, N]. Rounding is half-to-even like `resolve_keep`.
+    """
+    n_valid = jnp.sum(valid, axis=-1).astype(jnp.float32)
+    if isinstance(keep, float):
+        b = jnp.maximum(jnp.round(keep * n_valid), 1.0)
+    else:
+        b = jnp.minimum(float(keep), n_valid)
+    return jnp.clip(b, 1, k).astype(jnp.int32)
+
+
+def masked_topk(scores: Array, k: int, valid: Array | None = None, forced: Array | None = None,
+                budget: Array | None = None) -> tuple[Array, Array]:
+    """Top-k over the allowed slots of a padded buffer, static shapes.
+
+    scores f32[B, N] (higher = kept); valid bool[B, N] (None: all) — invalid slots are ranked
+    after every valid one and are never returned as valid; forced bool[B, N] (None: none) —
+    valid slots ranked before every other (the `image_newline` slots); budget i32[B] (None: k)
+    — how many of the k the example really keeps (the best `budget[b]` by rank).
+
+    Returns (idx i32[B, k] ascending, kept bool[B, k]): `kept` is False for a slot that is
+    invalid or beyond the example's budget (prefill masks it out). Ties go to the lower index.
+    """
+    b, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} outside [1, {n}]")
+    s = scores.astype(jnp.float32)
+    # lexicographic rank: (forced, valid, score); finite scores stay ordered inside each class
+    s = jnp.where(jnp.isfinite(s), s, jnp.where(s > 0, 3e38, -3e38))
+    cls = jnp.zeros((b, n), jnp.int32)
+    if valid is not None:
+        cls = cls + valid.astype(jnp.int32)
+        if forced is not None:
+            cls = cls + (forced & valid).astype(jnp.int32)
+    elif forced is not None:
+        cls = cls + forced.astype(jnp.int32)
+    order = jnp.lexsort((-jnp.arange(n)[None, :].repeat(b, 0), s, cls), axis=-1)[:, ::-1]
+    top = order[:, :k].astype(jnp.int32)                     # by rank, best first
+    ok = jnp.ones((b, k), bool)
+    if valid is not None:
+        ok = jnp.take_along_axis(valid, top, axis=1)
+    if budget is not None:
+        ok = ok & (jnp.arange(k)[None, :] < budget[:, None])
+    perm = jnp.argsort(top, axis=-1)
+    return (jnp.take_along_axis(top, perm, axis=1),
+            jnp.take_along_axis(ok, perm, axis=1))
+
+
+def masked_select(ctx, scores: Array, k: int, keep: float | int) -> tuple[Array, Array | None]:
+    """A method's top-k on a `PruneContext`: on a plain image `topk_indices` (kept None); on a
+    packed buffer (`ctx.valid` / `ctx.coords`) `masked_topk` with the newline slots forced,
+    invalid slots excluded and the per-example budget `example_budget(keep, k, valid)`.
+
+    The budget counts every token the LLM sees, newlines included (the sequence is then
+    exactly T - 1 + k long; a budget below the newline count keeps newlines only).
+    Returns (idx i32[B, k] ascending, kept bool[B, k] | None).
+    """
+    if not ctx.packed:
+        return topk_indices(scores, k), None
+    valid = ctx.valid if ctx.valid is not None else jnp.ones(scores.shape, bool)
+    forced = None if ctx.coords is None else ctx.coords[..., 0] == KIND_NEWLINE
+    return masked_topk(scores, k, valid, forced, example_budget(keep, k, valid))

@@ -16,19 +16,20 @@ import numpy as np
 
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
 from covipal_jax.pruning.registry import register
-from covipal_jax.pruning.select import gather_tokens, topk_indices
+from covipal_jax.pruning.select import gather_tokens, masked_select
 
 Array = jax.Array
 
 
 def none(ctx: PruneContext, k: int, *, project=None) -> PruneResult:
-    """No pruning: all n_v tokens (k must equal n_v)."""
+    """No pruning: all n_v tokens (k must equal n_v); on a packed buffer every valid slot (the
+    padding slots come back with `valid` False)."""
     del project
     b, n_v = ctx.vision_tokens.shape[:2]
     if k != n_v:
         raise ValueError(f"method 'none' keeps all tokens: k={k} must equal n_v={n_v}")
     idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
-    return PruneResult(tokens=ctx.vision_tokens, indices=idx, scores=None)
+    return PruneResult(tokens=ctx.vision_tokens, indices=idx, scores=None, valid=ctx.valid)
 
 
 def _per_example_keys(rng, b: int):
@@ -45,20 +46,23 @@ def _per_example_keys(rng, b: int):
     return rng
 
 
-def random(ctx: PruneContext, k: int, *, project=None) -> PruneResult:
+def random(ctx: PruneContext, k: int, *, project=None, keep: float | int = 1.0) -> PruneResult:
     """k distinct tokens per example, uniformly at random, ascending.
 
     Example b uses key b of `ctx.rng` (a [B] batch of keys, one per example: the draw then
     never depends on the batch the example sits in), or `fold_in(ctx.rng, b)` when a single key
     is given: the draw is a deterministic function of the example's key (top-k of
-    `uniform(key, [n_v])`, i.e. a uniformly random k-subset).
+    `uniform(key, [n_v])`, i.e. a uniformly random k-subset). On a packed buffer: a uniformly
+    random subset of the valid slots of the example's budget (`select.masked_select`, `keep`),
+    newlines kept.
     """
     del project
     b, n_v = ctx.vision_tokens.shape[:2]
     keys = _per_example_keys(ctx.rng, b)
     u = jax.vmap(lambda key: jax.random.uniform(key, (n_v,)))(keys)
-    idx = topk_indices(u, k)
-    return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx, scores=u)
+    idx, kept = masked_select(ctx, u, k, keep)
+    return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx, scores=u,
+                       valid=kept)
 
 
 def pool_indices(h: int, w: int, k: int) -> np.ndarray:
@@ -107,6 +111,9 @@ def pool(ctx: PruneContext, k: int, *, mode: str = "stride", project=None) -> Pr
     nearest to that point), positioned at the point.
     """
     del project
+    ctx.refuse_packed("pool", "its sub-grid is defined on one h x w grid; a packed buffer's "
+                      "crops, newlines and padding have no common grid (use random, divprune "
+                      "or ppm, or pool each view before packing)")
     h, w = ctx.checked_grid()
     b = ctx.batch
     idx_np = pool_indices(h, w, k)
@@ -154,7 +161,7 @@ class RandomMethod(PreLLMMethod):
     description: ClassVar[str] = "uniform random k-subset, per example"
 
     def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
-        return random(ctx, k)
+        return random(ctx, k, keep=self.keep)
 
 
 @register

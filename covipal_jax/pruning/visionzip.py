@@ -190,6 +190,8 @@ class VisionZipMethod(PreLLMMethod):
         return has_cls, n_plain
 
     def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
+        ctx.refuse_packed("visionzip", "it merges tower features of one view; the official "
+                          "LLaVA-NeXT code prunes per crop, which is not ported yet")
         if ctx.project is None:
             raise ValueError("visionzip needs PruneContext.project (the model's projector)")
         return visionzip(ctx, k, project=ctx.project, dominant=self.dominant_count(k),
