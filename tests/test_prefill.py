@@ -129,7 +129,7 @@ def test_in_llm_segments(method):
     a, b = out.segments
     assert (a.start, a.stop, b.start, b.stop) == (0, spec.layer, spec.layer,
                                                   model.cfg.text.num_layers)
-    assert a.cache["k"].shape[2] == full + 3 and b.cache["k"].shape[2] == pruned + 3
+    assert a.cache["k"].shape[3] == full + 3 and b.cache["k"].shape[3] == pruned + 3  # [L, B, K, S, H]
     assert out.kept.shape == (2, spec.k(n_v))
     assert np.all(np.diff(np.asarray(out.kept), axis=1) > 0)
     # Keeping every token at layer K reproduces the unpruned model.

@@ -11,9 +11,14 @@ so every row writes the same cache index at each step.
 On XLA:CPU a dynamic (scan) or static slice of the stacked layer weights is a copy, so a decode
 loop that slices `layers/stack` per step moves every layer's weights twice per token.
 `unstack_layers` (default: on for the CPU backend) slices each decoder layer's weights ONCE per
-`decode` call, before the `while_loop`, and runs the step layer by layer on those slices
-(transient memory: one copy of the decoder layers). TPU / GPU fuse the slice into the matmul,
-so they keep the stacked scan.
+params (cached on the identity of the stacked weight arrays, reused by every later `decode`
+call with the same weights; `decode(..., layers=gen.layer_slices(params))` passes them
+explicitly), and runs the step layer by layer on those slices (memory: one extra copy of the
+decoder layers while cached; `gen.clear_layer_slices()` frees it). In that path the
+`while_loop` also carries one KV-cache buffer per layer instead of the stacked
+[L, B, S, K, H] cache, so no step slices, rewrites and restacks the stacked cache; it is
+split once before the loop and restacked once after it. TPU / GPU fuse the slice into the
+matmul, so they keep the stacked scan.
 """
 from __future__ import annotations
 
@@ -119,7 +124,9 @@ class Generator:
         self._one_layer = Llava(model.cfg.replace(text=dataclasses.replace(text, num_layers=1)))
         self.prefill = jax.jit(self.prefill_fn)
         self.decode_step = jax.jit(self.decode_step_fn, donate_argnums=(1,))
-        self.decode = jax.jit(self._loop, donate_argnums=(1,))
+        self._decode = jax.jit(self._loop, donate_argnums=(1,))
+        self._slice_layers = jax.jit(self._layer_stacks)
+        self._sliced: tuple[list, tuple] | None = None  # (stacked leaves, per-layer slices)
 
     # -- traced bodies ------------------------------------------------------------------------
 
@@ -154,36 +161,57 @@ class Generator:
                             out.next_position.astype(jnp.int32), out.segments, rng)
         return state, out.kept
 
-    def _layer_params(self, params) -> list:
-        """Per decoder layer: `params` with `language_model/layers/stack` cut to that layer
-        ([1, ...] leaves), for `self._one_layer`."""
+    def _layer_stacks(self, params) -> tuple:
+        """Per decoder layer: `language_model/layers/stack` cut to that layer ([1, ...] leaves,
+        the params of `self._one_layer`'s stack)."""
+        stack = params["params"]["language_model"]["layers"]["stack"]
+        return tuple(jax.tree.map(lambda a, i=i: a[i:i + 1], stack)
+                     for i in range(self.model.cfg.text.num_layers))
+
+    @staticmethod
+    def _with_layer(params, stack) -> dict:
+        """`params` with the stacked decoder weights replaced by one layer's `stack`."""
         inner = params["params"]
-        stack = inner["language_model"]["layers"]["stack"]
-        out = []
-        for i in range(self.model.cfg.text.num_layers):
-            lm = dict(inner["language_model"])
-            lm["layers"] = {"stack": jax.tree.map(lambda a, i=i: a[i:i + 1], stack)}
-            out.append({**params, "params": {**inner, "language_model": lm}})
-        return out
+        lm = {**inner["language_model"], "layers": {"stack": stack}}
+        return {**params, "params": {**inner, "language_model": lm}}
+
+    def layer_slices(self, params) -> tuple:
+        """The per-layer weight slices of `params` (see the module docstring), computed once
+        and cached while the stacked weight arrays are the same objects."""
+        leaves = jax.tree.leaves(params["params"]["language_model"]["layers"]["stack"])
+        if self._sliced is not None and len(self._sliced[0]) == len(leaves) and all(
+                a is b for a, b in zip(self._sliced[0], leaves)):
+            return self._sliced[1]
+        self._sliced = None  # free the old slices before making new ones
+        slices = self._slice_layers(params)
+        self._sliced = (leaves, slices)
+        return slices
+
+    def clear_layer_slices(self) -> None:
+        """Drop the cached per-layer weight slices (one copy of the decoder layers)."""
+        self._sliced = None
 
     def _run_segment(self, params, layers, x, seg: Segment, **kw):
-        """The layers [seg.start, seg.stop) on x with seg's cache (stacked or per layer)."""
+        """The layers [seg.start, seg.stop) on x with seg's cache: stacked [L', ...] (one
+        `Llava.run`), or, with `layers`, a stacked cache or a tuple of per-layer [1, ...]
+        caches (layer by layer on the weight slices; returns the cache in the same form)."""
         model = self.model
         if layers is None:
             return model.apply(params, x, method=Llava.run, cache=seg.cache, start=seg.start,
                                stop=seg.stop, **kw)
-        cache = seg.cache
+        per_layer = isinstance(seg.cache, tuple)
+        caches = seg.cache if per_layer else _split_cache(seg.cache)
+        out = []
         for i in range(seg.start, seg.stop):
-            j = i - seg.start
-            c = jax.tree.map(lambda a: a[j:j + 1], cache)
-            x, c = self._one_layer.apply(layers[i], x, method=Llava.run, cache=c, **kw)
-            cache = jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, j, 0),
-                                 cache, c)
-        return x, cache
+            x, c = self._one_layer.apply(self._with_layer(params, layers[i]), x,
+                                         method=Llava.run, cache=caches[i - seg.start], **kw)
+            out.append(c)
+        return x, (tuple(out) if per_layer else _stack_cache(out))
 
-    def decode_step_fn(self, params, state: DecodeState, layers: list | None = None
+    def decode_step_fn(self, params, state: DecodeState, layers: tuple | None = None
                        ) -> DecodeState:
-        """Feed token step-1, emit token `step` (`layers`: see `_layer_params`)."""
+        """Feed token step-1, emit token `step` (`layers`: per-layer weight slices, see
+        `layer_slices`; the segments' caches may then be per-layer tuples, see `_loop`)."""
         model = self.model
         t = state.step
         last = jax.lax.dynamic_index_in_dim(state.tokens, t - 1, axis=1, keepdims=True)
@@ -205,10 +233,25 @@ class Generator:
         done = state.done | self._is_stop(tok)
         return DecodeState(tokens, done, t + 1, state.position + 1, tuple(segments), rng)
 
-    def _loop(self, params, state: DecodeState) -> DecodeState:
+    def _loop(self, params, state: DecodeState, layers: tuple | None = None) -> DecodeState:
+        """The on-device loop. With `layers` (per-layer weight slices) the loop carries one
+        cache buffer per layer: split once here, restacked once after the loop."""
         cond = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
-        layers = self._layer_params(params) if self.unstack_layers else None
-        return jax.lax.while_loop(cond, lambda s: self.decode_step_fn(params, s, layers), state)
+        body = lambda s: self.decode_step_fn(params, s, layers)
+        if layers is None:
+            return jax.lax.while_loop(cond, body, state)
+        split = tuple(seg.replace(cache=_split_cache(seg.cache)) for seg in state.segments)
+        out = jax.lax.while_loop(cond, body, state.replace(segments=split))
+        return out.replace(segments=tuple(seg.replace(cache=_stack_cache(seg.cache))
+                                          for seg in out.segments))
+
+    def decode(self, params, state: DecodeState, layers: tuple | None = None) -> DecodeState:
+        """The jitted on-device loop until every row stopped or M tokens (`state` is donated).
+        On the unstacked path the layer weight slices are `layers` or `layer_slices(params)`
+        (cached: sliced once per params, not per call)."""
+        if self.unstack_layers and layers is None:
+            layers = self.layer_slices(params)
+        return self._decode(params, state, layers if self.unstack_layers else None)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -225,8 +268,19 @@ class Generator:
                               int(kept.shape[1]), np.asarray(kept))
 
     def compilations(self) -> dict[str, int]:
-        return {name: getattr(self, name)._cache_size()
-                for name in ("prefill", "decode", "decode_step")}
+        fns = dict(prefill=self.prefill, decode=self._decode, decode_step=self.decode_step)
+        return {name: f._cache_size() for name, f in fns.items()}
+
+
+def _split_cache(cache: dict) -> tuple:
+    """{"k", "v": [L, ...]} -> L per-layer caches {"k", "v": [1, ...]}."""
+    n = jax.tree.leaves(cache)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, j=j: a[j:j + 1], cache) for j in range(n))
+
+
+def _stack_cache(caches) -> dict:
+    """The inverse of `_split_cache`."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *caches)
 
 
 def token_lengths(tokens: np.ndarray, stop_ids: tuple[int, ...], pad_id: int) -> np.ndarray:

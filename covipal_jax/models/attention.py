@@ -13,7 +13,8 @@ Letters: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H hea
   - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention(implementation=
     "cudnn")` on GPU for bf16/f16 prefill; anything it cannot take uses "xla".
   Decode (T = 1 against a cache) uses "xla" on every platform unless "chunked" is forced:
-  one query row is memory-bound, no kernel helps.
+  one query row is memory-bound, no kernel helps. The decoder calls `decode_attention` for
+  it, which reads the heads-major [B, K, S, H] cache without transposing it.
 - `Mask`: which keys each query may see, kept as `q_index` + `key_valid` so backends that
   block the computation never build bool[B, T, S]; `Mask.dense()` builds it for "xla".
 - `attention_rows`: the probabilities of a FEW query rows, recomputed from q and k. FastV's
@@ -174,6 +175,30 @@ def attention(q: Array, k: Array, v: Array, *, mask: Mask | None = None,
     if name == "cudnn":
         return _cudnn(q, k, v, m, bb)
     return jax.nn.dot_product_attention(q, k, v, bias=bb, mask=m, implementation="xla")
+
+
+def decode_attention(q: Array, k: Array, v: Array, *, mask: Mask | None = None,
+                     bias: Array | None = None) -> Array:
+    """One query row against a heads-major KV cache (the decode step on "xla").
+
+    q: [B, 1, N, H]; k, v: [B, K, S, H] (K divides N); mask, bias: as `attention`. Returns
+    [B, 1, N, H]. Both dots have batch dims (B, K) leading on the cache, so XLA:CPU runs them
+    without transposing the cache (the [B, S, K, H] layout transposed all of it every step).
+    """
+    b, t, n, h = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kh, n // kh, h)                                             # [B, K, G, H]
+    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / (h ** 0.5))  # as jax.nn.dot_product_attention
+    if bias is not None:
+        logits = logits + bias[:, None, None, :].astype(jnp.float32)
+    mask = Mask() if mask is None else mask
+    dense = mask.dense(b, t, s)  # [B, 1, S]
+    if dense is not None:
+        logits = jnp.where(dense[:, None, :, :], logits, NEG_INF)
+    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgs,bksh->bkgh", p, v)
+    return out.reshape(b, 1, n, h).astype(q.dtype)
 
 
 def _cudnn(q: Array, k: Array, v: Array, m: Array | None, bb: Array | None) -> Array:

@@ -5,7 +5,8 @@ dim, F MLP width, V vocab, L layers.
 
 Pre-norm layers: RMSNorm -> grouped-query attention with RoPE (rotate_half, as HF; Qwen2 adds
 q/k/v biases) -> residual -> RMSNorm -> SwiGLU -> residual. The KV cache is an explicit pytree
-`{"k": [L, B, S, K, H], "v": [L, B, S, K, H]}` passed in and out (no mutable collections), so
+`{"k": [L, B, K, S, H], "v": [L, B, K, S, H]}` (heads-major, so the decode step's dots read it
+without a transpose on XLA:CPU) passed in and out (no mutable collections), so
 prefill, decode, and in-LLM pruning (a cache for each layer range) are plain functions.
 
 The decoder knows nothing of pruning. It offers what pruning and training need:
@@ -60,23 +61,49 @@ class DecoderLayer(nn.Module):
         k = rope(self.k(h), positions, theta)
         return (nn.with_logical_constraint(q, ACT_HEADS), k, self.v(h))
 
+    def _cached_attention(self, q, k, v, ck, cv, mask, cache_index, bias):
+        """Attention of q [B, T, N, H] against the updated heads-major cache ck, cv [B, K, S, H].
+
+        A prefill into a fresh cache (cache_index the Python int 0) attends over its own T new
+        keys k, v [B, T, K, H] (the later slots are causally masked anyway); one query row
+        (decode) reads the heads-major cache directly; anything else transposes it back."""
+        t = q.shape[1]
+        if isinstance(cache_index, int) and cache_index == 0:
+            sub = attn_lib.Mask(mask.q_index, None if mask.key_valid is None
+                                else mask.key_valid[:, :t], mask.q_offset)
+            return attn_lib.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=sub,
+                                      bias=None if bias is None else bias[:, :t],
+                                      impl=self.attention)
+        if t == 1:
+            name, _ = attn_lib.resolve_impl(self.attention, q, jnp.swapaxes(ck, 1, 2),
+                                            mask=mask, bias=bias)
+            if name == "xla":
+                return attn_lib.decode_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
+                                                 mask=mask, bias=bias)
+        kk, vv = (jnp.swapaxes(c, 1, 2).astype(q.dtype) for c in (ck, cv))
+        return attn_lib.attention(q, kk, vv, mask=mask, bias=bias, impl=self.attention)
+
     def __call__(self, x: Array, cache: dict | None, *, positions: Array, mask: attn_lib.Mask,
                  cache_index: Array | int = 0, bias: Array | None = None):
         """One layer.
 
         x: f32[B, T, D]; positions: i32[B, T]; mask: `attention.Mask` (queries' cache indices
         and bool[B, S] key validity);
-        cache: {"k", "v": [B, S, K, H]} or None (then S = T); bias: f32[B, S] or None.
+        cache: {"k", "v": [B, K, S, H]} (heads-major) or None (then S = T); bias: f32[B, S]
+        or None.
         Returns (x, updated cache).
         """
         q, k, v = self.qkv(x, positions)
-        if cache is not None:
-            idx = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
-            cache = {"k": k, "v": v}
-        a = attn_lib.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
-                               impl=self.attention)
+        if cache is None:
+            a = attn_lib.attention(q, k, v, mask=mask, bias=bias, impl=self.attention)
+        else:
+            # The cache is heads-major [B, K, S, H]: the decode dots read it without a transpose.
+            idx = (0, 0, cache_index, 0)
+            hm = lambda t: jnp.swapaxes(t, 1, 2).astype(cache["k"].dtype)  # [B, K, T, H]
+            ck = jax.lax.dynamic_update_slice(cache["k"], hm(k), idx)
+            cv = jax.lax.dynamic_update_slice(cache["v"], hm(v), idx)
+            cache = {"k": ck, "v": cv}
+            a = self._cached_attention(q, k, v, ck, cv, mask, cache_index, bias)
         x = x + self.o(a)
         x = nn.with_logical_constraint(x, ACT)
         h = self.post_attn_norm(x)
@@ -130,7 +157,7 @@ class Decoder(nn.Module):
 
         key_valid: bool[B, S] which keys hold real tokens (S = T without a cache, else the
         cache size; for a cache it must already mark the T new slots). cache: {"k","v":
-        [L', B, S, K, H]} for exactly the L' = stop - start layers run. Queries sit at cache
+        [L', B, K, S, H]} for exactly the L' = stop - start layers run. Queries sit at cache
         indices `cache_index + arange(T)`.
         """
         mask = attn_lib.Mask.causal(cache_index, x.shape[1], key_valid)
@@ -176,12 +203,12 @@ def attention_backend(cfg: LlavaConfig) -> str:
 
 def init_cache(cfg: LlavaConfig, batch: int, size: int, num_layers: int | None = None,
                dtype: Any = None) -> dict:
-    """A zeroed KV cache {"k", "v": [L, B, S, K, H]}."""
+    """A zeroed KV cache {"k", "v": [L, B, K, S, H]} (heads-major)."""
     t = cfg.text
     n = t.num_layers if num_layers is None else num_layers
-    shape = (n, batch, size, t.num_kv_heads, t.head_dim)
+    shape = (n, batch, t.num_kv_heads, size, t.head_dim)
     dtype = cfg.compute_dtype if dtype is None else dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_heads", None)
+CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", None)
