@@ -63,7 +63,7 @@ def test_pdrop_segments_follow_the_schedule():
     bounds = [0] + [kk for kk, _ in stages] + [n_layers]
     for seg, length, a, b in zip(out.segments, lengths, bounds, bounds[1:]):
         assert (seg.start, seg.stop) == (a, b)
-        assert seg.cache["k"].shape[2] == length + 3
+        assert seg.cache["k"].shape[3] == length + 3
     assert out.kept.shape == (2, n_v // 8)
     kept = np.asarray(out.kept)
     assert np.all(np.diff(kept, axis=1) > 0) and not np.array_equal(kept[0], kept[1])
@@ -77,7 +77,7 @@ def test_sparsevlm_recycles_into_the_next_stage():
     stages = spec.stages(n_v, model.cfg.text.num_layers)
     out = jprefill(model, params, pixels, ids, mask, spec, extra=2)
     for seg, (_, k) in zip(out.segments[1:], stages):
-        assert seg.cache["k"].shape[2] == t - 1 + k + 2     # kept + merged tokens
+        assert seg.cache["k"].shape[3] == t - 1 + k + 2     # kept + merged tokens
     assert out.kept.shape == (2, stages[-1][1])
     assert np.isfinite(np.asarray(out.last_logits)).all()
 
@@ -88,7 +88,7 @@ def test_divprune_prefill_keeps_its_selection():
     spec = spec_for("divprune", 16)
     out = jprefill(model, params, pixels, ids, mask, spec, extra=2)
     assert out.kept.shape == (2, 16)
-    assert out.segments[0].cache["k"].shape[2] == ids.shape[1] - 1 + 16 + 2
+    assert out.segments[0].cache["k"].shape[3] == ids.shape[1] - 1 + 16 + 2
 
 
 # ----------------------------------------------------------------------------- positions

@@ -52,7 +52,7 @@ _TOWER_STATS = frozenset({"cls_attention", "vision_keys", "mean_attention_receiv
 class Segment:
     """A KV cache for the decoder layers [start, stop).
 
-    cache: {"k", "v": [stop - start, B, S, K, H]}; key_valid: bool[B, S]; base: the number of
+    cache: {"k", "v": [stop - start, B, K, S, H] (heads-major)}; key_valid: bool[B, S]; base: the number of
     prompt tokens in this segment (decode step t writes at index base + t); offset: subtracted
     from the decode position in this segment's layers (in-LLM "contiguous" positions: the
     vision tokens dropped before it, n_v - k_s, the official PDrop `position_ids - dropped`).
