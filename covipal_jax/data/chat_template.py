@@ -68,7 +68,27 @@ def _compile(text: str):
     return env.from_string(text)
 
 
-class JinjaTemplate:
+class _PromptText:
+    """What both template kinds derive from `prompt`, `answer_prefix` and `end`."""
+
+    def answer(self, answer: str) -> str:
+        """The text after the prompt for a training example (end token included)."""
+        return self.answer_prefix + answer + self.end
+
+    def __call__(self, question: str, answer: str | None = None, *, image: bool = True) -> str:
+        text = self.prompt(question, image=image)
+        return text if answer is None else text + self.answer(answer)
+
+    def stop_ids(self, tokenizer) -> tuple[int, ...]:
+        """Token ids that end generation: EOS and the template's end token."""
+        ids = [tokenizer.eos_id]
+        end = tokenizer.token_to_id(self.end)
+        if end is not None and end not in ids:
+            ids.append(end)
+        return tuple(ids)
+
+
+class JinjaTemplate(_PromptText):
     """A jinja chat template with the single-turn interface of `text.ChatTemplate`.
 
     source: where it was read (shown to the user); special_tokens: {"bos_token": "<s>", ...}.
@@ -142,19 +162,6 @@ class JinjaTemplate:
         """The user turn + generation cue. A question containing "<image>" is used as is."""
         return self.render(self._messages(question, image), add_generation_prompt=True)
 
-    def answer(self, answer: str) -> str:
-        return self.answer_prefix + answer + self.end
-
-    def __call__(self, question: str, answer: str | None = None, *, image: bool = True) -> str:
-        text = self.prompt(question, image=image)
-        return text if answer is None else text + self.answer(answer)
-
-    def stop_ids(self, tokenizer) -> tuple[int, ...]:
-        ids = [tokenizer.eos_id]
-        end = tokenizer.token_to_id(self.end)
-        if end is not None and end not in ids:
-            ids.append(end)
-        return tuple(ids)
 
     def __repr__(self) -> str:
         return f"JinjaTemplate(source={self.source!r})"
@@ -223,7 +230,7 @@ QWEN_SYSTEM = "You are a helpful assistant."
 
 
 @dataclasses.dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(_PromptText):
     """Single-turn prompt format: `prefix + [<image> + image_sep] + question + suffix`.
 
     The training target is `answer_prefix + answer + end`; `end` is the end-of-turn token string
@@ -244,21 +251,6 @@ class ChatTemplate:
             question = IMAGE_TOKEN + self.image_sep + question
         return self.prefix + question + self.suffix
 
-    def answer(self, answer: str) -> str:
-        """The text after the prompt for a training example (end token included)."""
-        return self.answer_prefix + answer + self.end
-
-    def __call__(self, question: str, answer: str | None = None, *, image: bool = True) -> str:
-        text = self.prompt(question, image=image)
-        return text if answer is None else text + self.answer(answer)
-
-    def stop_ids(self, tokenizer) -> tuple[int, ...]:
-        """Token ids that end generation: EOS and the template's end token."""
-        ids = [tokenizer.eos_id]
-        end = tokenizer.token_to_id(self.end)
-        if end is not None and end not in ids:
-            ids.append(end)
-        return tuple(ids)
 
 
 # llava-hf/llava-1.5-*-hf chat_template.json: "USER: <image>\n{q} ASSISTANT:", no system prompt
