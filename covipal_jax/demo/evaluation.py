@@ -204,3 +204,18 @@ class Evaluator:
             jax.block_until_ready(fn(*args))
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
+
+
+def make_evaluator(model, params, processor, tokenizer, template: str, split: dict, *,
+                   buckets, batch_size: int, cased: bool = False, seed: int = 0) -> "Evaluator":
+    """An `Evaluator` over a split of the demo's data (images, questions, answers)."""
+    from covipal_jax.data import text as text_lib
+
+    questions = [str(q) for q in split["question"]]
+    ids, mask = text_lib.encode_prompts(tokenizer, questions, template=template,
+                                        buckets=tuple(buckets))
+    answers = [answer_token_ids(tokenizer, template, q, str(a), cased=cased)
+               for q, a in zip(questions, split["answer"])]
+    return Evaluator(model, params, processor=processor, images=split["images"],
+                                ids=ids, mask=mask, answer_ids=answers,
+                                batch_size=batch_size, seed=seed)
