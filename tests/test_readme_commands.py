@@ -61,7 +61,8 @@ def readme_commands() -> list[tuple[str, str, str | None]]:
                     continue
                 for part in cmd.split(" && "):
                     found.append((name, part.strip(), marker))
-        for m in _INLINE.finditer(re.sub(r"\n", " ", text)):
+        prose = _FENCE.sub("", text)      # inline spans only: fenced blocks are read above
+        for m in _INLINE.finditer(re.sub(r"\n", " ", prose)):
             found.append((name, m.group(1).strip(), None))
     return found
 
