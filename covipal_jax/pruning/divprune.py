@@ -63,23 +63,7 @@ def divprune_order(dist: Array, k: int) -> Array:
     else:
         first_scores = jnp.zeros((b, 1), jnp.float32)
     first = jnp.argmax(first_scores, axis=-1).astype(jnp.int32)
-    rows = jnp.arange(b)
-
-    picks = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first)
-    chosen = jnp.zeros((b, n), bool).at[rows, first].set(True)
-    min_dist = dist[rows, first]                        # f32[B, N]: min over chosen rows
-
-    def step(t, carry):
-        picks, chosen, min_dist = carry
-        score = jnp.where(chosen, -jnp.inf, min_dist)
-        nxt = jnp.argmax(score, axis=-1).astype(jnp.int32)
-        picks = picks.at[:, t].set(nxt)
-        chosen = chosen.at[rows, nxt].set(True)
-        min_dist = jnp.minimum(min_dist, dist[rows, nxt])
-        return picks, chosen, min_dist
-
-    picks, _, _ = jax.lax.fori_loop(1, k, step, (picks, chosen, min_dist))
-    return picks
+    return _greedy(dist, first, k)
 
 
 @registry.register
@@ -145,15 +129,23 @@ def divprune_order_masked(dist: Array, k: int, allowed: Array) -> Array:
         first_scores = jnp.zeros((b, 1), jnp.float32)
     first_scores = jnp.where(allowed & jnp.isfinite(first_scores), first_scores, -jnp.inf)
     first = jnp.argmax(first_scores, axis=-1).astype(jnp.int32)
+    return _greedy(dist, first, k, allowed)
+
+
+def _greedy(dist: Array, first: Array, k: int, allowed: Array | None = None) -> Array:
+    """The max-min loop both orders share: from the first picks i32[B], repeatedly take the
+    unchosen slot farthest (max of min distance) from the chosen ones; with `allowed`
+    bool[B, N], disallowed slots rank below every allowed one. f32[B, N, N] -> i32[B, k]."""
+    b, n, _ = dist.shape
     rows = jnp.arange(b)
     picks = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first)
     chosen = jnp.zeros((b, n), bool).at[rows, first].set(True)
-    min_dist = dist[rows, first]
+    min_dist = dist[rows, first]                        # f32[B, N]: min over chosen rows
 
     def step(t, carry):
         picks, chosen, min_dist = carry
-        score = jnp.where(chosen, -jnp.inf, jnp.where(allowed, min_dist, -1e30))
-        nxt = jnp.argmax(score, axis=-1).astype(jnp.int32)
+        ranked = min_dist if allowed is None else jnp.where(allowed, min_dist, -1e30)
+        nxt = jnp.argmax(jnp.where(chosen, -jnp.inf, ranked), axis=-1).astype(jnp.int32)
         picks = picks.at[:, t].set(nxt)
         chosen = chosen.at[rows, nxt].set(True)
         min_dist = jnp.minimum(min_dist, dist[rows, nxt])
