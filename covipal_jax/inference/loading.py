@@ -15,7 +15,6 @@ import dataclasses
 import tempfile
 from typing import Any
 
-import flax.linen as nn
 import jax
 from etils import epath
 
