@@ -135,6 +135,42 @@ def data_config() -> ml_collections.ConfigDict:
     ))
 
 
+def ppm_7b_training(c: ml_collections.ConfigDict, *, stages: str, steps1: int, steps2: int,
+                    keep: float, guide_fraction: float, data_name: str, max_len: int
+                    ) -> ml_collections.ConfigDict:
+    """The PPM-training block shared by the 7B PPM configs: frozen LLaVA in bf16, full remat
+    (stage 2 backpropagates through every decoder layer), PPM d=512 x 2 layers, AdamW
+    5e-4 / 1e-4, batch 32, FSDP over all devices, the guide layer at `guide_fraction` of the
+    decoder depth. Fills `c.train`, `c.data`, `c.ppm`, `c.mesh`, `c.pruning` in place."""
+    c.model["remat_policy"] = "full"
+    c.train = train_config()
+    c.data = data_config()
+    t = c.train
+    t.stages = tuple(int(s) for s in stages)
+    t.steps = tuple(steps1 if s == 1 else steps2 for s in t.stages)
+    t.batch_size = 32
+    t.keep = float(keep)
+    t.lr = 5e-4
+    t.lr_stage2 = 1e-4
+    t.warmup_steps = 200
+    t.frozen_dtype = "bfloat16"
+    t.guide_layer = max(1, round(c.model["text"]["num_layers"] * guide_fraction))
+    t.log_every = 10
+    t.save_every = 500
+    t.keep_checkpoints = 3
+    c.ppm.width = 512
+    c.ppm.num_heads = 8
+    c.ppm.num_layers = 2
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.data.kind = "llava"
+    c.data.name = data_name
+    c.data.max_len = max_len
+    c.pruning.method = "ppm"
+    c.pruning.keep = t.keep
+    return c
+
+
 def llava15_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     """LLaVA-1.5 (CLIP ViT-L/14-336 + Vicuna) of a given size; args `layers=N,dtype=...`."""
     a = parse_arg(arg, layers=0, dtype="bfloat16")

@@ -39,37 +39,14 @@ def get_config(arg=None):
     a = common.parse_arg(arg, layers=0, stages="12", steps1=5000, steps2=2000, keep=0.25,
                          queries="all", kl=0.0, budget=0.0, hard=True)
     c = llava_ov_7b.get_config(f"layers={a.layers}" if a.layers else None)
-    c.model["remat_policy"] = "full"   # stage 2 backpropagates through every decoder layer
-    c.train = common.train_config()
-    c.data = common.data_config()
-    stages = tuple(int(s) for s in a.stages)
+    # max_len: Qwen2 chat template (system turn) + question + answer
+    common.ppm_7b_training(c, stages=a.stages, steps1=a.steps1, steps2=a.steps2, keep=a.keep,
+                           guide_fraction=PAPER_GUIDE_LAYER / PAPER_LAYERS,
+                           data_name="llava_onevision_si_local", max_len=256)
     t = c.train
-    t.stages = stages
-    t.steps = tuple(a.steps1 if s == 1 else a.steps2 for s in stages)
-    t.batch_size = 32
-    t.keep = float(a.keep)
-    t.lr = 5e-4
-    t.lr_stage2 = 1e-4
-    t.warmup_steps = 200
-    t.frozen_dtype = "bfloat16"
-    n_layers = c.model["text"]["num_layers"]
-    t.guide_layer = max(1, round(n_layers * PAPER_GUIDE_LAYER / PAPER_LAYERS))
     t.loss = "mse"
     t.label_queries = a.queries
     t.lambda_kl = float(a.kl)
     t.lambda_budget = float(a.budget)
     t.stage2_hard = bool(a.hard)
-    t.log_every = 10
-    t.save_every = 500
-    t.keep_checkpoints = 3
-    c.ppm.width = 512
-    c.ppm.num_heads = 8
-    c.ppm.num_layers = 2
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.data.kind = "llava"
-    c.data.name = "llava_onevision_si_local"
-    c.data.max_len = 256   # Qwen2 chat template (system turn) + question + answer
-    c.pruning.method = "ppm"
-    c.pruning.keep = t.keep
     return c

@@ -142,7 +142,6 @@ class VisionTower(nn.Module):
         if with_stats:
             stats = self._attention_stats(x, n_run - 1)
         x, _ = self.layers(x, start=n_run - 1, stop=n_run)
-        drop = 1 if c.has_cls else 0
         cls = x[:, 0] if c.has_cls else None
         feats = x[:, 1:] if (c.has_cls and c.select_strategy == "default") else x
         return VisionOutput(features=feats, cls=cls, **stats)
@@ -153,7 +152,6 @@ class VisionTower(nn.Module):
         params = self.layers.layer_params(layer)
         q, k = VisionLayer(c, self.dtype, self.param_dtype, parent=None).apply(
             {"params": params}, x, method=VisionLayer.qk)
-        drop = 1 if c.has_cls else 0
         # Mean attention received over all queries and heads: [B, P] (one P x P map, one layer).
         probs = attn_lib.attention_rows(q, k, mask_rows=None)  # [B, N, P, P]
         received = probs.mean(axis=(1, 2))[:, drop:]

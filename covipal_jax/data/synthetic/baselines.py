@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from covipal_jax.data.synthetic.config import SyntheticConfig, _qtype_probs
+from covipal_jax.data.synthetic.config import SyntheticConfig, qtype_probs
 from covipal_jax.data.synthetic.vocab import answers_for
 
 
@@ -18,7 +18,7 @@ def chance_accuracy(cfg: SyntheticConfig | None = None, split: str = "test") -> 
     """
     cfg = cfg or SyntheticConfig()
     out = {q: 1.0 / len(answers_for(q, cfg, split)) for q in cfg.qtypes}
-    w = _qtype_probs(cfg)
+    w = qtype_probs(cfg)
     out["overall"] = float(sum(p * out[q] for q, p in zip(cfg.qtypes, w)))
     return out
 

@@ -130,12 +130,12 @@ class SyntheticConfig:
         return self.image_size // self.cell_size
 
 
-def _qtype_probs(cfg: SyntheticConfig) -> np.ndarray:
+def qtype_probs(cfg: SyntheticConfig) -> np.ndarray:
     w = np.ones(len(cfg.qtypes)) if cfg.qtype_weights is None else np.asarray(cfg.qtype_weights)
     return w / w.sum()
 
 
-def _counts_for(split: str, cfg: SyntheticConfig) -> tuple[int, ...]:
+def counts_for(split: str, cfg: SyntheticConfig) -> tuple[int, ...]:
     if split == "test" and cfg.n_heldout > 0:
         return tuple(n for n in cfg.counts if n >= 1)
     return cfg.counts

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from covipal_jax.data.synthetic.config import RELATION_PHRASES, SyntheticConfig, _counts_for
+from covipal_jax.data.synthetic.config import RELATION_PHRASES, SyntheticConfig, counts_for
 from covipal_jax.data.synthetic.vocab import count_word, heldout_combos
 
 
@@ -121,7 +121,7 @@ def _build_question(
         return combos, ([0] if yes else []), ("yes" if yes else "no"), \
             {"shape": s, "color": c}, axis
     if qtype == "count":
-        k = int(_pick(rng, _counts_for(split, cfg)))
+        k = int(_pick(rng, counts_for(split, cfg)))
         if pools.test:
             s_h, c = _pick(rng, pools.query)
             first = [(s_h, c)]

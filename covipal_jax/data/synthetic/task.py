@@ -68,7 +68,7 @@ from covipal_jax.data.synthetic.config import (  # noqa: F401
     SHAPE_NAMES,
     SPLIT_CODES,
     SyntheticConfig,
-    _qtype_probs,
+    qtype_probs,
 )
 from covipal_jax.data.synthetic.questions import (  # noqa: F401
     _build_question,
@@ -92,7 +92,7 @@ def make_example(split: str, index: int, seed: int = 0,
                  cfg: SyntheticConfig | None = None) -> dict[str, Any]:
     """Example `index` of `split` (deterministic in (split, index, seed, cfg))."""
     cfg = cfg or SyntheticConfig()
-    return _make(split, index, seed, cfg, _Pools(split, cfg), _qtype_probs(cfg))
+    return _make(split, index, seed, cfg, _Pools(split, cfg), qtype_probs(cfg))
 
 
 def _make(split: str, index: int, seed: int, cfg: SyntheticConfig, pools: _Pools,
@@ -166,6 +166,6 @@ def generate(
         raise ValueError(f"split must be one of {tuple(SPLIT_CODES)}, got {split!r}")
     cfg = cfg or SyntheticConfig()
     pools = _Pools(split, cfg)
-    probs = _qtype_probs(cfg)
+    probs = qtype_probs(cfg)
     for i in range(start, start + n):
         yield _make(split, i, seed, cfg, pools, probs)

@@ -7,7 +7,7 @@ from covipal_jax.data.synthetic.config import (
     NUMBER_WORDS,
     RELATION_PHRASES,
     SyntheticConfig,
-    _counts_for,
+    counts_for,
 )
 
 
@@ -24,7 +24,7 @@ def answers_for(qtype: str, cfg: SyntheticConfig, split: str = "train") -> list[
     if qtype in ("exist", "position"):
         return ["yes", "no"]
     if qtype == "count":
-        return [count_word(n) for n in _counts_for(split, cfg)]
+        return [count_word(n) for n in counts_for(split, cfg)]
     raise ValueError(qtype)
 
 
