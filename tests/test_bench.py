@@ -92,6 +92,7 @@ def test_ov_suite_runs_the_packed_anyres_path(quick_run):
     s = r["suites"][2]
     assert (s["name"], s["n_v"], s["crops"], s["full_depth"]) == ("ov", 172, 10, 3)
     assert s["model"]["text"]["kind"] == "qwen2" and s["model"]["vision"]["kind"] == "siglip"
+    assert s["model"]["text"]["num_layers"] == 2  # --quick's ov depth (tiny_ov has 3)
     assert [row["k"] for row in s["settings"]] == [172, 43]
     for row in s["settings"]:
         assert row["parity_rel"] < 1e-4, row["label"]

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--config", default=None,
                     help=f"config file[:args] (default {DEFAULT_CONFIG}; --quick: {QUICK_CONFIG})")
-    ap.add_argument("--layers", type=int, default=None, help="decoder depth (default 2)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder depth of every suite's model (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny widths, seconds (tests)")
     ap.add_argument("--full", action="store_true",
                     help="batch-8 prefill, every keep decoded at batch 8, NeXT tower on 5 crops")
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
         unknown = sorted(set(opts.suites) - set(SUITES))
         if unknown:
             ap.error(f"unknown --suites {unknown}; known: {','.join(SUITES)}")
+    if a.layers is not None:
+        opts.ov_layers = a.layers
     if a.ov_tokens is not None and a.ov_tokens > 0:
         opts.ov_vision = False  # a feed of projected tokens: the tower is estimated per view
     if a.ov_vision:

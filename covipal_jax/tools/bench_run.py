@@ -46,7 +46,8 @@ class Options:
     decode_keeps: str = "ends"            # "all" keeps | "ends" (unpruned and the smallest
                                           # k at B=1, the smallest k at B>1) | "smallest"
     next_vision: bool = False             # run the tower on 5 crops (else 5 x single crop)
-    ov_config: str = OV_CONFIG            # the `ov` suite's model (at --layers depth)
+    ov_config: str = OV_CONFIG            # the `ov` suite's model
+    ov_layers: int = 0                    # its decoder depth (0: the bench config's, i.e. 2)
     ov_views: int = 10                    # views of its AnyRes image (10: base + 3 x 3 crops)
     ov_tokens: int = -1                   # -1: the image's packed length (7,371); 0: skip
     ov_keeps: tuple = (1.0, 0.25, 64)
@@ -72,7 +73,7 @@ class Options:
                    reps=1, warmup=1, decode_tokens=4, text_len=16, image_pos=3,
                    matmul_n=512, decode_batches=(2,), decode_keeps="smallest",
                    full_depth=8, flops_compiled=False, ov_config="tiny_ov",
-                   ov_keeps=(1.0, 0.25), ov_vision=True, ov_vocab=0)
+                   ov_keeps=(1.0, 0.25), ov_vision=True, ov_vocab=0, ov_layers=2)
 
     @classmethod
     def full(cls) -> "Options":
@@ -145,7 +146,7 @@ class Bench:
         from covipal_jax.tools.bench_programs import load_config
 
         o = self.opts
-        layers = self.cfg.text.num_layers
+        layers = o.ov_layers or self.cfg.text.num_layers
         cfg, ppm = load_config(o.ov_config, layers, vocab=o.ov_vocab or None)
         full_depth = load_config(o.ov_config)[0].text.num_layers
         peer = o.peer and cfg.vision.kind == "siglip" and cfg.text.kind == "qwen2"
