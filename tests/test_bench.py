@@ -1,5 +1,6 @@
-"""Tests for covipal_jax/tools/bench.py (and bench_peer.py): a --quick run end to end, the derived
-numbers, the target verdicts, and the PyTorch peer holding exactly our weights."""
+"""Tests for covipal_jax/tools/bench.py (and bench_peer.py, bench_ov.py): a --quick run end to end
+(the `ov` suite on a tiny OneVision included), the derived numbers, the target verdicts, the
+suite selector, and the PyTorch peers holding exactly our weights."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ def test_quick_run_writes_every_file(quick_run):
         assert (out / name).stat().st_size > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "bench.md").read_text()
-    for heading in ("## Prefill `llava15`", "## Prefill `next`", "## Decode", "## Targets"):
+    for heading in ("## Prefill `llava15`", "## Prefill `next`", "## Prefill `ov`", "## Decode",
+                    "## Targets"):
         assert heading in md
 
 
@@ -36,7 +38,7 @@ def test_quick_run_json_has_every_measurement(quick_run):
     meta = r["meta"]
     assert meta["matmul_peak_gflops"]["jax"] > 0 and meta["matmul_peak_gflops"]["torch"] > 0
     assert {"jax", "torch", "transformers"} <= set(meta["versions"])
-    assert [s["name"] for s in r["suites"]] == ["llava15", "next"]
+    assert [s["name"] for s in r["suites"]] == ["llava15", "next", "ov"]
     for s in r["suites"]:
         n_v = s["n_v"]
         assert s["settings"][0]["k"] == n_v  # the unpruned baseline comes first
@@ -62,6 +64,7 @@ def test_quick_run_json_has_every_measurement(quick_run):
                 assert fl["ppm"] == 0.0
     assert r["suites"][0]["vision_source"] == "measured"
     assert r["suites"][1]["vision_source"] == "estimated"
+    assert r["suites"][2]["vision_source"] == "measured"  # --quick: the real packed path
     assert [row["batch"] for row in r["decode"]] == [2]
     for row in r["decode"]:
         assert row["ours_tok_s"] > 0 and row["peer_tok_s"] > 0
@@ -79,6 +82,63 @@ def test_peer_computes_our_logits(quick_run):
         for row in s["settings"]:
             assert row["parity_rel"] < 1e-4, row["label"]
     assert all(row["token_agreement"] == 1.0 for row in r["decode"])
+
+
+def test_ov_suite_runs_the_packed_anyres_path(quick_run):
+    """tiny_ov, 10 views (base + 3 x 3 crops of 16 tokens): 16 + 12 x 13 = 172 packed tokens;
+    ours `prefill` on the AnyResImage matches transformers' OneVision (HF packing + our kept
+    slots) unpruned and pruned; every time measured (e2e included), FLOPs per row."""
+    _, r = quick_run
+    s = r["suites"][2]
+    assert (s["name"], s["n_v"], s["crops"], s["full_depth"]) == ("ov", 172, 10, 3)
+    assert s["model"]["text"]["kind"] == "qwen2" and s["model"]["vision"]["kind"] == "siglip"
+    assert s["model"]["text"]["num_layers"] == 2  # --quick's ov depth (tiny_ov has 3)
+    assert [row["k"] for row in s["settings"]] == [172, 43]
+    for row in s["settings"]:
+        assert row["parity_rel"] < 1e-4, row["label"]
+        for side in ("ours", "peer"):
+            assert row[side]["e2e_s"] > 0 and row[side]["vision_s"] > 0
+            assert set(row["times_s"]) >= {f"{side}_e2e", f"{side}_llm"}
+        assert row["flops"]["e2e"] > row["flops"]["llm"] > 0
+    assert s["settings"][1]["derived"]["flop_ratio_e2e"] > 1
+
+
+def test_suites_selector_runs_one_suite(tmp_path):
+    """`--suites ov` runs the ov suite alone (no LLaVA-1.5 suite, no decode); a feed of
+    projected tokens (`--ov_tokens` other than the image's) estimates the tower per view."""
+    argv = ["--quick", "--out", str(tmp_path), "--suites", "ov", "--ov_tokens", "64",
+            "--ov_keeps", "1.0,16", "--no_flops"]
+    assert bench.main(argv) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert [s["name"] for s in r["suites"]] == ["ov"] and r["decode"] == []
+    s = r["suites"][0]
+    assert (s["n_v"], s["crops"], s["vision_source"]) == (64, 4, "estimated")
+    assert [row["k"] for row in s["settings"]] == [64, 16]
+    for row in s["settings"]:
+        # the estimated tower is 4 x the measured single view, on both sides
+        assert row["ours"]["e2e_s"] == pytest.approx(
+            row["ours"]["vision_s"] + row["ours"]["ppm_s"] + row["ours"]["llm_s"])
+        assert row["peer"]["llm_s"] > 0 and "parity_rel" not in row
+    assert "## Prefill `llava15`" not in (tmp_path / "bench.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path), "--suites", "ov,nope"])
+
+
+def test_ov_image_geometry():
+    """OneVision-7B's 10-view bucket: 729 + 81 x 82 = 7,371 packed tokens, all real."""
+    from covipal_jax.tools import bench_ov
+
+    assert bench_ov.crop_layout(10) == (3, 3) and bench_ov.crop_layout(7) == (2, 3)
+    with pytest.raises(ValueError, match="views"):
+        bench_ov.crop_layout(1)
+    cfg, _ = bench.load_config("llava_ov_7b:dtype=float32", layers=2, vocab=32000)
+    assert (cfg.text.num_layers, cfg.text.vocab_size) == (2, 32000)
+    assert (cfg.image_token_id, cfg.video_token_id) == (31998, 31999)
+    visual, pixels, sizes, n = bench_ov.anyres_image(cfg, 1, 10, 0)
+    assert n == 7371 and visual.num_slots(cfg) == 7371
+    assert pixels.shape == (1, 10, 384, 384, 3) and sizes.tolist() == [[1152, 1152]]
+    with pytest.raises(ValueError, match="not a layout"):
+        bench_ov.anyres_image(cfg, 1, 50, 0)  # 7 x 7 crops: beyond the 6 x 6 pinpoints
 
 
 def test_flop_counts_scale_with_kept_tokens(quick_run):

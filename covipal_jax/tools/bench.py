@@ -1,8 +1,13 @@
 """Prefill / decode benchmark: pruned vs unpruned, against the FLOP bound and against PyTorch.
 
     python -m covipal_jax.tools.bench --out /tmp/bench            # LLaVA-1.5-7B widths, 2 layers
-    python -m covipal_jax.tools.bench --out /tmp/bench --full     # + batch-8 prefill, NeXT tower
+    python -m covipal_jax.tools.bench --out /tmp/bench --full     # + batch-8 prefill, NeXT tower,
+                                                                  #   ov with the real 10-view tower
     python -m covipal_jax.tools.bench --out /tmp/bench --quick    # tiny widths (seconds; tests)
+    python -m covipal_jax.tools.bench --out /tmp/ov --suites ov   # OneVision-7B widths alone
+
+Suites (`--suites`, comma list): `llava15`, `next`, `decode` (the default run) and `ov`
+(opt-in; `--full` and `--quick` run all four).
 
 Letters: B batch, T text length, n_v vision tokens per image, k kept, L = T - 1 + k.
 
@@ -16,6 +21,16 @@ What one run measures (all on the same random weights and inputs):
   projected tokens are fed straight to the PPM and the LLM. The tower on 5 crops is 5 times
   the single-crop tower in FLOPs; by default its time is estimated as 5 x the measured
   single-crop time (`vision_source: "estimated"`); `--full` runs the tower on 5 crops.
+- Suite `ov` (`bench_ov.py`): LLaVA-OneVision-7B widths (SigLIP-384 + Qwen2-7B at the same
+  reduced depth), one square AnyRes image of `--ov_views` views (10: base + 3 x 3 crops; its
+  packed length, 7,371 tokens, is the default `--ov_tokens`), pruned with the PPM at
+  `--ov_keeps`, vs transformers' `LlavaOnevisionForConditionalGeneration` on the same weights
+  and kept tokens. The LLM is fed the projected packed tokens as in `next`; the tower is
+  estimated as views x the measured single view unless `--ov_vision` (`--full`, `--quick`)
+  runs the real packed path: `AnyResImage` through our `prefill` end to end against HF's
+  `get_image_features` packing. Both vocabularies shrink to `--ov_vocab` (32,000) so that the
+  two 7B-width copies fit in memory (prefill FLOPs change by < 0.02%). The LLaVA-1.5 weights
+  are freed before it runs.
 - Decode: tokens/s of `decoding.Generator`'s on-device `while_loop` (M - 1 steps after the
   prefill, no early stop) vs transformers `generate` (greedy, timed from the first to the last
   logits-processor call, i.e. the same M - 1 steps).
@@ -38,15 +53,14 @@ Outputs: `DIR/bench.json` (everything), `DIR/bench.md` (tables), `DIR/bench.png`
 Code: `bench_programs.py` (the jitted programs, their FLOPs, the inputs), `bench_timing.py`
 (clocked / interleaved repetitions, matmul peak), `bench_run.py` (`Options`, `Bench`: the suites
 and decode), `bench_report.py` (derived ratios, targets, markdown, chart, JSON) and this module
-(the CLI and `load_config`).
+(the CLI); `bench_ov.py` (the `ov` suite), `bench_peer.py` (the PyTorch peer) and
+`bench_torch.py` (the transformers model holding our weights, shared with `gpu_bench`).
 """
 from __future__ import annotations
 
 from covipal_jax import configs as configs_lib
 import sys
-from typing import Any
 
-from covipal_jax.models.config import LlavaConfig
 from covipal_jax.pruning.base import parse_keep
 
 # Re-exported: the benchmark's pieces (`bench_programs`, `bench_timing`, `bench_run`,
@@ -55,6 +69,7 @@ from covipal_jax.tools.bench_programs import (  # noqa: F401
     FlopCounter,
     Programs,
     kv_bytes,
+    load_config,
     make_inputs,
     ppm_block_flops,
 )
@@ -65,7 +80,7 @@ from covipal_jax.tools.bench_report import (  # noqa: F401
     targets,
     write,
 )
-from covipal_jax.tools.bench_run import Bench, Options  # noqa: F401
+from covipal_jax.tools.bench_run import SUITES, Bench, Options  # noqa: F401
 from covipal_jax.tools.bench_timing import clocked, interleaved, matmul_peak  # noqa: F401
 from covipal_jax.tools.costs import compiled_flops  # noqa: F401  (re-exported)
 
@@ -89,13 +104,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--config", default=None,
                     help=f"config file[:args] (default {DEFAULT_CONFIG}; --quick: {QUICK_CONFIG})")
-    ap.add_argument("--layers", type=int, default=None, help="decoder depth (default 2)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder depth of every suite's model (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny widths, seconds (tests)")
     ap.add_argument("--full", action="store_true",
                     help="batch-8 prefill, every keep decoded at batch 8, NeXT tower on 5 crops")
     ap.add_argument("--keeps", help="comma list: float ratios / int counts (1.0 = unpruned)")
     ap.add_argument("--next_tokens", type=int, help="NeXT vision tokens (0 = skip the suite)")
     ap.add_argument("--next_keeps", help="keeps of the NeXT suite")
+    ap.add_argument("--suites", help=f"comma list of {','.join(SUITES)} (default "
+                    "llava15,next,decode; --full / --quick: all)")
+    ap.add_argument("--ov_tokens", type=int,
+                    help="ov: feed this many projected tokens, tower estimated per view "
+                    "(default: the --ov_views image's packed length, 7371; 0 = skip)")
+    ap.add_argument("--ov_keeps", help="keeps of the ov suite (default 1.0,0.25,64)")
+    ap.add_argument("--ov_views", type=int, help="views of the ov image (default 10)")
+    ap.add_argument("--ov_vision", action="store_true",
+                    help="ov: run the real packed tower + prefill end to end (else estimated)")
+    ap.add_argument("--ov_vocab", type=int, help="ov: vocabulary of both sides (0 = config's)")
+    ap.add_argument("--ov_config", help="ov: config name[:args] (default llava_ov_7b)")
     ap.add_argument("--prefill_batches", help="comma list, e.g. 1,8")
     ap.add_argument("--decode_batches", help="comma list, e.g. 1,8 (empty = no decode)")
     ap.add_argument("--reps", type=int)
@@ -112,7 +139,21 @@ def main(argv=None) -> int:
         opts.keeps = _parse_keeps(a.keeps)
     if a.next_keeps:
         opts.next_keeps = _parse_keeps(a.next_keeps)
-    for name in ("next_tokens", "reps", "warmup", "decode_tokens", "text_len", "threads"):
+    if a.ov_keeps:
+        opts.ov_keeps = _parse_keeps(a.ov_keeps)
+    if a.suites:
+        opts.suites = tuple(x.strip() for x in a.suites.split(",") if x.strip())
+        unknown = sorted(set(opts.suites) - set(SUITES))
+        if unknown:
+            ap.error(f"unknown --suites {unknown}; known: {','.join(SUITES)}")
+    if a.layers is not None:
+        opts.ov_layers = a.layers
+    if a.ov_tokens is not None and a.ov_tokens > 0:
+        opts.ov_vision = False  # a feed of projected tokens: the tower is estimated per view
+    if a.ov_vision:
+        opts.ov_vision = True
+    for name in ("next_tokens", "reps", "warmup", "decode_tokens", "text_len", "threads",
+                 "ov_tokens", "ov_views", "ov_vocab", "ov_config"):
         if getattr(a, name) is not None:
             setattr(opts, name, getattr(a, name))
     if a.prefill_batches is not None:
@@ -122,29 +163,11 @@ def main(argv=None) -> int:
     opts.peer = not a.no_peer
     opts.flops = not a.no_flops
     cfg, ppm = load_config(a.config or (QUICK_CONFIG if a.quick else DEFAULT_CONFIG), a.layers)
-    if cfg.vision.kind != "clip" or cfg.text.kind != "llama":
-        opts.peer = False  # the transformers peer covers LLaVA-1.5 configs
     result = Bench(cfg, opts, ppm).run()
     paths = write(result, a.out)
     print(markdown(result))
     print("wrote " + ", ".join(paths.values()))
     return 0
-
-
-def load_config(spec: str, layers: int | None = None) -> tuple[LlavaConfig, Any]:
-    """`path.py[:args]` -> (LlavaConfig, the config's `ppm` section); `layers` sets the
-    decoder depth."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("bench_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    config = mod.get_config(arg or None)
-    model = config.model.to_dict()
-    if layers is not None:
-        model["text"]["num_layers"] = layers
-    return LlavaConfig.from_config(model), config.ppm
 
 
 if __name__ == "__main__":

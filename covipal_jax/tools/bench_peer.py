@@ -1,77 +1,35 @@
 """The PyTorch peer of `covipal_jax.tools.bench`: Hugging Face transformers LLaVA on OUR weights.
 
 Letters: B batch, T text length (one image placeholder per row), n_v vision tokens, k kept,
-L = T - 1 + k, D width, V vocab.
+L = T - 1 + k, D width, V vocab, C views of an AnyRes image.
 
-`torch_llava(params, cfg)` builds `transformers.LlavaForConditionalGeneration` from our config
-(`weights.hf.hf_config_dict`) and copies our parameter tree into it through the declarative key
-map (`weights.keymap`, layout `transformers5`: the in-memory `state_dict()` names), so both
-sides compute with the same random weights. `TorchPeer` times what transformers does:
-`get_image_features` (tower + projector), a forward over `inputs_embeds` with a KV cache and
-`logits_to_keep=1` (the prefill), and `generate` (greedy decode). Only LLaVA-1.5-style models
-(CLIP + LLaMA) are supported: the bench runs those widths.
+`torch_llava(params, cfg)` is `bench_torch.torch_model` on the CPU (the builder the GPU bench's
+peer shares): `LlavaForConditionalGeneration` (LLaVA-1.5 configs) or
+`LlavaOnevisionForConditionalGeneration` (OneVision configs) holding exactly our weights, sdpa.
+`TorchPeer` times what transformers does: `get_image_features` (tower + projector; for
+OneVision also the AnyRes packing: `vision_anyres`), a forward over `inputs_embeds` with a KV
+cache and `logits_to_keep=1` (the prefill), and `generate` (greedy decode).
 """
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import flax.linen as nn
 import numpy as np
 import torch
-from flax import traverse_util
 
 from covipal_jax.models.config import LlavaConfig
-from covipal_jax.weights import hf as hf_lib
-from covipal_jax.weights import keymap
+from covipal_jax.tools.bench_torch import torch_model
+from covipal_jax.weights.hf_config import export_model_type
 
 
 def torch_llava(params: Any, cfg: LlavaConfig, attn_implementation: str = "sdpa"
                 ) -> torch.nn.Module:
-    """An HF `LlavaForConditionalGeneration` (f32, eval) holding exactly `params`."""
-    import transformers
-
-    if cfg.vision.kind != "clip" or cfg.text.kind != "llama" or cfg.image_newline:
-        raise ValueError("the PyTorch peer supports LLaVA-1.5 (CLIP + LLaMA) configs only")
-    hc = hf_lib.hf_config_dict(cfg, np.float32)
-    hc.pop("architectures", None)
-    hc.pop("model_type", None)
-    config = transformers.LlavaConfig(**hc)
-    config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
-    config.vision_config._attn_implementation = attn_implementation
-    from transformers.initialization import no_init_weights
-
-    with torch.device("cpu"), no_init_weights():  # every parameter is overwritten below
-        model = transformers.LlavaForConditionalGeneration(config)
-    model = model.float().eval()
-
-    params = nn.unbox(params)
-    if "params" in params and len(params) == 1:
-        params = params["params"]
-    flat = traverse_util.flatten_dict(params, sep="/")
-    layout = keymap.LAYOUTS["transformers5"]
-    state = model.state_dict()
-    seen = set()
-    with torch.no_grad():
-        for e in keymap.key_map(cfg):
-            host = np.asarray(flat[e.path], np.float32)
-            tr = keymap.TRANSFORMS[e.transform]
-            parts = ([(e.hf_key(layout, i), host[i]) for i in range(host.shape[0])]
-                     if e.stacked else [(e.hf_key(layout), host)])
-            for key, x in parts:
-                if key not in state:
-                    raise KeyError(f"{key} (from {e.path}) is not in the transformers model")
-                y = np.require(tr.to_hf(x), requirements=["C", "W"])
-                if tuple(state[key].shape) != y.shape:
-                    raise ValueError(f"{key}: ours {y.shape} vs transformers "
-                                     f"{tuple(state[key].shape)}")
-                state[key].copy_(torch.from_numpy(y))
-                seen.add(key)
-    params_left = [k for k, _ in model.named_parameters() if k not in seen]
-    if params_left:
-        raise ValueError(f"transformers parameters not filled from ours: {params_left[:10]}")
-    return model
+    """The transformers model of `cfg` (eval, CPU, cfg's dtype) holding exactly `params`."""
+    kind = export_model_type(cfg)
+    if kind not in ("llava", "llava_onevision"):
+        raise ValueError(f"the PyTorch peer supports LLaVA-1.5 and OneVision configs, not {kind}")
+    return torch_model(params, cfg, "cpu", attn_implementation)
 
 
 class _StepClock:
@@ -94,16 +52,33 @@ class TorchPeer:
 
     @torch.no_grad()
     def vision(self, pixels_nhwc: np.ndarray) -> torch.Tensor:
-        """pixels f32[B, H, W, 3] -> projected vision tokens f32[B, n_v, D]."""
+        """pixels f32[B, H, W, 3] (one view each) -> projected vision tokens f32[B, n_v, D]."""
         px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels_nhwc).transpose(0, 3, 1, 2)))
-        v = self.cfg.vision
-        out = self.model.model.get_image_features(
+        v, inner = self.cfg.vision, self.model.model
+        if self.cfg.image_newline:  # OneVision: get_image_features packs AnyRes; one view here
+            hidden = inner.vision_tower(px, output_hidden_states=True).hidden_states
+            feats = hidden[v.feature_layer]
+            if v.has_cls and v.select_strategy == "default":
+                feats = feats[:, 1:]
+            return inner.multi_modal_projector(feats)
+        out = inner.get_image_features(
             pixel_values=px, vision_feature_layer=v.feature_layer,
             vision_feature_select_strategy=v.select_strategy)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         if isinstance(feats, (list, tuple)):
             feats = torch.stack(list(feats))
         return feats
+
+    @torch.no_grad()
+    def vision_anyres(self, pixels: np.ndarray, image_sizes: np.ndarray) -> torch.Tensor:
+        """OneVision AnyRes: pixels f32[B, C, H, W, 3] (every view real), image_sizes i64[B, 2]
+        (height, width) -> the packed tokens f32[B, N, D] of `get_image_features` (tower,
+        projector, unpadding, anyres_max downsampling, newlines); every row the same N."""
+        px = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels).transpose(0, 1, 4, 2, 3)))
+        out = self.model.model.get_image_features(
+            pixel_values=px, image_sizes=torch.from_numpy(np.asarray(image_sizes, np.int64)))
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     @torch.no_grad()
     def embeds(self, ids: np.ndarray, image_pos: int, tokens: torch.Tensor) -> torch.Tensor:

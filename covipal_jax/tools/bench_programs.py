@@ -1,12 +1,18 @@
 """The jitted programs the benchmark (`bench.py`) times and counts: vision, PPM, LLM prefill and
-end-to-end `prefill`, their compiled FLOPs (unrolled layers), and the random inputs they run on."""
+end-to-end `prefill`, their compiled FLOPs (unrolled layers), the random inputs they run on, and
+the configs they are built from (`load_config`)."""
 from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covipal_jax import configs as configs_lib
 from covipal_jax.inference.prefill import prefill
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.decoder import init_cache
@@ -15,6 +21,34 @@ from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.pruning import ppm as ppm_lib
 from covipal_jax.pruning.base import PruneContext, PruningMethod
 from covipal_jax.tools.costs import compiled_flops
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config(spec: str, layers: int | None = None, vocab: int | None = None
+                ) -> tuple[LlavaConfig, Any]:
+    """`path.py[:args]` or a packaged config name[:args] -> (LlavaConfig, the config's `ppm`
+    section). `layers` sets the decoder depth; `vocab` shrinks the vocabulary (the image /
+    video placeholders move to its last ids: vocab - 2 / vocab - 1)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        path, _, arg = configs_lib.path(spec).partition(":")
+    mod_spec = importlib.util.spec_from_file_location("bench_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    config = mod.get_config(arg or None)
+    model = config.model.to_dict()
+    if layers is not None:
+        model["text"]["num_layers"] = layers
+    if vocab:
+        if vocab < 64:
+            raise ValueError(f"vocab must be >= 64, got {vocab}")
+        model["text"]["vocab_size"] = vocab
+        model["image_token_id"] = vocab - 2
+        if model.get("video_token_id", -1) >= 0:
+            model["video_token_id"] = vocab - 1
+    return LlavaConfig.from_config(model), config.ppm
 
 
 # ----------------------------------------------------------------------------- our programs

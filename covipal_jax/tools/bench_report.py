@@ -19,8 +19,16 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- derived
 
 
-def _derive(suite: dict, cfg: LlavaConfig, o: Options) -> dict:
-    """Speed-ups, FLOP ratios, achieved fractions, PPM shares (relative to the unpruned row)."""
+def label(keep, k: int, n_v: int) -> str:
+    """A keep setting's row label: "unpruned", the ratio ("0.25") or the count ("64 tok")."""
+    return "unpruned" if k == n_v else (f"{keep:g}" if isinstance(keep, float) else f"{k} tok")
+
+
+def _derive(suite: dict, cfg: LlavaConfig, o: Options, full_depth: int | None = None) -> dict:
+    """Speed-ups, FLOP ratios, achieved fractions, PPM shares (relative to the unpruned row);
+    full_depth: the decoder depth the PPM share is extrapolated to (default o.full_depth)."""
+    full_depth = o.full_depth if full_depth is None else full_depth
+    suite.setdefault("full_depth", full_depth)
     rows = suite["settings"]
     base = next((r for r in rows if r["k"] == suite["n_v"]), None)
     layers = cfg.text.num_layers
@@ -54,7 +62,7 @@ def _derive(suite: dict, cfg: LlavaConfig, o: Options) -> dict:
                 d["gflops_vision"] = fl["vision"] / r["ours"]["vision_s"] / 1e9
             if fl["ppm"] and e2e_f:
                 d["ppm_share"] = fl["ppm"] / e2e_f
-                full = (fl.get("vision") or 0.0) + fl["ppm"] + fl["llm"] * o.full_depth / layers
+                full = (fl.get("vision") or 0.0) + fl["ppm"] + fl["llm"] * full_depth / layers
                 d["ppm_share_full_depth"] = fl["ppm"] / full
         if "peer" in r:
             for part in ("e2e", "llm", "vision"):
@@ -132,19 +140,54 @@ def _f(x, fmt="{:.3f}", none="–"):
     return none if x is None else fmt.format(x)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table (header, separator, one line per row) followed by a blank line."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return [line(header), line(["---"] * len(header))] + [line(r) for r in rows] + [""]
+
+
+def _model_line(c: dict, what: str) -> str:
+    t, v = c["text"], c["vision"]
+    return (f"{what}: vision {v['kind']} {v['image_size']}px, decoder {t['kind']} "
+            f"D={t['hidden_size']} F={t['intermediate_size']} heads={t['num_heads']} "
+            f"layers={t['num_layers']} (reduced depth) vocab={t['vocab_size']}, dtype {c['dtype']}.")
+
+
+def _suite_title(s: dict) -> str:
+    title = f"## Prefill `{s['name']}`, batch {s['batch']}, n_v = {s['n_v']}"
+    if "crops" in s:
+        views = "views" if s["name"] == "ov" else "crops"
+        title += f" ({s['crops']} {views}; vision {s['vision_source']})"
+    return title
+
+
+def _prefill_row(r: dict, peak: float) -> list[str]:
+    d, ours, peer = r["derived"], r["ours"], r.get("peer", {})
+    vs = d.get("peer_over_ours_e2e", d.get("peer_over_ours_llm"))
+    gf = d.get("gflops_e2e", d.get("gflops_llm"))
+    return [r["label"], str(r["k"]), str(r["seq_len"]), _f(ours.get("vision_s")),
+            _f(ours["ppm_s"]), _f(ours["llm_s"]), _f(ours.get("e2e_s")), _f(peer.get("llm_s")),
+            _f(peer.get("e2e_s")), _f(vs, "{:.2f}x"),
+            _f(d.get("speedup_e2e", d.get("speedup_llm")), "{:.2f}x"),
+            _f(d.get("flop_ratio_e2e", d.get("flop_ratio_llm")), "{:.2f}x"),
+            _f(d.get("bound_fraction_e2e", d.get("bound_fraction_llm")), "{:.0%}"),
+            f"{_f(gf, '{:.0f}')} ({_f(None if gf is None else gf / peak, '{:.0%}')})",
+            _f(d.get("ppm_share"), "{:.2%}"), f"{r['kv_bytes_full_depth'] / 2**20:.0f}"]
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
-    c = m["config"]
-    t = c["text"]
     peak = m["matmul_peak_gflops"]
-    lines = [
-        "# covipal_jax benchmark",
-        "",
-        f"Model: vision {c['vision']['kind']} {c['vision']['image_size']}px "
-        f"(n_v={result['suites'][0]['n_v'] if result['suites'] else '?'}), decoder "
-        f"{t['kind']} D={t['hidden_size']} F={t['intermediate_size']} heads={t['num_heads']} "
-        f"layers={t['num_layers']} (reduced depth), dtype {c['dtype']}, text "
-        f"{m['options']['text_len']} tokens, {m['options']['reps']} reps (median) after "
+    llava = [s for s in result["suites"] if s["name"] != "ov"]
+    lines = ["# covipal_jax benchmark", ""]
+    if llava or result["decode"]:
+        n_v = llava[0]["n_v"] if llava else "?"
+        lines.append(_model_line(m["config"], f"Model (n_v={n_v})"))
+    for s in result["suites"]:
+        if s["name"] == "ov":
+            lines.append(_model_line(s["model"], "OneVision model (suite `ov`)"))
+    lines += [
+        f"Text {m['options']['text_len']} tokens, {m['options']['reps']} reps (median) after "
         f"{m['options']['warmup']} warmup.",
         f"Machine: {m['machine']['cpu_count']} CPU cores, load average "
         f"{m['machine']['loadavg_start'][0]:.1f} -> {m['machine']['loadavg_end'][0]:.1f}; "
@@ -155,51 +198,30 @@ def markdown(result: dict) -> str:
         "",
     ]
     for s in result["suites"]:
-        title = (f"## Prefill `{s['name']}`, batch {s['batch']}, n_v = {s['n_v']}"
-                 + (f" ({s['crops']} crops; vision {s['vision_source']})"
-                    if s["name"] == "next" else ""))
-        lines += [title, "",
-                  "| keep | k | L | vision s | PPM s | LLM s | e2e s | peer LLM s | peer e2e s "
-                  "| peer/ours e2e | speed-up | FLOP ratio | % of bound | GFLOP/s (% peak) "
-                  "| PPM share | KV MiB (32 L) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in s["settings"]:
-            d, ours, peer = r["derived"], r["ours"], r.get("peer", {})
-            vs = d.get("peer_over_ours_e2e", d.get("peer_over_ours_llm"))
-            gf = d.get("gflops_e2e", d.get("gflops_llm"))
-            pk = peak["jax"]
-            lines.append(
-                f"| {r['label']} | {r['k']} | {r['seq_len']} | {_f(ours.get('vision_s'))} "
-                f"| {_f(ours['ppm_s'])} | {_f(ours['llm_s'])} | {_f(ours.get('e2e_s'))} "
-                f"| {_f(peer.get('llm_s'))} | {_f(peer.get('e2e_s'))} "
-                f"| {_f(vs, '{:.2f}x')} | {_f(d.get('speedup_e2e', d.get('speedup_llm')), '{:.2f}x')} "
-                f"| {_f(d.get('flop_ratio_e2e', d.get('flop_ratio_llm')), '{:.2f}x')} "
-                f"| {_f(d.get('bound_fraction_e2e', d.get('bound_fraction_llm')), '{:.0%}')} "
-                f"| {_f(gf, '{:.0f}')} ({_f(None if gf is None else gf / pk, '{:.0%}')}) "
-                f"| {_f(d.get('ppm_share'), '{:.2%}')} "
-                f"| {r['kv_bytes_full_depth'] / 2**20:.0f} |")
-        lines.append("")
+        header = ["keep", "k", "L", "vision s", "PPM s", "LLM s", "e2e s", "peer LLM s",
+                  "peer e2e s", "peer/ours e2e", "speed-up", "FLOP ratio", "% of bound",
+                  "GFLOP/s (% peak)", "PPM share", f"KV MiB ({s.get('full_depth', '?')} L)"]
+        lines += [_suite_title(s), ""] + _table(
+            header, [_prefill_row(r, peak["jax"]) for r in s["settings"]])
     if result["decode"]:
-        lines += ["## Decode (tokens/s over the steps after the prefill)", "",
-                  "| batch | keep | L | new tokens | ours tok/s | peer `generate` tok/s | ours/peer "
-                  "| same tokens |", "|---|---|---|---|---|---|---|---|"]
-        for r in result["decode"]:
-            lines.append(f"| {r['batch']} | {r['label']} | {r['seq_len']} | {r['new_tokens']} "
-                         f"| {r['ours_tok_s']:.1f} | {_f(r.get('peer_tok_s'), '{:.1f}')} "
-                         f"| {_f(r.get('ours_over_peer'), '{:.2f}x')} "
-                         f"| {_f(r.get('token_agreement'), '{:.0%}')} |")
-        lines.append("")
+        lines += ["## Decode (tokens/s over the steps after the prefill)", ""] + _table(
+            ["batch", "keep", "L", "new tokens", "ours tok/s", "peer `generate` tok/s",
+             "ours/peer", "same tokens"],
+            [[str(r["batch"]), r["label"], str(r["seq_len"]), str(r["new_tokens"]),
+              f"{r['ours_tok_s']:.1f}", _f(r.get("peer_tok_s"), "{:.1f}"),
+              _f(r.get("ours_over_peer"), "{:.2f}x"), _f(r.get("token_agreement"), "{:.0%}")]
+             for r in result["decode"]])
     if result["targets"]:
-        lines += ["## Targets", "", "| target | goal | worst | where | pass |", "|---|---|---|---|---|"]
-        for name, tg in result["targets"].items():
-            lines.append(f"| {name} | {tg['goal']} | {tg['worst']:.3f} | {tg['where']} "
-                         f"| {'yes' if tg['passed'] else 'NO'} |")
-        lines.append("")
+        lines += ["## Targets", ""] + _table(
+            ["target", "goal", "worst", "where", "pass"],
+            [[name, tg["goal"], f"{tg['worst']:.3f}", tg["where"],
+              "yes" if tg["passed"] else "NO"] for name, tg in result["targets"].items()])
     lines += ["Columns: speed-up = unpruned / pruned latency (end to end where measured, else "
               "PPM + LLM); FLOP ratio = XLA-counted FLOPs unpruned / pruned; % of bound = "
-              "speed-up / FLOP ratio; peer = transformers LLaVA (PyTorch CPU, sdpa) on the same "
-              "weights and inputs, given our kept tokens; KV MiB extrapolated to 32 decoder "
-              "layers at this dtype.", ""]
+              "speed-up / FLOP ratio; peer = transformers LLaVA / LLaVA-OneVision (PyTorch CPU, "
+              "sdpa) on the same weights and inputs, given our kept tokens; vision "
+              "\"estimated\" = views (crops) x the measured single-view tower; KV MiB "
+              "extrapolated to the full decoder depth at this dtype.", ""]
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
-"""One benchmark run (`bench.py`): its options, the prefill suites (`llava15`, `next`) and decode,
-timed interleaved against the PyTorch peer; returns the result dict the report renders."""
+"""One benchmark run (`bench.py`): its options, the prefill suites (`llava15`, `next`; `ov` in
+`bench_ov.py`) and decode, timed interleaved against the PyTorch peer; returns the result dict
+the report renders."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import platform
 import time
@@ -21,7 +23,7 @@ from covipal_jax.pruning import ppm as ppm_lib
 from covipal_jax.pruning import select
 from covipal_jax.pruning.base import resolve_keep
 from covipal_jax.tools.bench_programs import FlopCounter, Programs, kv_bytes, make_inputs
-from covipal_jax.tools.bench_report import _derive, _jsonable, _versions, targets
+from covipal_jax.tools.bench_report import _derive, _jsonable, _versions, label, targets
 from covipal_jax.tools.bench_timing import clocked, interleaved, matmul_peak
 from covipal_jax.weights.ppm_io import init_ppm
 
@@ -29,8 +31,13 @@ from covipal_jax.weights.ppm_io import init_ppm
 # ----------------------------------------------------------------------------- options
 
 
+SUITES = ("llava15", "next", "ov", "decode")
+OV_CONFIG = "llava_ov_7b:dtype=float32"   # packaged config name[:args] of the `ov` suite
+
+
 @dataclasses.dataclass
 class Options:
+    suites: tuple = ("llava15", "next", "decode")  # of SUITES; `ov` is opt-in (minutes, ~9 GB)
     keeps: tuple = (1.0, 0.5, 0.25, 64)   # float ratio or int count; 1.0 = unpruned
     next_tokens: int = 2880               # 0 disables the NeXT suite
     next_keeps: tuple = (1.0, 0.25, 64)
@@ -39,6 +46,14 @@ class Options:
     decode_keeps: str = "ends"            # "all" keeps | "ends" (unpruned and the smallest
                                           # k at B=1, the smallest k at B>1) | "smallest"
     next_vision: bool = False             # run the tower on 5 crops (else 5 x single crop)
+    ov_config: str = OV_CONFIG            # the `ov` suite's model
+    ov_layers: int = 0                    # its decoder depth (0: the bench config's, i.e. 2)
+    ov_views: int = 10                    # views of its AnyRes image (10: base + 3 x 3 crops)
+    ov_tokens: int = -1                   # -1: the image's packed length (7,371); 0: skip
+    ov_keeps: tuple = (1.0, 0.25, 64)
+    ov_vision: bool = False               # the real packed path (tower on every view, e2e
+                                          # `prefill`); else views x single-view tower
+    ov_vocab: int = 32000                 # shrink both sides' vocabulary (0: the config's)
     text_len: int = 48
     image_pos: int = 5
     reps: int = 3
@@ -54,22 +69,23 @@ class Options:
 
     @classmethod
     def quick(cls) -> "Options":
-        return cls(keeps=(1.0, 0.25), next_tokens=320, next_keeps=(1.0, 0.25),
+        return cls(suites=SUITES, keeps=(1.0, 0.25), next_tokens=320, next_keeps=(1.0, 0.25),
                    reps=1, warmup=1, decode_tokens=4, text_len=16, image_pos=3,
                    matmul_n=512, decode_batches=(2,), decode_keeps="smallest",
-                   full_depth=8, flops_compiled=False)
+                   full_depth=8, flops_compiled=False, ov_config="tiny_ov",
+                   ov_keeps=(1.0, 0.25), ov_vision=True, ov_vocab=0, ov_layers=2)
 
     @classmethod
     def full(cls) -> "Options":
-        return cls(prefill_batches=(1, 8), decode_keeps="all", next_vision=True)
+        return cls(suites=SUITES, prefill_batches=(1, 8), decode_keeps="all", next_vision=True,
+                   ov_vision=True)
 
 
 def _keep_count(keep, n_v: int) -> int:
     return resolve_keep(keep, n_v)
 
 
-def _label(keep, k: int, n_v: int) -> str:
-    return "unpruned" if k == n_v else (f"{keep:g}" if isinstance(keep, float) else f"{k} tok")
+_label = label
 
 
 # ----------------------------------------------------------------------------- the run
@@ -79,17 +95,28 @@ class Bench:
     """One benchmark run (see the module docstring)."""
 
     def __init__(self, cfg: LlavaConfig, opts: Options, ppm: Any = None, log=None):
-        """cfg: the model; ppm: a `config.ppm` section (PPM width/depth; default common's)."""
+        """cfg: the LLaVA-1.5 model of `llava15` / `next` / decode; ppm: a `config.ppm` section
+        (PPM width/depth; default common's). Weights are built when a suite needs them."""
         t_start = time.perf_counter()
         if log is None:
             def log(msg):
                 print(f"{time.perf_counter() - t_start:7.1f}s {msg}", flush=True)
+        unknown = sorted(set(opts.suites) - set(SUITES))
+        if unknown:
+            raise ValueError(f"unknown suites {unknown}; known: {', '.join(SUITES)}")
         self.cfg, self.opts, self.log = cfg, opts, log
         if ppm is None:
             from covipal_jax.configs import common
             ppm = common.ppm_config()
         self.ppm_section = ppm
         self.n_v = cfg.num_vision_tokens
+        self.params = self.peer = None
+
+    def _load(self) -> None:
+        """Random weights (ours, the PPMs', the peer's) of the LLaVA-1.5 model."""
+        if self.params is not None:
+            return
+        cfg, opts = self.cfg, self.opts
         self.progs = Programs(cfg, opts.text_len, opts.decode_tokens)
         self.counter = (FlopCounter(cfg, opts.text_len, opts.decode_tokens,
                                     compile=opts.flops_compiled) if opts.flops else None)
@@ -102,11 +129,32 @@ class Bench:
                          for n, c in self.ppm_cfgs.items()}
         self.log(f"[bench] params ready ({time.perf_counter() - t0:.1f} s)")
         self.peer = None
-        if opts.peer:
+        if opts.peer and cfg.vision.kind == "clip" and cfg.text.kind == "llama":
             from covipal_jax.tools.bench_peer import TorchPeer, torch_llava
             t0 = time.perf_counter()
             self.peer = TorchPeer(torch_llava(self.params, cfg), cfg, threads=opts.threads)
             self.log(f"[bench] torch peer ready ({time.perf_counter() - t0:.1f} s)")
+
+    def _unload(self) -> None:
+        """Free the LLaVA-1.5 weights (ours and the peer's) before the `ov` suite."""
+        self.params = self.peer = self.ppm_vars = self.progs = self.counter = None
+        gc.collect()
+
+    def suite_ov(self, batch: int) -> dict:
+        """The `ov` suite (`bench_ov.py`) on its own model, built and freed here."""
+        from covipal_jax.tools.bench_ov import OvSuite
+        from covipal_jax.tools.bench_programs import load_config
+
+        o = self.opts
+        layers = o.ov_layers or self.cfg.text.num_layers
+        cfg, ppm = load_config(o.ov_config, layers, vocab=o.ov_vocab or None)
+        full_depth = load_config(o.ov_config)[0].text.num_layers
+        peer = o.peer and cfg.vision.kind == "siglip" and cfg.text.kind == "qwen2"
+        suite = OvSuite(cfg, ppm, full_depth, o, self.log, peer)
+        try:
+            return suite.run(batch)
+        finally:
+            suite.close()
 
     def _pcfg(self, n_v: int) -> ppm_lib.PPMConfig:
         p = self.ppm_section
@@ -378,17 +426,20 @@ class Bench:
         t_start = time.perf_counter()
         load0 = os.getloadavg()
         self.log("[bench] matmul peak")
-        peak = matmul_peak(o.matmul_n, reps=3, threads=o.threads, with_torch=self.peer is not None)
+        peak = matmul_peak(o.matmul_n, reps=3, threads=o.threads, with_torch=o.peer)
         suites = []
-        for b in o.prefill_batches:
-            suites.append(self.suite_llava15(b))
-        if o.next_tokens:
+        if {"llava15", "next", "decode"} & set(o.suites):
+            self._load()
+        if "llava15" in o.suites:
+            for b in o.prefill_batches:
+                suites.append(self.suite_llava15(b))
+        if "next" in o.suites and o.next_tokens:
             single = suites[0] if suites else None
             suites.append(self.suite_next(1, single))
         ks = sorted({_keep_count(x, self.n_v) for x in o.keeps})
         pick = lambda k: next(x for x in o.keeps if _keep_count(x, self.n_v) == k)  # noqa
         pairs = []
-        for b in o.decode_batches:
+        for b in (o.decode_batches if "decode" in o.suites else ()):
             if o.decode_keeps == "all":
                 keeps = o.keeps
             elif o.decode_keeps == "ends" and b == 1:
@@ -397,8 +448,10 @@ class Bench:
                 keeps = (pick(ks[0]),)
             pairs += [(b, keep) for keep in keeps]
         decode = self.decode(pairs) if pairs else []
-        peak_end = matmul_peak(o.matmul_n, reps=3, threads=o.threads,
-                               with_torch=self.peer is not None)
+        if "ov" in o.suites and o.ov_tokens:
+            self._unload()
+            suites.append(self.suite_ov(1))
+        peak_end = matmul_peak(o.matmul_n, reps=3, threads=o.threads, with_torch=o.peer)
         result = dict(
             meta=dict(
                 config=self.cfg.to_dict(), options=_jsonable(dataclasses.asdict(o)),
