@@ -14,7 +14,8 @@ Reproduces transformers 5.24's `LlavaNextImageProcessorPil` / `LlavaOnevisionIma
    resize to `size` [identity for crops], center crop, rescale, normalize).
 
 OneVision with several images in one sample (HF `batch_num_images > 1`) does not tile: each
-image is padded to a square with the mean colour and resized (one view). Use `patch=False`.
+image is padded to a square with the mean colour and resized (one view). Use `patch=False`,
+or `preprocess_multi` for rows of several images (`MultiImageInputs`, HF's rule per row).
 
 Static shapes. Every image of a batch gets the same number of views `C` (a *crop bucket*, the
 smallest of `AnyResConfig.crop_buckets` that fits the batch; by default the distinct view counts

@@ -19,6 +19,10 @@ Two placeholders, image 0 keeps 1 token and image 1 keeps 2 (`vis_image` = [0, 1
 
     text      [a, <img>, b, <img>]
     sequence  [a, u0, b, w0, w1]
+
+`splice_packed` is the same for packed inputs (AnyRes / video / several images): some rows
+have fewer placeholders, some vision tokens are invalid (masked, no position); its length is
+T - 1 + k whatever the placeholder count.
 """
 from __future__ import annotations
 
