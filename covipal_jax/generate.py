@@ -12,7 +12,13 @@ AnyRes models (LLaVA-NeXT / OneVision configs, e.g. `configs/tiny_ov.py`) cut `-
 base view plus crops (`--noanyres`: the base view only); a video goes in with
 `--video FILE --frames N` (a file PyAV reads, or a folder of frames; N defaults to the config's
 `video_frames`). Pruning is a global top-k over every crop / frame token; the `image_newline`
-tokens are always kept and count toward the budget. One `--image` or one `--video` per run.
+tokens are always kept and count toward the budget.
+
+Several images (OneVision): repeat `--image`; `<image>` placeholders in `--prompt` place them
+in order, a prompt without any gets them first. As in transformers, each of several images is
+one untiled view (base + newline); `--config.pruning.budget=per_image` splits the budget evenly
+over the images (default `global`: one top-k over all of them). One `--video` per run, not
+mixed with images.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ def _define_flags():
     global _CONFIG, _IMAGE, _PROMPT, _RAW, _VIDEO, _FRAMES, _ANYRES
     _CONFIG = config_flags.DEFINE_config_file("config", configs_lib.path("tiny"), "Config file.",
                                               lock_config=True)
-    _IMAGE = flags.DEFINE_string("image", None, "Image path (default: a generated image).")
+    _IMAGE = flags.DEFINE_multi_string("image", None, "Image path (default: a generated "
+                                       "image); repeat for several images in one prompt.")
     _PROMPT = flags.DEFINE_string("prompt", None,
                                   "The question (the chat template adds <image>).")
     _RAW = flags.DEFINE_bool("raw_prompt", False,
@@ -42,13 +49,14 @@ def _define_flags():
                                 "the model has image_grid_pinpoints).")
 
 
-def run(config, image_path: str | None, prompt: str | None, raw: bool = False, *,
+def run(config, image_path: str | list[str] | None, prompt: str | None, raw: bool = False, *,
         video: str | None = None, frames: int | None = None,
         anyres: bool | None = None) -> dict:
     """Load, prune, generate; returns a dict with the answer and what was kept.
 
-    video: a video file or a folder of frames (`frames` sampled uniformly); anyres: AnyRes
-    crops for the image (None: when the model config has pinpoints)."""
+    image_path: one path or a list (several images in one prompt); video: a video file or a
+    folder of frames (`frames` sampled uniformly); anyres: AnyRes crops for the image (None:
+    when the model config has pinpoints)."""
     import jax
     import numpy as np
 
@@ -60,9 +68,11 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False, *
 
     from covipal_jax.data import video as video_lib
 
-    if video is not None and image_path is not None:
-        raise ValueError("give --image or --video, not both (several inputs: not yet)")
-    if image_path is None and video is None and config.checkpoint:
+    paths = [image_path] if isinstance(image_path, str) else list(image_path or [])
+    image_path = paths[0] if len(paths) == 1 else None
+    if video is not None and paths:
+        raise ValueError("give --image or --video, not both (images and a video: not yet)")
+    if not paths and video is None and config.checkpoint:
         raise ValueError("--image (or --video) is required with a real checkpoint")
     method = pruning.from_config(config.pruning)
     loaded = loading.load(config, with_params=False)
@@ -72,6 +82,11 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False, *
     if anyres and not cfg.image_grid_pinpoints:
         raise ValueError("--anyres needs a model with image_grid_pinpoints (NeXT / OneVision)")
     kind = "video" if video is not None else ("anyres" if anyres else "image")
+    if len(paths) > 1:
+        kind = "multi_image"
+        if not cfg.image_newline:
+            raise ValueError("several --image need a LLaVA-OneVision model (image_newline); "
+                             "this model takes one image")
     if kind == "image":
         method.k(cfg.num_vision_tokens)  # a bad keep is a config error before weights load
     if video is not None:
@@ -82,6 +97,8 @@ def run(config, image_path: str | None, prompt: str | None, raw: bool = False, *
         image = video_lib.load(video, int(n))
         if not prompt:
             raise ValueError("--prompt is required")
+    elif kind == "multi_image":
+        image = [image_lib.load_image(p) for p in paths]
     elif image_path is None:
         ex = synthetic.make_example("test", 0, seed=config.sampling.seed)
         image, prompt = ex["image"], prompt or ex["question"]
@@ -120,6 +137,8 @@ def _num_real_tokens(cfg, visual) -> int:
 
     if isinstance(visual, vi.AnyResImage):
         return int(anyres_model.packed_lengths(visual.plan, cfg.vision.grid[0])[0])
+    if isinstance(visual, vi.MultiImage):
+        return int(visual.num_real_tokens(cfg)[0])
     return visual.num_slots(cfg)
 
 

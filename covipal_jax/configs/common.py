@@ -43,6 +43,7 @@ def pruning_config() -> ml_collections.ConfigDict:
         dart_pivots=8,
         visionzip_dominant_frac=54 / 64,
         ppm_checkpoint="",      # Orbax dir of trained PPM params (method=ppm)
+        budget="global",        # packed inputs: global | per_image | per_frame top-k
     ))
 
 

@@ -14,7 +14,8 @@ Reproduces transformers 5.24's `LlavaNextImageProcessorPil` / `LlavaOnevisionIma
    resize to `size` [identity for crops], center crop, rescale, normalize).
 
 OneVision with several images in one sample (HF `batch_num_images > 1`) does not tile: each
-image is padded to a square with the mean colour and resized (one view). Use `patch=False`.
+image is padded to a square with the mean colour and resized (one view). Use `patch=False`,
+or `preprocess_multi` for rows of several images (`MultiImageInputs`, HF's rule per row).
 
 Static shapes. Every image of a batch gets the same number of views `C` (a *crop bucket*, the
 smallest of `AnyResConfig.crop_buckets` that fits the batch; by default the distinct view counts
@@ -287,3 +288,69 @@ def preprocess(images: im.ImageLike | Sequence[im.ImageLike], cfg: AnyResConfig,
         valid[b, :px.shape[0]] = True
     layout = np.stack([lay for _, lay in per]).astype(np.int32)
     return AnyResInputs(pixels, valid, layout)
+
+
+@dataclasses.dataclass
+class MultiImageInputs:
+    """Several images per prompt (OneVision multi-image), padded to P images and C views.
+
+    pixels      f32[B, P, C, H, W, 3]  image p of row b at [b, p] (absent images zero)
+    crop_valid  bool[B, P, C]
+    layout      i32[B, P, 4]           (rows, cols, height, width); rows = cols = 0 untiled
+    image_valid bool[B, P]             the row's real images (a prefix)
+    """
+
+    pixels: np.ndarray
+    crop_valid: np.ndarray
+    layout: np.ndarray
+    image_valid: np.ndarray
+
+    @property
+    def num_images(self) -> np.ndarray:
+        """i32[B]: images per row."""
+        return self.image_valid.sum(-1).astype(np.int32)
+
+
+def preprocess_multi(images: Sequence[Sequence[im.ImageLike]], cfg: AnyResConfig, *,
+                     max_images: int | None = None, num_views: int | None = None,
+                     patch_single: bool = True) -> MultiImageInputs:
+    """Rows of images (one list per prompt) -> `MultiImageInputs`, HF OneVision semantics:
+    a row with ONE image is tiled (AnyRes, base view + crops; `patch_single=False`: base view
+    only), a row with several images gives each image one untiled view (pad to square with the
+    mean colour, resize: `patch=False`), as `LlavaOnevisionImageProcessor` with
+    `batch_num_images`.
+
+    max_images: the static image count P (None: the most images of a row); num_views: the
+    static view count C (None: the smallest crop bucket that fits, 1 when nothing is tiled).
+    """
+    rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in images]
+    if not rows:
+        raise ValueError("anyres.preprocess_multi: no rows")
+    counts = [len(r) for r in rows]
+    if min(counts) < 1:
+        raise ValueError("anyres.preprocess_multi: every row needs at least one image")
+    p = max(counts) if max_images is None else int(max_images)
+    if p < max(counts):
+        raise ValueError(f"max_images={p} < {max(counts)} images in a row")
+    per = [[preprocess_views(x, cfg, patch=patch_single and len(r) == 1) for x in r]
+           for r in rows]
+    need = max(v.shape[0] for r in per for v, _ in r)
+    if num_views is None:
+        c = cfg.bucket_for(need) if need > 1 else 1
+    else:
+        if num_views < need:
+            raise ValueError(f"num_views={num_views} < {need} views needed by this batch")
+        c = int(num_views)
+    s = cfg.crop_size
+    pixels = np.zeros((len(rows), p, c, s, s, 3), np.float32)
+    crop_valid = np.zeros((len(rows), p, c), bool)
+    layout = np.zeros((len(rows), p, 4), np.int32)
+    layout[..., 2:] = 1  # absent images: a 1x1 untiled placeholder layout
+    image_valid = np.zeros((len(rows), p), bool)
+    for b, r in enumerate(per):
+        for j, (px, lay) in enumerate(r):
+            pixels[b, j, :px.shape[0]] = px
+            crop_valid[b, j, :px.shape[0]] = True
+            layout[b, j] = lay
+            image_valid[b, j] = True
+    return MultiImageInputs(pixels, crop_valid, layout, image_valid)

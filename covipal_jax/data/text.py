@@ -345,11 +345,12 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     return min(fits)
 
 
-def _check_image(ids: Sequence[int], image_token_id: int, require_image: bool, where: str):
+def _check_image(ids: Sequence[int], image_token_id: int, require_image: bool, where: str,
+                 max_images: int = 1):
     n = sum(1 for i in ids if i == image_token_id)
-    if n > 1:
-        raise ValueError(f"{where} has {n} image placeholders ({IMAGE_TOKEN!r}); exactly one is "
-                         "supported")
+    if n > max_images:
+        raise ValueError(f"{where} has {n} image placeholders ({IMAGE_TOKEN!r}); at most "
+                         f"{max_images} supported here")
     if n == 0 and require_image:
         raise ValueError(f"{where} has no image placeholder ({IMAGE_TOKEN!r})")
 
@@ -364,7 +365,8 @@ def _resolve_bos(tokenizer: Tokenizer, add_bos: bool | None, template=None) -> b
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
                    template: str | ChatTemplate | None = "plain",
                    buckets: Sequence[int] = DEFAULT_BUCKETS, add_bos: bool | None = None,
-                   require_image: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   require_image: bool = True, max_images: int = 1
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Template + tokenize + left-pad a batch of questions to the smallest fitting bucket.
 
     template: a name (the tokenizer's checkpoint template if it has one, else the built-in
@@ -372,7 +374,8 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
     add_bos: None -> `tokenizer.add_bos_default`.
     Returns `ids i32[B, T]`, `mask bool[B, T]` with `T = min(b in buckets, b >= longest)`.
     Raises ValueError for a prompt longer than the largest bucket, a prompt with no image
-    placeholder (when `require_image`) or with more than one.
+    placeholder (when `require_image`) or with more than `max_images` (several images per
+    prompt: `inference.sampler.Sampler` with a list of images per prompt).
     """
     if isinstance(prompts, str):
         raise TypeError("encode_prompts takes a list of prompts, not one string")
@@ -384,7 +387,7 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
     for i, p in enumerate(prompts):
         text = tmpl.prompt(p, image=require_image) if tmpl is not None else p
         ids = tokenizer.encode(text, add_bos=bos)
-        _check_image(ids, tokenizer.image_token_id, require_image, f"prompt {i}")
+        _check_image(ids, tokenizer.image_token_id, require_image, f"prompt {i}", max_images)
         seqs.append(ids)
     longest = max(len(s) for s in seqs)
     if longest > max(buckets):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covipal_jax.inference import visual_inputs as vi
 from covipal_jax.inference.prefill import PrefillOutput, Segment, prefill
 from covipal_jax.models.layers import kernel_out_first
 from covipal_jax.models.llava import Llava
@@ -151,14 +152,17 @@ class Generator:
     def _is_stop(self, tok: Array) -> Array:
         return jnp.isin(tok, jnp.asarray(self.stop_ids, jnp.int32))
 
-    def check_length(self, prompt_len: int) -> None:
+    def check_length(self, prompt_len: int, pixels: Any = None) -> None:
         """A clear error when prompt + max_new_tokens would pass the model's position limit
-        (`prompt_len`: the text bucket T; the unpruned sequence has T - 1 + n_v positions)."""
+        (`prompt_len`: the text bucket T; the unpruned sequence has T - 1 + n_v positions, or
+        T - 1 + N for a packed visual input `pixels` of N slots: AnyRes / video / several
+        images, whose positions never exceed that)."""
         cfg = self.model.cfg
-        total = prompt_len - 1 + cfg.num_vision_tokens + self.max_new_tokens
+        n_vis = pixels.num_slots(cfg) if vi.is_packed(pixels) else cfg.num_vision_tokens
+        total = prompt_len - 1 + n_vis + self.max_new_tokens
         if total > cfg.text.max_position_embeddings:
             raise ValueError(
-                f"prompt ({prompt_len - 1} text + {cfg.num_vision_tokens} vision tokens) + "
+                f"prompt ({prompt_len - 1} text + {n_vis} vision tokens) + "
                 f"max_new_tokens={self.max_new_tokens} = {total} positions exceed the model's "
                 f"max_position_embeddings={cfg.text.max_position_embeddings}")
 
@@ -299,7 +303,7 @@ class Generator:
         rng = jax.random.key(0) if rng is None else rng
         if variables is None and self.method.trainable:
             raise ValueError(f"method {self.method.name!r} needs its trained variables")
-        self.check_length(int(ids.shape[1]))
+        self.check_length(int(ids.shape[1]), pixels)
         state, kept = self.prefill(params, variables, pixels, ids, mask, rng, prune_keys)
         state = self.decode(params, state)
         tokens = np.asarray(state.tokens)

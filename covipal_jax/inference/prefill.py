@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from covipal_jax.inference import visual_inputs as vi
 from covipal_jax.inference.in_llm import run_in_llm
 from covipal_jax.inference.segments import PrefillOutput, Segment, run_segment  # noqa: F401 (re-exported)
-from covipal_jax.models import anyres
 from covipal_jax.models import multimodal as mm
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava
@@ -127,19 +126,20 @@ def packed_sequence(model: Llava, params: Any, visual: Any, ids: Array, mask: Ar
     budget of real tokens (`select.example_budget`). Returns (seq f32[B, L_k, D], seq_mask
     bool[B, L_k], positions i32[B, L_k], kept i32[B, k] source slot or -1 for a slot the LLM
     does not see, the PruneResult), L_k = T - 1 + k; positions are contiguous over what the
-    LLM sees (the returned invalid slots are masked out and take no position).
+    LLM sees (the returned invalid slots are masked out and take no position), or with
+    positions="original" those of the unpruned sequence (gaps where tokens were pruned).
+    A `MultiImage` splices image p's picks at the row's p-th placeholder.
     """
     if method.where != "pre_llm":
         raise ValueError(f"in-LLM method {method.name!r} on AnyRes / video input is not "
                          "supported yet (pre-LLM methods only)")
-    if method.positions != "contiguous":
-        raise ValueError('AnyRes / video input supports positions="contiguous" only')
     ctx, text, pos = vi.packed_context(model, params, visual, ids, mask, method, rng)
     res = select_pre_llm(model, params, ctx, method, variables)
-    seq, seq_mask, _, is_vis = mm.splice(text, mask, pos, res.tokens, None, "contiguous")
     kept_valid = (jnp.ones(res.indices.shape, bool) if res.valid is None else res.valid)
     kept_valid = kept_valid & jnp.take_along_axis(ctx.valid, res.indices, axis=1)
-    seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, kept_valid)
+    seq, seq_mask, positions = vi.splice_selected(model.cfg, visual, ctx, text, mask, pos,
+                                                  res.indices, res.tokens, kept_valid,
+                                                  method.positions)
     kept = jnp.where(kept_valid, res.indices, -1).astype(jnp.int32)
     return seq, seq_mask, positions, kept, res
 

@@ -21,6 +21,12 @@ Randomness is per example: a stochastic method (`random`) draws with the key
 `fold_in(key(seed), crc32(example))`, where the example is its prompt and pixels, so an answer
 never depends on the batch it was computed in.
 
+Several images per prompt: pass a list of images per prompt (`kind="multi_image"`, chosen
+automatically): `<image>` placeholders in the prompt place them, a prompt without any gets
+them first (`multi_image_prompts`); OneVision semantics (a lone image AnyRes, several images
+one view each). `config.pruning.budget` ("global" default, "per_image", "per_frame") splits the
+budget per image / frame (`Sampler.budget`).
+
 AnyRes images and videos (`kind="anyres"` / `"video"` in `encode`, `generate`,
 `first_token_logits`) go through the same Generator: the batch becomes a packed visual input
 (`inference/visual_inputs.py`), one program per (crop bucket or frame count, text bucket, k);
@@ -126,6 +132,9 @@ class Sampler:
         kw.setdefault("seed", config.sampling.seed)
         sampler = cls(loaded, template=config.template or None,
                       buckets=tuple(config.text_buckets), **kw)
+        sampler.budget = str(config.pruning.get("budget", "global"))
+        if sampler.budget not in vi.BUDGETS:
+            raise ValueError(f"config.pruning.budget={sampler.budget!r} not in {vi.BUDGETS}")
         return sampler
 
     @classmethod
@@ -187,7 +196,8 @@ class Sampler:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    KINDS = ("image", "anyres", "video")
+    KINDS = ("image", "anyres", "video", "multi_image")
+    budget = "global"  # "global" | "per_image" | "per_frame" (`visual_inputs.BUDGETS`)
 
     def anyres_processor(self) -> anyres_data.AnyResConfig:
         """The AnyRes processor: the checkpoint's `preprocessor_config.json` when there is
@@ -206,7 +216,9 @@ class Sampler:
         kind "image": f32[B, H, W, 3] (one base-resolution view); "anyres": `AnyResImage`
         padded to the smallest crop bucket that fits the batch; "video": `Video` from frame
         stacks u8[F, H, W, 3] of one frame count F (`data.video.load` reads a file or a folder
-        of frames)."""
+        of frames); "multi_image": `MultiImage` from one list of images per prompt (OneVision
+        multi-image: a lone image is tiled, several get one view each; P = the most images
+        of a row)."""
         if kind == "image":
             px = image_lib.preprocess(items, self.processor)
             return px, px
@@ -216,10 +228,14 @@ class Sampler:
             x = anyres_data.preprocess(items, proc)
             plan = anyres_model.pack_plan(x.layout, cfg.vision.grid[0], cfg.anyres_max_crops)
             cap = anyres_model.bucket_capacity(cfg, x.pixels.shape[1])
-            return vi.AnyResImage(x.pixels, plan, cap), x.pixels
+            return vi.AnyResImage(x.pixels, plan, cap, self.budget), x.pixels
         if kind == "video":
             frames = video_lib.preprocess_videos([np.asarray(v) for v in items], proc.crop)
-            return vi.Video(frames), frames
+            return vi.Video(frames, self.budget), frames
+        if kind == "multi_image":
+            x = anyres_data.preprocess_multi(items, proc)
+            return (vi.MultiImage.from_layout(cfg, x.pixels, x.layout, x.image_valid,
+                                              self.budget), x.pixels)
         raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
 
     def encode(self, images: Sequence[Any], prompts: Sequence[str], *, pad_to: int | None = None,
@@ -238,8 +254,19 @@ class Sampler:
             images += [images[-1]] * (pad_to - len(images))
             prompts += [prompts[-1]] * (pad_to - len(prompts))
         visual, pixels = self.visual(images, kind)
+        n_img = 1
+        if kind == "multi_image":
+            prompts, n_img = multi_image_prompts(images, prompts), vi.num_images(visual)
         ids, mask = text_lib.encode_prompts(self.loaded.tokenizer, prompts,
-                                            template=self.template, buckets=self.buckets)
+                                            template=self.template, buckets=self.buckets,
+                                            max_images=n_img)
+        if kind == "multi_image":
+            found = (ids == self.loaded.tokenizer.image_token_id).sum(-1)
+            want = np.asarray([len(x) for x in images])
+            if (found != want).any():
+                i = int(np.argmax(found != want))
+                raise ValueError(f"prompt {i} has {found[i]} <image> placeholders for "
+                                 f"{want[i]} images")
         if kind == "video":
             ids = np.where(ids == self.loaded.tokenizer.image_token_id,
                            vi.placeholder_id(self.loaded.cfg, visual), ids)
@@ -253,7 +280,9 @@ class Sampler:
                  rng: Array | None = None, pad_to: int | None = None,
                  kind: str = "image") -> SampleOutput:
         """Answers for a batch (one program per (bucket, method, max_new_tokens, batch));
-        kind: "image" | "anyres" | "video" (see `visual`)."""
+        kind: "image" | "anyres" | "video" | "multi_image" (see `visual`); a batch in which
+        some prompt has a list of images is "multi_image"."""
+        kind = _auto_kind(images, kind)
         method, variables = self.resolve(method)
         gen = self.generator(method, max_new_tokens)
         n = len(prompts)
@@ -272,6 +301,7 @@ class Sampler:
                            pad_to: int | None = None, kind: str = "image"
                            ) -> tuple[np.ndarray, np.ndarray]:
         """(next-token logits f32[B, V], kept i32[B, k]) after the pruned prompt."""
+        kind = _auto_kind(images, kind)
         method, variables = self.resolve(method)
         n = len(prompts)
         (pixels, ids, mask), keys = self.encode(images, prompts, pad_to=pad_to, kind=kind)
@@ -286,3 +316,22 @@ class Sampler:
         for name in ("prefill", "decode", "decode_step"):
             out[name] = sum(g.compilations()[name] for g in self._generators.values())
         return out
+
+
+def _auto_kind(images: Sequence[Any], kind: str) -> str:
+    """"multi_image" when some prompt of an image batch has a list of images."""
+    if kind in ("image", "anyres") and any(isinstance(x, (list, tuple)) for x in images):
+        return "multi_image"
+    return kind
+
+
+def multi_image_prompts(images: Sequence[Any], prompts: Sequence[str]) -> list[str]:
+    """Prompts for several images each: a prompt with `<image>` placeholders is kept (they
+    place the images, in order); one without gets one `<image>` line per image in front."""
+    out = []
+    for x, p in zip(images, prompts):
+        n = len(x) if isinstance(x, (list, tuple)) else 1
+        if n < 1:
+            raise ValueError("a prompt needs at least one image")
+        out.append(p if text_lib.IMAGE_TOKEN in p else "\n".join(["<image>"] * n) + "\n" + p)
+    return out

@@ -14,6 +14,15 @@ the jit key, so a program compiles once per (crop bucket, text bucket, k):
 - `Video(frames f32[B, F, H, W, 3])`: `Llava.encode_video` (frames pooled to p*p tokens each,
   one `image_newline` after the last frame): N = F*p*p + 1 slots, all valid; placeholder
   `cfg.video_token_id`.
+- `MultiImage(pixels f32[B, P, C, H, W, 3], plan i32[B, P, 8], image_valid bool[B, P],
+  capacity)`: up to P images per prompt (OneVision multi-image, `data.anyres.preprocess_multi`:
+  a row with one image is tiled, a row with several gives each one untiled view, base + one
+  newline); image p is packed like an `AnyResImage` into slots [p*n1, (p+1)*n1), n1 =
+  g*g + capacity, N = P*n1; the row's p-th `<image>` placeholder takes image p's tokens.
+
+`budget` (static, every input): "global" (default; one top-k over the whole buffer),
+"per_image" (the example's budget split evenly over its images, a top-k inside each) or
+"per_frame" (videos: split over the frames; the final newline counts with the last frame).
 
 Pruning sees the whole packed buffer at once (a global top-k over the base view, the crops and
 the frames); `PruneContext.valid` marks the real slots and `coords (kind, row, col)` the layout
@@ -26,14 +35,17 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from covipal_jax.models import anyres
+from covipal_jax.models import multimodal as mm
 from covipal_jax.models.llava import Llava
 from covipal_jax.pruning.base import PruneContext, PruningMethod
 
 Array = jax.Array
 
 KIND_FRAME = 3
+BUDGETS = ("global", "per_image", "per_frame")
 # PruneContext fields a packed input does not provide (tower statistics of a single view)
 _UNSUPPORTED_NEEDS = frozenset({"cls", "cls_attention", "vision_keys",
                                 "mean_attention_received", "vision_features"})
@@ -48,6 +60,7 @@ class AnyResImage:
     pixels: Array
     plan: Array
     capacity: int = flax.struct.field(pytree_node=False)
+    budget: str = flax.struct.field(pytree_node=False, default="global")
 
     @property
     def batch(self) -> int:
@@ -59,10 +72,59 @@ class AnyResImage:
 
 
 @flax.struct.dataclass
+class MultiImage:
+    """Up to P images per row: pixels f32[B, P, C, H, W, 3], plan i32[B, P, 8] (absent images:
+    an untiled plan), image_valid bool[B, P] (a prefix per row), capacity (static, per image)."""
+
+    pixels: Array
+    plan: Array
+    image_valid: Array
+    capacity: int = flax.struct.field(pytree_node=False)
+    budget: str = flax.struct.field(pytree_node=False, default="global")
+
+    @property
+    def batch(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def max_images(self) -> int:
+        return self.pixels.shape[1]
+
+    def image_slots(self, cfg) -> int:
+        """n1: slots per image."""
+        g = cfg.vision.grid[0]
+        return g * g + self.capacity
+
+    def num_slots(self, cfg) -> int:
+        return self.max_images * self.image_slots(cfg)
+
+    @classmethod
+    def from_layout(cls, cfg, pixels, layout, image_valid, budget: str = "global"
+                    ) -> "MultiImage":
+        """From `data.anyres.preprocess_multi`'s arrays (host): pixels f32[B, P, C, H, W, 3],
+        layout i32[B, P, 4], image_valid bool[B, P]; the plan and the bucket capacity are
+        computed here (`models.anyres.pack_plan` / `bucket_capacity`)."""
+        layout = np.asarray(layout)
+        b, n_img = layout.shape[:2]
+        plan = anyres.pack_plan(layout.reshape(b * n_img, 4), cfg.vision.grid[0],
+                                cfg.anyres_max_crops).reshape(b, n_img, 8)
+        cap = anyres.bucket_capacity(cfg, int(np.shape(pixels)[2]))
+        return cls(pixels, plan, np.asarray(image_valid, bool), cap, budget)
+
+    def num_real_tokens(self, cfg) -> np.ndarray:
+        """i32[B]: valid packed tokens of each row (HF's sequence length of its images)."""
+        b, n_img = np.shape(self.plan)[:2]
+        lens = anyres.packed_lengths(np.asarray(self.plan).reshape(b * n_img, 8),
+                                     cfg.vision.grid[0]).reshape(b, n_img)
+        return (lens * np.asarray(self.image_valid)).sum(-1).astype(np.int32)
+
+
+@flax.struct.dataclass
 class Video:
     """One OneVision video per row: frames f32[B, F, H, W, 3]."""
 
     frames: Array
+    budget: str = flax.struct.field(pytree_node=False, default="global")
 
     @property
     def batch(self) -> int:
@@ -74,7 +136,19 @@ class Video:
 
 
 def is_packed(x: Any) -> bool:
-    return isinstance(x, (AnyResImage, Video))
+    return isinstance(x, (AnyResImage, Video, MultiImage))
+
+
+def num_images(visual: Any) -> int:
+    """P: the static number of placeholders per row (1 except `MultiImage`)."""
+    return visual.max_images if isinstance(visual, MultiImage) else 1
+
+
+def image_counts(visual: Any) -> Array:
+    """i32[B]: placeholders (images) of each row."""
+    if isinstance(visual, MultiImage):
+        return jnp.sum(visual.image_valid, axis=-1).astype(jnp.int32)
+    return jnp.ones((visual.batch,), jnp.int32)
 
 
 def placeholder_id(cfg, visual: Any) -> int:
@@ -111,6 +185,18 @@ def encode_packed(model: Llava, params: Any, visual: Any) -> tuple[Array, Array,
         b, n = vis.shape[:2]
         p = -(-cfg.vision.grid[0] // 2)
         return vis, jnp.ones((b, n), bool), video_coords(b, visual.frames.shape[1], p)
+    if isinstance(visual, MultiImage):
+        b, n_img, c = visual.pixels.shape[:3]
+        tokens, valid, coords = model.apply(
+            params, visual.pixels.reshape(b * n_img, c, *visual.pixels.shape[3:]),
+            visual.plan.reshape(b * n_img, -1), capacity=visual.capacity,
+            method=Llava.encode_anyres)
+        n1 = tokens.shape[1]
+        valid = valid.reshape(b, n_img, n1) & visual.image_valid[:, :, None]
+        valid = valid.reshape(b, n_img * n1)
+        coords = jnp.where(valid[..., None], coords.reshape(b, n_img * n1, 3),
+                           jnp.asarray([anyres.KIND_INVALID, -1, -1], jnp.int32))
+        return tokens.reshape(b, n_img * n1, -1), valid, coords
     raise TypeError(f"not a packed visual input: {type(visual).__name__}")
 
 
@@ -133,7 +219,55 @@ def packed_context(model: Llava, params: Any, visual: Any, ids: Array, mask: Arr
     tokens, valid, coords = encode_packed(model, params, visual)
     text_ids = jnp.where(ids == token, cfg.image_token_id, ids)
     text = model.apply(params, text_ids, method=Llava.embed_text)
-    pos = jnp.argmax(ids == token, axis=-1).astype(jnp.int32)
+    if isinstance(visual, MultiImage):
+        pos = mm.image_positions(ids, token, visual.max_images)
+    else:
+        pos = jnp.argmax(ids == token, axis=-1).astype(jnp.int32)
+    groups, n_groups = budget_groups(cfg, visual, coords)
     ctx = PruneContext(vision_tokens=tokens, text_embeds=text, text_mask=mask & (ids != token),
-                       rng=rng, valid=valid, coords=coords)
+                       rng=rng, valid=valid, coords=coords, groups=groups, num_groups=n_groups)
     return ctx, text, pos
+
+
+def slot_images(cfg, visual: Any, n: int) -> Array:
+    """i32[N]: the image (placeholder) index of each packed slot."""
+    if isinstance(visual, MultiImage):
+        return jnp.arange(n, dtype=jnp.int32) // visual.image_slots(cfg)
+    return jnp.zeros((n,), jnp.int32)
+
+
+def budget_groups(cfg, visual: Any, coords: Array) -> tuple[Array | None, int]:
+    """(groups i32[B, N] | None, G): the budget groups of `visual.budget` (None: global)."""
+    mode = getattr(visual, "budget", "global")
+    if mode not in BUDGETS:
+        raise ValueError(f"budget {mode!r} not in {BUDGETS}")
+    if mode == "global":
+        return None, 0
+    b, n = coords.shape[:2]
+    if mode == "per_image":
+        g = jnp.broadcast_to(slot_images(cfg, visual, n)[None], (b, n))
+        return g, num_images(visual)
+    if not isinstance(visual, Video):
+        raise ValueError('budget="per_frame" needs a video input')
+    f = visual.frames.shape[1]
+    p = -(-cfg.vision.grid[0] // 2)
+    return jnp.clip(coords[..., 1] // p, 0, f - 1).astype(jnp.int32), f
+
+
+def splice_selected(cfg, visual: Any, ctx: PruneContext, text: Array, mask: Array, pos: Array,
+                    indices: Array, tokens: Array, kept_valid: Array, positions_mode: str
+                    ) -> tuple[Array, Array, Array]:
+    """The selected tokens f32[B, k, D] (slots indices i32[B, k] ascending, kept_valid
+    bool[B, k]) spliced at the placeholders pos (i32[B] or i32[B, P]): (seq f32[B, L, D],
+    seq_mask bool[B, L], positions i32[B, L]), L = T - 1 + k. Positions "contiguous" (over
+    what the LLM sees) or "original" (as if every valid slot of every image were kept)."""
+    n = ctx.n_v
+    img_of_slot = slot_images(cfg, visual, n)
+    vis_image = jnp.take(img_of_slot, indices)
+    n_img = num_images(visual)
+    v = ctx.valid.astype(jnp.int32).reshape(ctx.batch, n_img, n // n_img)
+    rank = (jnp.cumsum(v, axis=-1) - 1).reshape(ctx.batch, n)
+    seq, seq_mask, positions, _ = mm.splice_packed(
+        text, mask, pos, image_counts(visual), tokens, vis_image, kept_valid, positions_mode,
+        vis_rank=jnp.take_along_axis(rank, indices, axis=1), image_len=v.sum(-1))
+    return seq, seq_mask, positions

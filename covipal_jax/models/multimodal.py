@@ -19,6 +19,10 @@ Two placeholders, image 0 keeps 1 token and image 1 keeps 2 (`vis_image` = [0, 1
 
     text      [a, <img>, b, <img>]
     sequence  [a, u0, b, w0, w1]
+
+`splice_packed` is the same for packed inputs (AnyRes / video / several images): some rows
+have fewer placeholders, some vision tokens are invalid (masked, no position); its length is
+T - 1 + k whatever the placeholder count.
 """
 from __future__ import annotations
 
@@ -125,6 +129,66 @@ def splice(text_embeds: Array, text_mask: Array, image_pos: Array, vis: Array,
         vis_pos = text_pos + jnp.take_along_axis(vis_positions.astype(jnp.int32), src_vis,
                                                  axis=1)
         positions = jnp.where(is_vis, vis_pos, text_pos)
+    return seq, mask, positions.astype(jnp.int32), is_vis
+
+
+def splice_packed(text_embeds: Array, text_mask: Array, image_pos: Array, num_images: Array,
+                  vis: Array, vis_image: Array, vis_valid: Array, positions_mode: str = "contiguous",
+                  vis_rank: Array | None = None, image_len: Array | None = None
+                  ) -> tuple[Array, Array, Array, Array]:
+    """`splice` for packed visual inputs: up to P placeholders per row (fewer on some rows),
+    vision tokens that may be invalid (padding slots, over-budget picks).
+
+    text_embeds f32[B, T, D]; text_mask bool[B, T]; image_pos i32[B, P] the placeholders in
+    order (entries >= num_images[b] are ignored); num_images i32[B] (>= 1) placeholders per
+    row; vis f32[B, k, D] grouped by image; vis_image i32[B, k] non-decreasing image index;
+    vis_valid bool[B, k] (False: the LLM does not see the token: masked out, no position).
+    For "original": vis_rank i32[B, k] the token's rank among its image's valid slots and
+    image_len i32[B, P] each image's valid slot count (positions as if every image kept all
+    its valid tokens).
+
+    Returns (seq f32[B, L, D], mask bool[B, L], positions i32[B, L], is_vision bool[B, L]),
+    L = T - 1 + k whatever P: P - 1 masked filler slots are put in front of the prompt, and a
+    row with fewer placeholders parks its absent images on them (zero tokens each).
+    """
+    if positions_mode not in POSITION_MODES:
+        raise ValueError(f"positions_mode {positions_mode!r} not in {POSITION_MODES}")
+    b, t, d = text_embeds.shape
+    pos = image_pos.astype(jnp.int32)
+    if pos.ndim == 1:
+        pos = pos[:, None]
+    n_img = pos.shape[1]
+    count = jnp.clip(num_images.astype(jnp.int32), 1, n_img)[:, None]          # [B, 1]
+    fill = n_img - 1
+    j = jnp.arange(n_img, dtype=jnp.int32)[None, :]
+    pos = jnp.where(j < count, pos + fill, j - count)                          # [B, P]
+    text = jnp.concatenate([jnp.zeros((b, fill, d), text_embeds.dtype), text_embeds], axis=1)
+    tmask = jnp.concatenate([jnp.zeros((b, fill), bool), text_mask.astype(bool)], axis=1)
+    img = jnp.minimum(vis_image.astype(jnp.int32), count - 1)
+    seq, seq_mask, _, is_vis = splice(text, tmask, pos, vis, vis_image=img)
+
+    # one more (cheap) splice carries, per slot, the token's validity and original position
+    if positions_mode == "original":
+        if vis_rank is None or image_len is None:
+            raise ValueError('positions_mode="original" needs vis_rank and image_len')
+        tj = jnp.arange(t + fill, dtype=jnp.int32)[None, :]
+        hit = (tj[:, :, None] == pos[:, None, :]) & (j[:, None, :] < count[:, None, :])
+        ph_len = jnp.sum(jnp.where(hit, image_len.astype(jnp.int32)[:, None, :], 0), -1)
+        w = jnp.where(jnp.any(hit, -1), ph_len, tmask.astype(jnp.int32))         # [B, T']
+        start = jnp.cumsum(w, axis=1) - w                                        # [B, T']
+        ph_start = jnp.take_along_axis(start, pos, axis=1)                       # [B, P]
+        vpos = jnp.take_along_axis(ph_start, img, axis=1) + vis_rank.astype(jnp.int32)
+    else:
+        start = jnp.zeros((b, t + fill), jnp.int32)
+        vpos = jnp.zeros(vis_image.shape, jnp.int32)
+    tpay = jnp.stack([jnp.zeros_like(start), start], -1)
+    vpay = jnp.stack([vis_valid.astype(jnp.int32), vpos], -1)
+    pay, _, _, _ = splice(tpay, tmask, pos, vpay, vis_image=img)
+    mask = jnp.where(is_vis, pay[..., 0] > 0, seq_mask)
+    if positions_mode == "contiguous":
+        positions = text_positions(mask)
+    else:
+        positions = pay[..., 1]
     return seq, mask, positions.astype(jnp.int32), is_vis
 
 

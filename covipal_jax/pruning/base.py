@@ -91,6 +91,9 @@ class PruneContext:
         grid / 2 `image_newline` / 3 video frame (row = frame * p + r) / -1 padding
         (`models/anyres.py`). None: a plain (h, w) = `grid` image. Newline slots carry the
         layout, not content: `masked_select` always keeps them and they count toward k.
+    groups:         i32[B, n_v] | None  budget group of each slot (image or frame) when the
+        budget is split per image / per frame (`visual_inputs.budget_groups`); None: one
+        global top-k. num_groups: G (static).
     """
 
     vision_tokens: Array
@@ -104,8 +107,10 @@ class PruneContext:
     rng: Any = None
     valid: Array | None = None
     coords: Array | None = None
+    groups: Array | None = None
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
     project: Any = flax.struct.field(pytree_node=False, default=None)
+    num_groups: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def n_v(self) -> int:

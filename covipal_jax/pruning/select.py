@@ -129,4 +129,55 @@ def masked_select(ctx, scores: Array, k: int, keep: float | int) -> tuple[Array,
         return topk_indices(scores, k), None
     valid = ctx.valid if ctx.valid is not None else jnp.ones(scores.shape, bool)
     forced = None if ctx.coords is None else ctx.coords[..., 0] == KIND_NEWLINE
-    return masked_topk(scores, k, valid, forced, example_budget(keep, k, valid))
+    budget = example_budget(keep, k, valid)
+    if getattr(ctx, "groups", None) is not None:
+        return grouped_topk(scores, k, ctx.groups, ctx.num_groups, valid, forced, budget)
+    return masked_topk(scores, k, valid, forced, budget)
+
+
+def group_quota(budget: Array, present: Array) -> Array:
+    """Split each example's budget i32[B] evenly over its present groups bool[B, G]:
+    i32[B, G] (the first `budget % count` present groups get one more; absent groups 0)."""
+    count = jnp.maximum(jnp.sum(present, axis=-1), 1).astype(jnp.int32)[:, None]
+    order = jnp.cumsum(present.astype(jnp.int32), axis=-1) - 1          # rank among present
+    q = budget[:, None] // count + (order < budget[:, None] % count)
+    return jnp.where(present, q, 0).astype(jnp.int32)
+
+
+def grouped_topk(scores: Array, k: int, groups: Array, num_groups: int, valid: Array,
+                 forced: Array | None = None, budget: Array | None = None
+                 ) -> tuple[Array, Array]:
+    """`masked_topk` with the budget split over groups (per image / per frame budgets).
+
+    groups i32[B, N] in [0, G) (G = num_groups, static); the example's budget i32[B] (None: k)
+    is split evenly over the groups holding a valid slot (`group_quota`) and each group keeps
+    its best `quota[g]` slots by the same rank as `masked_topk` (forced, valid, score; ties to
+    the lower index). A group with fewer valid slots than its quota keeps them all (the rest of
+    its quota is not moved to other groups). Returns (idx i32[B, k] ascending, kept bool[B, k]).
+    """
+    b, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} outside [1, {n}]")
+    budget = jnp.full((b,), k, jnp.int32) if budget is None else budget.astype(jnp.int32)
+    # global rank of every slot (0 = best), from masked_topk's ordering over all N slots
+    s = scores.astype(jnp.float32)
+    s = jnp.where(jnp.isfinite(s), s, jnp.where(s > 0, 3e38, -3e38))
+    cls = valid.astype(jnp.int32) + (jnp.zeros_like(valid) if forced is None
+                                      else (forced & valid)).astype(jnp.int32)
+    rank_order = jnp.lexsort((-jnp.arange(n)[None, :].repeat(b, 0), s, cls), axis=-1)[:, ::-1]
+    rank = jnp.argsort(rank_order, axis=-1).astype(jnp.int32)           # [B, N]
+    g = jnp.clip(groups.astype(jnp.int32), 0, num_groups - 1)
+    # rank inside the group: sort by (group, rank), position minus the group's first position
+    key = g * n + rank
+    by_group = jnp.argsort(key, axis=-1)
+    sorted_g = jnp.take_along_axis(g, by_group, axis=1)
+    first = jax.vmap(lambda sg: jnp.searchsorted(sg, jnp.arange(num_groups), side="left"))(
+        sorted_g).astype(jnp.int32)                                     # [B, G]
+    pos_in_sorted = jnp.argsort(by_group, axis=-1).astype(jnp.int32)
+    in_group = pos_in_sorted - jnp.take_along_axis(first, g, axis=1)
+    present = jnp.zeros((b, num_groups), jnp.int32).at[jnp.arange(b)[:, None], g].max(
+        valid.astype(jnp.int32)) > 0
+    quota = group_quota(budget, present)
+    chosen = valid & (in_group < jnp.take_along_axis(quota, g, axis=1))
+    # chosen slots first (at most budget <= k of them), then the rest (kept False)
+    return masked_topk(scores, k, chosen, None)
