@@ -223,15 +223,18 @@ class LlavaPredictor:
     # -- video -----------------------------------------------------------------------------------
 
     def check_video(self) -> None:
-        """ValueError unless the model takes videos and the method can prune them."""
+        """ValueError unless the model takes videos (a OneVision config)."""
         cfg = self.loaded.cfg
         if not cfg.image_newline or cfg.video_token_id is None or cfg.video_token_id < 0:
             raise ValueError("video benchmarks need a LLaVA-OneVision config (a model with "
                              "video_token_id and image_newline), e.g. configs/llava_ov_7b.py")
+
+    def video_unsupported(self) -> str | None:
+        """Why the method cannot prune video input (it reads single-view tower statistics,
+        e.g. VisionZip's CLS attention), or None when it can."""
         missing = sorted(self.method.needs & video_unsupported_needs())
-        if missing:
-            raise ValueError(f"pruning method {self.method.name!r} reads {missing} of a single "
-                             "view and cannot prune video input")
+        return (f"pruning method {self.method.name!r} reads {missing} of a single view and "
+                "cannot prune video input") if missing else None
 
     def generate_frames(self, batch: Sequence[tuple[np.ndarray, str]], max_new_tokens: int
                         ) -> Prediction:

@@ -291,12 +291,10 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
             for b in names:
                 bench = bm.get(b)
                 if bench.kind == "video":
-                    try:
-                        pred.check_video()
-                    except ValueError as e:
-                        if method == UNPRUNED:
-                            raise
-                        print(f"{name:>10s} k={k:<4d} {b:>10s}: skipped ({e})", flush=True)
+                    pred.check_video()
+                    why = pred.video_unsupported()
+                    if why:
+                        print(f"{name:>10s} k={k:<4d} {b:>10s}: skipped ({why})", flush=True)
                         continue
                 use_scores = score_options and bench.multiple_choice and bench.kind == "image"
                 if use_scores:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from covipal_jax import paths
+from covipal_jax import paths, pruning
 from covipal_jax.eval.benchmarks import mvbench, nextqa, videomme
 
 log = logging.getLogger("covipal_jax.eval")
@@ -49,7 +49,8 @@ def collect(out: str, benchmark: str) -> dict[str, dict[str, Any]]:
 
 def table(benchmark: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: a row per group, a column per run ("–" where a group has no question)."""
-    labels = sorted(runs, key=lambda r: (not r.startswith("none_"), r))
+    unpruned = f"{pruning.NoneMethod.name}_k"
+    labels = sorted(runs, key=lambda r: (not r.startswith(unpruned), r))
     per = {r: groups(benchmark, runs[r]) for r in labels}
     rows = list(next(iter(per.values()))) if per else []
     lines = [f"| {benchmark} | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
