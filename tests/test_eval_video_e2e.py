@@ -202,3 +202,30 @@ def test_lmms_eval_adapter_answers_video_requests(data):
     texts = model.generate_until(reqs)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert texts[0] == texts[1] == texts[2]  # same video and prompt: same draw, greedy
+
+
+def test_eval_cli_runs_the_video_benchmarks(data, tmp_path):
+    """`python -m covipal_jax.eval` on the three video benchmarks (tiny OneVision, --frames)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cli"
+    args = [sys.executable, "-m", "covipal_jax.eval", "--config", "configs/tiny_ov.py",
+            "--benchmark", "videomme,mvbench,nextqa",
+            f"--data_dir=videomme={data['videomme']},mvbench={data['mvbench']},"
+            f"nextqa={data['nextqa']}", f"--frames={FRAMES}", "--config.text_buckets=(128,)",
+            "--config.batch_size=2", "--config.max_new_tokens=2", f"--out={out}",
+            "--noprogress", "--novideo_bounds"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert "| mvbench | none_k16 |" in proc.stdout and "video_breakdown.md" in proc.stdout
+    for b, n in (("videomme", 3), ("mvbench", 3), ("nextqa", 2)):
+        result = json.loads((out / "none_k16" / f"{b}.result.json").read_text())
+        assert result["num_frames"] == FRAMES and result["n_examples"] == n
+        recs = hs.load_records(str(out / "none_k16" / f"{b}.jsonl"))
+        score = json.loads((out / "none_k16" / f"{b}.jsonl.metrics.json").read_text())
+        assert bm.get(b).score(recs)["score"] == pytest.approx(score["score"])
