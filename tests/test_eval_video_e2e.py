@@ -184,6 +184,21 @@ def test_mvbench_bound_samples_inside_the_clip(data):
         video_eval.bounded_indices(5.0, 6.0, 10.0, 12, 4)
 
 
+def test_mvbench_bound_on_a_frame_folder(tmp_path):
+    """Frame folders (MVBench's tvqa frames, 3 fps) number frames from 1 as the official code."""
+    from PIL import Image
+
+    from covipal_jax.eval import video as video_eval
+
+    for i in range(10):
+        Image.new("RGB", (8, 6), (20 * i, 0, 0)).save(tmp_path / f"{i + 1:05d}.png")
+    clip = video_eval.load_clip(str(tmp_path), 4, 0.0, 100.0)
+    # official: start 1, end min(300, 10), segments of 2.25 -> frames 2, 4, 6, 9 (1-based)
+    assert [int(f[0, 0, 0]) // 20 for f in clip] == [1, 3, 5, 8]
+    clip = video_eval.load_clip(str(tmp_path), 2, 1.0, 2.0)  # frames 3..6
+    assert [int(f[0, 0, 0]) // 20 + 1 for f in clip] == [3, 5]
+
+
 def test_lmms_eval_adapter_answers_video_requests(data):
     """lmms-eval hands video tasks' visuals as paths: decoded, 4 frames, predict_frames."""
     from covipal_jax.eval.lmms_eval_model import CovipalJax

@@ -17,7 +17,6 @@ bound in seconds (MVBench). Two predictor interfaces are accepted:
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,22 +60,28 @@ def load_clip(path: str, num_frames: int, start: float, end: float) -> np.ndarra
                        key=lambda f: video_data._natural_key(f.name))  # noqa: SLF001
         if not files:
             raise video_data.VideoError(f"frame folder {path!r} holds no images")
-        idx = bounded_indices(start, end, FRAME_FOLDER_FPS, len(files), num_frames, first=1)
+        # official: frames numbered from 1 (`{i:05d}.jpg`), max_frame = the file count
+        idx = bounded_indices(start, end, FRAME_FOLDER_FPS, len(files) + 1, num_frames,
+                              first=1) - 1
         try:
             return _read_files([files[i] for i in idx.tolist()])
         except (OSError, ValueError) as e:
             raise video_data.VideoError(f"cannot read frames of {path!r}: {e}") from e
     import av  # noqa: PLC0415
 
+    container, fh = video_data._open(path)  # noqa: SLF001  (local or gs://, clear errors)
     try:
-        with av.open(os.fspath(path)) as container:
-            if not container.streams.video:
-                raise video_data.VideoError(f"{path!r} has no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or 0) or 30.0
-            every = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        if not container.streams.video:
+            raise video_data.VideoError(f"{path!r} has no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 0) or 30.0
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     except (av.FFmpegError, OSError) as e:
         raise video_data.VideoError(f"cannot decode video {path!r}: {e}") from e
+    finally:
+        container.close()
+        if fh is not None:
+            fh.close()
     if not every:
         raise video_data.VideoError(f"{path!r}: no frames")
     idx = bounded_indices(start, end, fps, len(every), num_frames)
