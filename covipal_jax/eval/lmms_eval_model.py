@@ -172,7 +172,7 @@ class CovipalJax(_LmmsBase):
                               []).append(i)
         texts: dict[int, str] = {}
         for (kind, max_new, until), idx in groups.items():
-            answer = (self.predictor.predict_frames if kind == "video"
+            answer = (getattr(self.predictor, "predict_frames", None) if kind == "video"
                       else self.predictor.predict)
             for s in range(0, len(idx), self.batch_size_per_gpu):
                 chunk = idx[s:s + self.batch_size_per_gpu]
