@@ -153,6 +153,43 @@ def test_adapter_generate_until_batches_and_cuts_at_until():
     assert model.rank == 0 and model.world_size == 1
 
 
+class FramesEcho(EchoPredictor):
+    num_frames = 3
+
+    def predict_frames(self, batch, max_new_tokens):
+        assert len(batch) <= self.batch_size
+        self.calls.append(("video", [f.shape for f, _ in batch], max_new_tokens))
+        return [f"{p} red={int(f[0, 0, 0, 0])} ### tail" for f, p in batch]
+
+
+def test_adapter_batches_image_and_video_requests_apart(tmp_path):
+    """Video tasks pass a path (file or frame folder) as the visual: decoded, `num_frames`
+    sampled, answered by predict_frames; image requests still go through predict."""
+    from covipal_jax.eval.lmms_eval_model import CovipalJax
+
+    for v, red in (("v1", 10), ("v2", 200)):
+        (tmp_path / v).mkdir()
+        for i in range(5):
+            Image.new("RGB", (10, 6), (red, i, 0)).save(tmp_path / v / f"{i}.png")
+    model = CovipalJax(predictor=FramesEcho(2), batch_size=2, max_new_tokens=5)
+    model.task_dict = {"vid": {"test": [{"v": str(tmp_path / "v1")}, {"v": tmp_path / "v2"},
+                                        {"v": str(tmp_path / "missing")}]},
+                       **_task_dict()}
+    video = lambda doc: [doc["v"]]  # noqa: E731
+    reqs = [Request("v-a", {"until": ["###"]}, video, 0, "vid", "test"),
+            Request("img", {"until": ["###"]}, lambda d: [d["image"]], 0, "t", "test"),
+            Request("v-b", {"until": ["###"]}, video, 1, "vid", "test")]
+    assert model.generate_until(reqs) == ["v-a red=10 ", "img ", "v-b red=200 "]
+    assert ("video", [(3, 6, 10, 3), (3, 6, 10, 3)], 5) in model.predictor.calls
+    assert (1, 5) in model.predictor.calls  # the image request, alone in its group
+    with pytest.raises(ValueError, match="no such video file"):
+        model.generate_until([Request("x", {}, video, 2, "vid", "test")])
+    plain = CovipalJax(predictor=EchoPredictor(1), batch_size=1)
+    plain.task_dict = model.task_dict
+    with pytest.raises(NotImplementedError, match="no predict_frames"):
+        plain.generate_until([Request("x", {}, video, 0, "vid", "test")])
+
+
 def test_adapter_from_arg_string_on_the_tiny_model():
     """lmms-eval builds the model from `--model_args` and its `--batch_size`."""
     from covipal_jax.eval.lmms_eval_model import CovipalJax, load_config

@@ -1,6 +1,7 @@
-"""Video benchmarks from local files: Video-MME, MVBench, NExT-QA readers, metrics, and the
-harness path through `covipal_jax.eval.video.predict_video` (video files are empty stand-ins:
-nothing here decodes a video)."""
+"""Video benchmarks from local files: Video-MME, MVBench, NExT-QA readers, metrics (answers
+parsed with lmms-eval's rules), and the harness path through
+`covipal_jax.eval.video.predict_video` (video files are empty stand-ins: nothing here decodes a
+video; `test_eval_video_e2e.py` runs real files through the tiny OneVision model)."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +14,7 @@ import pytest
 from covipal_jax.eval import benchmarks as bm
 from covipal_jax.eval import harness as hs
 from covipal_jax.eval.benchmarks import mvbench
+from covipal_jax.eval.benchmarks import video_common as vc
 
 
 class VideoPredictor:
@@ -87,7 +89,7 @@ def test_video_benchmark_needs_a_video_predictor(tmp_path):
             return ["A"] * len(batch)
 
     out = tmp_path / "o.jsonl"
-    with pytest.raises(NotImplementedError, match="issue 12"):
+    with pytest.raises(NotImplementedError, match="no predict_frames or predict_video"):
         hs.run_benchmark(ImageOnly(), data, str(out), batch_size=2, progress=False)
     assert not out.exists()
     with pytest.raises(ValueError, match="video"):
@@ -209,3 +211,44 @@ def test_frames_are_decoded_per_example_with_data_video(tmp_path):
     assert m["score"] == 100.0 and m["n"] == 1 and m["errors"] == 1
     bad = [json.loads(x) for x in out.read_text().splitlines() if "error" in json.loads(x)]
     assert bad[0]["qid"] == "200_2" and bad[0]["error"].startswith("video: VideoError")
+
+
+# ---------------------------------------------------------------------------- answer parsing
+@pytest.mark.parametrize("pred,letter", [
+    ("The best answer is B.", "B"), ("(C) three", "C"), ("I think it is D", "D"),
+    ("A dog is running", "A"),  # lmms-eval takes the first capital A-D, article or not
+    ("none of them", None), ("E", None), ("", None)])
+def test_videomme_letter_follows_lmms_eval(pred, letter):
+    assert vc.videomme_letter(pred) == letter
+
+
+@pytest.mark.parametrize("pred,letter", [
+    ("B. sat down", "B"), ("(b)", "B"), ("The answer is C", "C"), ("a cat", "A"),
+    ("no idea", None), ("E", "E"), ("F", None)])
+def test_mvbench_letter_follows_lmms_eval(pred, letter):
+    assert vc.mvbench_letter(pred) == letter
+
+
+OPTS = ("run", "jump", "sit", "stand", "walk")
+
+
+@pytest.mark.parametrize("pred,letter", [
+    ("(B) jump", "B"), ("C", "C"), ("D.", "D"), ("A B", "B"),  # several: the last one
+    ("the person is going to sit on the chair now", "C"),  # > 5 words: option text
+    ("Sit.", None), ("nothing", None)])  # lmms-eval would pick a random letter here
+def test_nextqa_letter_follows_lmms_eval(pred, letter):
+    assert vc.nextqa_letter(pred, OPTS) == letter
+
+
+def test_group_accuracy_uses_the_parser_and_option_choices():
+    recs = [{"qid": "1", "pred": "A dog", "answer": "A", "options": ["x"] * 4,
+             "meta": {"category": "short"}},
+            {"qid": "2", "pred": "zzz", "answer": "B", "options": ["x"] * 4, "choice": "B",
+             "meta": {"category": "long"}},
+            {"qid": "3", "pred": "nothing", "answer": "C", "options": ["x"] * 4,
+             "meta": {"category": "long"}}]
+    m = vc.group_accuracy(recs, {"long": ("long",)}, parse=vc.videomme_letter)
+    assert m["score"] == pytest.approx(200 / 3) and m["unparsed"] == 1
+    assert m["by_category"] == {"long": 50.0, "short": 100.0} and m["long"] == 50.0
+    # the generic parser reads "A dog" as an article: no letter
+    assert vc.group_accuracy(recs)["score"] == pytest.approx(100 / 3)

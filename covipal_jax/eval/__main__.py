@@ -1,4 +1,4 @@
-r"""Evaluate (pruned) LLaVA on image benchmarks; one method or a sweep, with the papers' table.
+r"""Evaluate (pruned) LLaVA on image and video benchmarks; one method or a sweep, with the papers' table.
 
 One method (the config's `pruning`):
 
@@ -39,6 +39,12 @@ order); `--image_dir` likewise. Output layout under `--out`:
 The batch (`--config.batch_size` rows, static) is sharded over the local devices along the
 mesh's (data, fsdp) axes. Multiple-choice benchmarks are answered by generation (LLaVA's
 protocol) unless `--score_options` (likelihood of the option letters as the first token).
+Video benchmarks (videomme, mvbench, nextqa; OneVision configs): each video is decoded with
+PyAV (or read from a frame folder) and `--frames N` frames are sampled uniformly (the static
+frame bucket: one compiled program per (frames, text bucket, k)); answers are parsed as
+lmms-eval parses them; `<out>/video_breakdown.md` holds the per-duration (Video-MME), per-task
+(MVBench) and per-question-type (NExT-QA) tables. Methods that cannot prune video input
+(VisionZip) are skipped there.
 Two evaluations on one `--out` are refused (a lock file `<out>/.lock`). Paths may be `gs://`.
 """
 
@@ -86,6 +92,12 @@ _MME = flags.DEFINE_enum("mme_score", None, ["total", "perception"], "MME column
                          "(both are shown): default perception for a suite, else total.")
 _WORKERS = flags.DEFINE_integer("num_workers", 4, "Image decoding threads.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars.")
+_FRAMES = flags.DEFINE_integer("frames", None, "Video benchmarks: frames sampled uniformly per "
+                               "video (the static frame bucket; default config.video_frames, "
+                               "else 32).")
+_BOUNDS = flags.DEFINE_bool("video_bounds", True, "MVBench: sample frames inside each "
+                            "question's start/end bound (the official evaluation); "
+                            "--novideo_bounds: the whole video (lmms-eval).")
 
 log = logging.getLogger("covipal_jax.eval")
 
@@ -121,7 +133,8 @@ def main(argv):
                       image_dirs=image_dirs, limit=_LIMIT.value, max_new_tokens=_MAX_NEW.value,
                       score_options=_SCORE.value, pad_to_square=_PAD.value, label=_LABEL.value,
                       mme_score=mme_score, num_workers=_WORKERS.value,
-                      progress=_PROGRESS.value, title=suite.title if suite else "")
+                      progress=_PROGRESS.value, title=suite.title if suite else "",
+                      num_frames=_FRAMES.value, video_bounds=_BOUNDS.value)
     except (ValueError, FileNotFoundError, KeyError, paths.WorkdirLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -131,8 +144,12 @@ def main(argv):
     else:
         print(f"(no unpruned `{UNPRUNED}` run in {_OUT.value} yet: no table; run "
               f"--config.pruning.method=none or --sweep)")
+    if summary.get("breakdown"):
+        print()
+        print(summary["breakdown"], end="")
     print(f"wrote {_OUT.value}/results.json, summary.json" +
-          (", summary.md" if summary["markdown"] else ""))
+          (", summary.md" if summary["markdown"] else "") +
+          (", video_breakdown.md" if summary.get("breakdown") else ""))
 
 
 if __name__ == "__main__":

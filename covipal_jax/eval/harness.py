@@ -170,7 +170,7 @@ def _load_images(examples: Sequence[bm.Example], pool: concurrent.futures.Execut
     def load(ex: bm.Example) -> Any:
         try:
             if isinstance(ex.image, bm.VideoRef):
-                return video_lib.load_input(ex.image, predictor)
+                return video_lib.load_input(ex.image, predictor, ex.meta)
             return ex.image.load()
         except Exception as e:  # noqa: BLE001  (any decode error is a per-example failure)
             return e

@@ -12,11 +12,15 @@ arguments work). Once the package declares the entry point (`pyproject.toml`:
 `--model_args` keys: `config` (a packaged config name such as `llava15_7b`, or a config file;
 default `tiny`), `checkpoint`, `method` (any registered pruning method; default `none`), `keep`
 (ratio or token count), `ppm` (trained PPM directory), `tokenizer`, `template`,
-`max_new_tokens`; `batch_size` comes from lmms-eval's `--batch_size`. Requests are answered by
-the eval predictor (`covipal_jax/eval/predictor.py`): greedy generation on one image per
-request, stopped at the task's `until` strings. Not supported: loglikelihood (multiple-choice
-tasks scored by likelihood), multi-round generation, several images or a video per request
-(video lands with issue 12); each raises a clear error.
+`max_new_tokens`, `frames` (frames sampled per video, default the config's `video_frames`,
+else 32); `batch_size` comes from lmms-eval's `--batch_size`. Requests are answered by the eval
+predictor (`covipal_jax/eval/predictor.py`): greedy generation on one image or one video per
+request, stopped at the task's `until` strings. Video tasks (videomme, mvbench, nextqa_mc_test,
+...) hand a video path as the request's visual: it is decoded with PyAV (or read as a frame
+folder), `frames` frames sampled uniformly, and answered through `predict_frames` (a OneVision
+config); image and video requests of one call are batched separately. Not supported:
+loglikelihood (multiple-choice tasks scored by likelihood), multi-round generation, several
+images or videos per request; each raises a clear error.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import os
 
 from PIL import Image
 
@@ -98,17 +104,17 @@ class CovipalJax(_LmmsBase):
                  method: str = "none", keep: Any = None, ppm: str | None = None,
                  batch_size: Any = 1, max_new_tokens: int | None = None,
                  tokenizer: str | None = None, template: str | None = None,
-                 predictor: Any = None, **unused: Any) -> None:
+                 predictor: Any = None, frames: Any = None, **unused: Any) -> None:
         super().__init__()
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         if predictor is None:
             predictor = self._build(config, checkpoint, method, keep, ppm, tokenizer,
-                                    template, max_new_tokens)
+                                    template, max_new_tokens, frames)
         self.predictor = predictor
         self.max_new_tokens = int(max_new_tokens or getattr(self, "_default_max_new", 32))
 
     def _build(self, config, checkpoint, method, keep, ppm, tokenizer, template,
-               max_new_tokens):
+               max_new_tokens, frames=None):
         from covipal_jax.eval import suite  # noqa: PLC0415
         from covipal_jax.inference import loading  # noqa: PLC0415
 
@@ -118,46 +124,66 @@ class CovipalJax(_LmmsBase):
         self._default_max_new = int(max_new_tokens or cfg.max_new_tokens)
         loaded = loading.load(cfg)
         keep = suite.parse_keep(keep) if keep is not None else cfg.pruning.keep
-        (_, _, _, self.spec, pred), = suite.predictors(cfg, loaded, [(None, method, keep)],
-                                                       loaded.processor)
+        (_, _, _, self.spec, pred), = suite.predictors(
+            cfg, loaded, [(None, method, keep)], loaded.processor,
+            num_frames=int(frames) if frames else None)
         return pred
 
     # -- lmms-eval API ---------------------------------------------------------------------
 
-    def _visual(self, request_args: Sequence[Any]) -> Image.Image:
+    def _visual(self, request_args: Sequence[Any]) -> tuple[str, Any]:
+        """("image", RGB PIL image) or ("video", its path) of one request."""
         _, _, doc_to_visual, doc_id, task, split = request_args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
         visuals = [v for v in (visuals or []) if v is not None]
-        if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
-            kinds = [type(v).__name__ for v in visuals]
-            raise NotImplementedError(
-                f"covipal_jax answers requests with exactly one image; task {task!r} doc "
-                f"{doc_id} has {kinds or 'none'} (several images and videos: issue 12)")
-        return visuals[0].convert("RGB")
+        if len(visuals) == 1 and isinstance(visuals[0], Image.Image):
+            return "image", visuals[0].convert("RGB")
+        if len(visuals) == 1 and isinstance(visuals[0], (str, os.PathLike)):
+            return "video", os.fspath(visuals[0])
+        kinds = [type(v).__name__ for v in visuals]
+        raise NotImplementedError(
+            f"covipal_jax answers requests with exactly one image or one video path; task "
+            f"{task!r} doc {doc_id} has {kinds or 'none'}")
+
+    def _frames(self, path: str) -> Any:
+        """u8[F, H, W, 3]: `predictor.num_frames` frames sampled over the whole video (as
+        lmms-eval does; no MVBench bounds)."""
+        if not callable(getattr(self.predictor, "predict_frames", None)):
+            raise NotImplementedError(f"{type(self.predictor).__name__} cannot answer video "
+                                      "requests (no predict_frames)")
+        from covipal_jax.eval import video as video_eval  # noqa: PLC0415
+        from covipal_jax.eval.benchmarks.base import VideoRef  # noqa: PLC0415
+
+        return video_eval.load_input(VideoRef(path=path), self.predictor)  # the whole video
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers; `until` strings cut the text, `max_new_tokens` from the task."""
-        out: list[str] = []
-        groups: dict[tuple, list[int]] = {}
+        """Greedy answers; `until` strings cut the text, `max_new_tokens` from the task.
+        Requests are grouped by (kind, max_new_tokens, until) and answered batch_size at a
+        time (images through `predict`, videos through `predict_frames`)."""
         args = [r.args for r in requests]
+        visuals = [self._visual(a) for a in args]
+        groups: dict[tuple, list[int]] = {}
         for i, a in enumerate(args):
             kw = dict(a[1] or {})
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            groups.setdefault((int(kw.get("max_new_tokens") or self.max_new_tokens),
-                               tuple(until)), []).append(i)
+            groups.setdefault((visuals[i][0], int(kw.get("max_new_tokens") or
+                                                  self.max_new_tokens), tuple(until)),
+                              []).append(i)
         texts: dict[int, str] = {}
-        for (max_new, until), idx in groups.items():
+        for (kind, max_new, until), idx in groups.items():
+            answer = (getattr(self.predictor, "predict_frames", None) if kind == "video"
+                      else self.predictor.predict)
             for s in range(0, len(idx), self.batch_size_per_gpu):
                 chunk = idx[s:s + self.batch_size_per_gpu]
-                batch = [(self._visual(args[i]), str(args[i][0])) for i in chunk]
-                for i, text in zip(chunk, self.predictor.predict(batch, max_new)):
+                batch = [(self._frames(visuals[i][1]) if kind == "video" else visuals[i][1],
+                          str(args[i][0])) for i in chunk]  # videos decoded per batch
+                for i, text in zip(chunk, answer(batch, max_new)):
                     for stop in until:
                         if stop and stop in text:
                             text = text.split(stop)[0]
                     texts[i] = text
-        out = [texts[i] for i in range(len(args))]
-        return out
+        return [texts[i] for i in range(len(args))]
 
     def loglikelihood(self, requests):
         raise NotImplementedError("covipal_jax: loglikelihood requests are not supported; use "

@@ -18,6 +18,12 @@ SentencePiece vocabulary, "A" for Qwen2's byte-level BPE).
     pred.predict([(image, "What is this?")], max_new_tokens=16)
     sweep = pred.with_method(pruning.get("visionzip")(keep=64))  # same weights, other method
 
+Video (OneVision configs): `predict_frames([(u8[F, H, W, 3] frames, prompt), ...])` answers
+through the same Sampler with `kind="video"`: every video has exactly `num_frames` frames
+(`config.video_frames`, default 32; the harness samples them, `eval/video.py`), so the frame
+count is the static bucket: one program per (frames, text bucket, k). The prompt's `<image>`
+placeholder (added by the chat template) becomes the model's `<video>` token.
+
 Letters: B batch (= batch_size), T prompt bucket, k kept vision tokens, V vocab.
 """
 from __future__ import annotations
@@ -38,6 +44,7 @@ from covipal_jax.inference.sampler import Sampler
 from covipal_jax.pruning.base import PruningMethod
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DEFAULT_NUM_FRAMES = 32  # LLaVA-OneVision's evaluation setting
 
 
 @dataclasses.dataclass
@@ -80,6 +87,14 @@ def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str
     return {c: i for c, i in found.items() if ids.count(i) == 1}
 
 
+def video_unsupported_needs() -> frozenset:
+    """`PruneContext` fields a video (packed) input does not provide: methods that need them
+    (VisionZip's CLS attention, ...) cannot prune videos."""
+    from covipal_jax.inference import visual_inputs  # noqa: PLC0415
+
+    return frozenset(visual_inputs._UNSUPPORTED_NEEDS)  # noqa: SLF001
+
+
 def method_for(config: Any, method: str, keep: Any) -> PruningMethod:
     """The method value `method` at `keep` (ratio or token count) with the config's other
     pruning settings; a method without a budget (`none`) keeps all tokens.
@@ -106,8 +121,14 @@ class LlavaPredictor:
     over one `Sampler` (shared by `with_method`, so its compiled programs and loaded PPM are
     reused across a sweep)."""
 
-    def __init__(self, sampler: Sampler, method: PruningMethod, *, batch_size: int):
+    use_bounds = True  # MVBench start/end bounds honoured when the harness decodes videos
+
+    def __init__(self, sampler: Sampler, method: PruningMethod, *, batch_size: int,
+                 num_frames: int = DEFAULT_NUM_FRAMES, frame_sampling: str = "hf"):
         self.sampler, self.batch_size = sampler, int(batch_size)
+        self.num_frames, self.frame_sampling = int(num_frames), frame_sampling
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.method, self.variables = sampler.resolve(method)
         self.loaded: Loaded = sampler.loaded
         shards = self.loaded.mesh.shape["data"] * self.loaded.mesh.shape["fsdp"]
@@ -140,16 +161,21 @@ class LlavaPredictor:
     @classmethod
     def from_config(cls, config: Any, loaded: Loaded, method: PruningMethod | None = None, *,
                     processor: image_lib.ImageProcessorConfig | None = None,
-                    batch_size: int | None = None) -> "LlavaPredictor":
+                    batch_size: int | None = None, num_frames: int | None = None,
+                    frame_sampling: str = "hf") -> "LlavaPredictor":
         """Method from `config.pruning` unless given (a trainable one loads its variables
-        once). `batch_size` defaults to `config.batch_size`."""
+        once). `batch_size` defaults to `config.batch_size`, `num_frames` to
+        `config.video_frames` (else 32)."""
         sampler = Sampler.from_config(config, loaded, processor=processor)
+        frames = num_frames or config.get("video_frames", None) or DEFAULT_NUM_FRAMES
         return cls(sampler, method or sampler.method,
-                   batch_size=batch_size or config.batch_size)
+                   batch_size=batch_size or config.batch_size, num_frames=frames,
+                   frame_sampling=frame_sampling)
 
     def with_method(self, method: PruningMethod) -> "LlavaPredictor":
         """The same sampler (weights, settings, compiled programs) with another method."""
-        return LlavaPredictor(self.sampler, method, batch_size=self.batch_size)
+        return LlavaPredictor(self.sampler, method, batch_size=self.batch_size,
+                              num_frames=self.num_frames, frame_sampling=self.frame_sampling)
 
     with_spec = with_method
 
@@ -165,14 +191,16 @@ class LlavaPredictor:
     def generator(self, max_new_tokens: int) -> decoding.Generator:
         return self.sampler.generator(self.method, max_new_tokens)
 
-    def generate(self, batch: Sequence[tuple[Any, str]], max_new_tokens: int) -> Prediction:
-        """Answers plus the kept patch indices (any number of items; chunks of batch_size)."""
+    def generate(self, batch: Sequence[tuple[Any, str]], max_new_tokens: int, *,
+                 kind: str = "image") -> Prediction:
+        """Answers plus the kept patch indices (any number of items; chunks of batch_size);
+        kind "video": items are (u8[F, H, W, 3] frames, prompt) (see `predict_frames`)."""
         texts, kept, seconds, k = [], [], 0.0, 0
         for chunk in self._chunks(batch):
             t0 = time.perf_counter()
             out = self.sampler.generate([im for im, _ in chunk], [p for _, p in chunk],
                                         method=self.method, max_new_tokens=max_new_tokens,
-                                        pad_to=self.batch_size)
+                                        pad_to=self.batch_size, kind=kind)
             dt = time.perf_counter() - t0
             seconds += dt
             self._count(len(chunk), dt)
@@ -191,6 +219,40 @@ class LlavaPredictor:
 
     def predict(self, batch: Sequence[tuple[Any, str]], max_new_tokens: int) -> list[str]:
         return self.generate(batch, max_new_tokens).texts
+
+    # -- video -----------------------------------------------------------------------------------
+
+    def check_video(self) -> None:
+        """ValueError unless the model takes videos (a OneVision config)."""
+        cfg = self.loaded.cfg
+        if not cfg.image_newline or cfg.video_token_id is None or cfg.video_token_id < 0:
+            raise ValueError("video benchmarks need a LLaVA-OneVision config (a model with "
+                             "video_token_id and image_newline), e.g. configs/llava_ov_7b.py")
+
+    def video_unsupported(self) -> str | None:
+        """Why the method cannot prune video input (it reads single-view tower statistics,
+        e.g. VisionZip's CLS attention), or None when it can."""
+        missing = sorted(self.method.needs & video_unsupported_needs())
+        return (f"pruning method {self.method.name!r} reads {missing} of a single view and "
+                "cannot prune video input") if missing else None
+
+    def generate_frames(self, batch: Sequence[tuple[np.ndarray, str]], max_new_tokens: int
+                        ) -> Prediction:
+        """`generate` for `(u8[num_frames, H, W, 3], prompt)` pairs: `kept` holds slots of the
+        packed video buffer (frame f, pooled row r, column c at f*p*p + r*p + c; the final
+        newline last), -1 where the LLM sees no token."""
+        batch = list(batch)
+        bad = sorted({len(f) for f, _ in batch} - {self.num_frames})
+        if bad:
+            raise ValueError(f"videos must have num_frames={self.num_frames} frames (the static "
+                             f"frame bucket), got {bad}")
+        return self.generate(batch, max_new_tokens, kind="video")
+
+    def predict_frames(self, batch: Sequence[tuple[np.ndarray, str]], max_new_tokens: int
+                       ) -> list[str]:
+        """Answers for `(u8[num_frames, H, W, 3] frames, prompt)` pairs (the harness's video
+        interface, `covipal_jax/eval/video.py`)."""
+        return self.generate_frames(batch, max_new_tokens).texts
 
     # -- option scoring --------------------------------------------------------------------------
 

@@ -238,7 +238,7 @@ def load_datasets(names: Sequence[str], data_dirs: Mapping[str, str],
 
 
 def predictors(config: Any, loaded: Any, methods: Sequence[tuple[str | None, str, Any]],
-               processor: Any):
+               processor: Any, num_frames: int | None = None):
     """Yields (label, method name, k, method dict, predictor) per (label, method, keep): the one
     place the eval suite builds predictors (`covipal_jax/eval/predictor.py`). Every predictor
     shares one `Sampler` (weights, compiled programs, a PPM loaded once)."""
@@ -249,7 +249,8 @@ def predictors(config: Any, loaded: Any, methods: Sequence[tuple[str | None, str
     for label, name, keep in methods:
         method = method_for(config, name, keep)
         if base is None:
-            pred = base = LlavaPredictor.from_config(config, loaded, method, processor=processor)
+            pred = base = LlavaPredictor.from_config(config, loaded, method, processor=processor,
+                                                     num_frames=num_frames)
         else:
             pred = base.with_method(method)
         yield label or method.name, method.name, method.k(n_v), method.to_dict(n_v), pred
@@ -260,9 +261,14 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
         limit: int | None = None, max_new_tokens: int | None = None,
         score_options: bool = False, pad_to_square: bool = False, label: str | None = None,
         mme_score: str = "total", num_workers: int = 4, progress: bool = True,
-        loaded: Any = None, title: str = "") -> dict[str, Any]:
+        loaded: Any = None, title: str = "", num_frames: int | None = None,
+        video_bounds: bool = True) -> dict[str, Any]:
     """Evaluate every (method, keep) in `methods` (default: the config's pruning) on every
     benchmark, under a lock on `out`; returns `write_tables(...)` (see the module docstring).
+
+    Video benchmarks sample `num_frames` frames per video (default `config.video_frames`, else
+    32; MVBench inside its bounds unless `video_bounds=False`); a method that cannot prune video
+    input (it reads single-view tower statistics) is skipped there with a note.
     """
     from covipal_jax.inference import loading  # noqa: PLC0415
 
@@ -278,10 +284,18 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
         grid = ([(label, config.pruning.method, config.pruning.keep)] if methods is None
                 else [(None, m, keep) for m, keep in methods])
         max_new = max_new_tokens or config.max_new_tokens
-        for name, method, k, spec, pred in predictors(config, loaded, grid, processor):
+        for name, method, k, spec, pred in predictors(config, loaded, grid, processor,
+                                                      num_frames):
             rdir = paths.as_path(out) / run_label(name, k)
+            pred.use_bounds = video_bounds
             for b in names:
                 bench = bm.get(b)
+                if bench.kind == "video":
+                    pred.check_video()
+                    why = pred.video_unsupported()
+                    if why:
+                        print(f"{name:>10s} k={k:<4d} {b:>10s}: skipped ({why})", flush=True)
+                        continue
                 use_scores = score_options and bench.multiple_choice and bench.kind == "image"
                 if use_scores:
                     n_opt = max(len(ex.options) for ex in datasets[b].examples)
@@ -302,7 +316,14 @@ def run(config: Any, benchmarks: Sequence[str], data_dirs: dict[str, str], out: 
                     model_seconds=pred.stats["seconds"] - before["seconds"],
                     items_now=pred.stats["items"] - before["items"],
                     option_scores=use_scores, batch_size=config.batch_size,
-                    max_new_tokens=max_new))
+                    max_new_tokens=max_new, **({"num_frames": pred.num_frames}
+                                               if bench.kind == "video" else {})))
                 shown = ", ".join(f"{c}={v:.2f}" for c, v in columns.items())
                 print(f"{name:>10s} k={k:<4d} {b:>10s}: {shown}", flush=True)
-        return write_tables(out, names, mme_score=mme_score, title=title, n_v=n_v)
+        summary = write_tables(out, names, mme_score=mme_score, title=title, n_v=n_v)
+        video = [b for b in names if bm.get(b).kind == "video"]
+        if video:
+            from covipal_jax.eval import video_tables  # noqa: PLC0415
+
+            summary["breakdown"] = video_tables.write(out, video)
+        return summary

@@ -4,7 +4,8 @@ Reader: the official release folder: `json/<task>.json` (lists of `{video, quest
 candidates[], answer (candidate text), [start, end]}`) + videos under
 `video_dir/<task's prefix>/<video>` (default `<path>/video`), with the 20 tasks' files and
 prefixes of the official `mvbench.ipynb` (`TASKS` below). Prompt: the official system line
-(as a hint), the question, lettered options, `MC_SUFFIX`. Metric: option accuracy per task,
+(as a hint), the question, lettered options, `MC_SUFFIX`. Metric: option accuracy per task (letters
+parsed as lmms-eval's `mvbench` does: `video_common.mvbench_letter`),
 `score` = the mean over the tasks present (each has 200 questions), plus the overall accuracy.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def read_mvbench(path: str, video_dir: str | None = None, *, tasks=tuple(TASKS),
 
 
 def mvbench_metrics(records) -> dict[str, Any]:
-    m = vc.group_accuracy(records)
+    m = vc.group_accuracy(records, parse=vc.mvbench_letter)
     m["overall"] = m["score"]
     m["score"] = m["task_mean"]
     m["missing_tasks"] = sorted(set(TASKS) - set(m["by_category"]))

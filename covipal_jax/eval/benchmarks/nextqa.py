@@ -3,7 +3,8 @@
 Reader: the official `val.csv` / `test.csv` (or lmms-eval's `lmms-lab/NExTQA` MC parquet):
 `video, question, answer (index 0-4), qid, type, a0..a4`; videos `video_dir/<video>.mp4`, or
 through `map_vid_vidorID.json` (`{video: "1025/xxxx"}`) when it sits in `video_dir` (default
-`<dir>/NExTVideo`). Metric: option accuracy; `causal` (CW, CH), `temporal` (TN, TC, TP),
+`<dir>/NExTVideo`). Metric: option accuracy (letters parsed as lmms-eval's
+`nextqa_mc` does: `video_common.nextqa_letter`); `causal` (CW, CH), `temporal` (TN, TC, TP),
 `descriptive` (DC, DL, DO) group accuracies, per type in `by_category`.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def read_nextqa(path: str, video_dir: str | None = None, *, check_videos: bool =
 
 
 def nextqa_metrics(records) -> dict[str, Any]:
-    return vc.group_accuracy(records, GROUPS)
+    return vc.group_accuracy(records, GROUPS, parse=vc.nextqa_letter)
 
 
 BENCHMARK = register(Benchmark(

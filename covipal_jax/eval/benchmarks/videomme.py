@@ -4,7 +4,8 @@ Reader: lmms-eval's `lmms-lab/Video-MME` parquet (or a JSON / JSONL / TSV export
 `videoID, duration (short|medium|long), domain, sub_category, task_type, question_id,
 question, options ["A. ...", ...], answer (letter)`; videos `video_dir/<videoID>.mp4`
 (default `<dir>/data`). Prompt (lmms-eval's `videomme`, no subtitles): its instruction line,
-the question, the lettered options, and `MC_SUFFIX`. Metric: option accuracy; `short`,
+the question, the lettered options, and `MC_SUFFIX`. Metric: option accuracy, the letter parsed from the answer as lmms-eval's
+`videomme` does (`video_common.videomme_letter`); `short`,
 `medium`, `long` per duration; per task type in `by_task_type`.
 """
 from __future__ import annotations
@@ -61,9 +62,10 @@ def read_videomme(path: str, video_dir: str | None = None, *, check_videos: bool
 
 
 def videomme_metrics(records) -> dict[str, Any]:
-    m = vc.group_accuracy(records, {d: (d,) for d in DURATIONS})
+    m = vc.group_accuracy(records, {d: (d,) for d in DURATIONS}, parse=vc.videomme_letter)
     m["by_duration"] = m.pop("by_category")
-    m["by_task_type"] = vc.group_accuracy(records, key="task_type")["by_task_type"]
+    m["by_task_type"] = vc.group_accuracy(records, key="task_type",
+                                          parse=vc.videomme_letter)["by_task_type"]
     return m
 
 
