@@ -91,6 +91,9 @@ class PruneContext:
         grid / 2 `image_newline` / 3 video frame (row = frame * p + r) / -1 padding
         (`models/anyres.py`). None: a plain (h, w) = `grid` image. Newline slots carry the
         layout, not content: `masked_select` always keeps them and they count toward k.
+    views:          `pruning.views.ViewStats` | None  per-view tower statistics of a packed
+        input (AnyRes views, video frames), filled only for methods that prune per view
+        (`per_view = True`, VisionZip); None otherwise.
     """
 
     vision_tokens: Array
@@ -104,6 +107,7 @@ class PruneContext:
     rng: Any = None
     valid: Array | None = None
     coords: Array | None = None
+    views: Any = None
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
     project: Any = flax.struct.field(pytree_node=False, default=None)
 
