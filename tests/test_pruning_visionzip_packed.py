@@ -230,10 +230,10 @@ def test_batched_equals_per_example(name):
 def test_video_per_frame_matches_official_rule():
     cfg, _, _ = _model("ov")
     visual = _video()
-    method = pruning.get("visionzip")(keep=0.5)
+    method = pruning.get("visionzip")(keep=4)   # 4 per frame: 3 dominant + 1 contextual
     ctx, res = _select("ov", visual, method, token=cfg.video_token_id)
     p = -(-cfg.vision.grid[0] // 2)
-    k_v = pruning.resolve_keep(0.5, p * p)
+    k_v = pruning.resolve_keep(4, p * p)
     dominant, contextual = pruning.visionzip.split_budget(k_v)
     assert res.tokens.shape[1] == 4 * k_v + 1 and bool(np.asarray(res.valid).all())
     for b in range(2):
