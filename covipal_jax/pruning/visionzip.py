@@ -30,6 +30,11 @@ Order and positions: with `order="visionzip"` (default, faithful) the tokens ent
 [CLS, dominant..., contextual...] and `indices` follow that order (CLS -> 0, a contextual token
 -> its target's patch index), so `indices` is ascending within each group but not globally.
 `order="spatial"` sorts all tokens by index (CLS stays first).
+
+Packed AnyRes images and videos (`PruneContext.views`): VisionZip per view, as the official
+LLaVA-NeXT code does (`visionzip_packed`; layout, budget per view, no newline for tiled images,
+frames as views for video: see `pruning/visionzip_packed.py`). The official repository has no
+SigLIP path; SigLIP views (OneVision) use the HoliTom score above, view by view.
 """
 from __future__ import annotations
 
