@@ -147,8 +147,8 @@ def official_sequence(ctx, b, dominant, contextual, project, newline, plan=None)
     n_views = int(np.asarray(v.view_valid[b]).sum())
     save, idx = official_view(hidden[:n_views], score[:n_views], metric[:n_views],
                               dominant - int(cls), contextual, cls=cls)
-    proj = torch.from_numpy(np.asarray(project(jnp.asarray(save.numpy())), np.float32))
-    nl = torch.from_numpy(np.asarray(newline[b], np.float32))[None]
+    proj = torch.from_numpy(np.array(project(jnp.asarray(save.numpy())), np.float32))
+    nl = torch.from_numpy(np.array(newline[b], np.float32))[None]
     if plan is None:                          # video: frames in order, then the newline
         return torch.cat([proj.reshape(-1, proj.shape[-1]), nl]).numpy()
     rows, cols = int(plan[b, 0]), int(plan[b, 1])
