@@ -126,10 +126,12 @@ def test_methods_never_keep_padding_and_always_keep_newlines(name, keep):
         assert len(kept) == budget[b]
 
 
-@pytest.mark.parametrize("name", ["pool", "visionzip"])
-def test_grid_methods_refuse_packed_input(name):
+@pytest.mark.parametrize("name,kw", [("pool", {"mode": "avg"}),
+                                     ("visionzip", {"order": "spatial"})])
+def test_grid_only_options_refuse_packed_input(name, kw):
+    # pool (stride) and visionzip run per view (tests/test_pruning_{pool,visionzip}_packed.py)
     ctx = _packed_ctx()
-    method = pruning.get(name)(keep=0.5)
+    method = pruning.get(name)(keep=0.5, **kw)
     with pytest.raises(ValueError, match="multi-crop"):
         method.select(ctx.replace(project=lambda f: f), method.k(ctx.n_v))
 

@@ -40,7 +40,9 @@ import numpy as np
 from covipal_jax.models import anyres
 from covipal_jax.models import multimodal as mm
 from covipal_jax.models.llava import Llava
+from covipal_jax.pruning import views as views_lib
 from covipal_jax.pruning.base import PruneContext, PruningMethod
+from covipal_jax.pruning.views import ViewStats
 
 Array = jax.Array
 
@@ -200,6 +202,42 @@ def encode_packed(model: Llava, params: Any, visual: Any) -> tuple[Array, Array,
     raise TypeError(f"not a packed visual input: {type(visual).__name__}")
 
 
+def encode_packed_views(model: Llava, params: Any, visual: Any
+                        ) -> tuple[Array, Array, Array, ViewStats]:
+    """`encode_packed` plus the tower statistics of every view (`pruning.views.ViewStats`:
+    AnyRes base view + crops, C = the bucket's views; video: F frames), one tower pass."""
+    cfg = model.cfg
+    if not cfg.image_newline:
+        raise ValueError("AnyRes / video inputs need a model with image_newline "
+                         "(LLaVA-NeXT / OneVision configs)")
+    if isinstance(visual, AnyResImage):
+        tokens, valid, coords, out = model.apply(params, visual.pixels, visual.plan,
+                                                 capacity=visual.capacity,
+                                                 method=Llava.encode_anyres_stats)
+        plan = jnp.asarray(visual.plan, jnp.int32)
+        n_views = jnp.where(plan[:, 0] > 0, 1 + plan[:, 0] * plan[:, 1], 1)
+        view_valid = jnp.arange(visual.pixels.shape[1])[None, :] < n_views[:, None]
+        kind = views_lib.KIND_ANYRES
+    elif isinstance(visual, Video):
+        tokens, out = model.apply(params, visual.frames, method=Llava.encode_video_stats)
+        b, n = tokens.shape[:2]
+        p = -(-cfg.vision.grid[0] // 2)
+        valid, coords = jnp.ones((b, n), bool), video_coords(b, visual.frames.shape[1], p)
+        plan, view_valid = None, jnp.ones(visual.frames.shape[:2], bool)
+        kind = views_lib.KIND_VIDEO
+    elif isinstance(visual, MultiImage):
+        raise ValueError("per-view pruning (VisionZip) on several images per prompt is not "
+                         "supported; use one image per prompt or another method")
+    else:
+        raise TypeError(f"not a packed visual input: {type(visual).__name__}")
+    cls_att = None if out.cls_attention is None else out.cls_attention.sum(axis=2)
+    stats = ViewStats(features=out.features, keys=out.keys.mean(axis=3), view_valid=view_valid,
+                      cls=out.cls, cls_attention=cls_att,
+                      attention_received=out.attention_received, plan=plan, kind=kind,
+                      grid=cfg.vision.grid[0])
+    return tokens, valid, coords, stats
+
+
 def packed_context(model: Llava, params: Any, visual: Any, ids: Array, mask: Array,
                    method: PruningMethod, rng: Array | None = None
                    ) -> tuple[PruneContext, Array, Array]:
@@ -207,16 +245,22 @@ def packed_context(model: Llava, params: Any, visual: Any, ids: Array, mask: Arr
     embeddings f32[B, T, D] and the placeholder positions i32[B].
 
     ids i32[B, T] left-padded with one placeholder per row (`placeholder_id`); mask bool[B, T].
-    Methods that read tower statistics of one view (VisionZip's CLS attention, ...) are
-    refused here with a clear error.
+    Methods that read tower statistics of one view (CLS attention, keys, ...) are refused
+    here with a clear error, unless they prune per view (`per_view = True`, VisionZip): those
+    get `ctx.views` (`encode_packed_views`).
     """
     cfg = model.cfg
     missing = sorted(method.needs & _UNSUPPORTED_NEEDS)
-    if missing:
+    per_view = bool(getattr(method, "per_view", False))  # prunes each view (VisionZip)
+    if missing and not per_view:
         raise ValueError(f"pruning method {method.name!r} reads {missing} of a single view; "
                          "not available on AnyRes / video input yet")
     token = placeholder_id(cfg, visual)
-    tokens, valid, coords = encode_packed(model, params, visual)
+    views = None
+    if missing:
+        tokens, valid, coords, views = encode_packed_views(model, params, visual)
+    else:
+        tokens, valid, coords = encode_packed(model, params, visual)
     text_ids = jnp.where(ids == token, cfg.image_token_id, ids)
     text = model.apply(params, text_ids, method=Llava.embed_text)
     if isinstance(visual, MultiImage):
@@ -225,7 +269,8 @@ def packed_context(model: Llava, params: Any, visual: Any, ids: Array, mask: Arr
         pos = jnp.argmax(ids == token, axis=-1).astype(jnp.int32)
     groups, n_groups = budget_groups(cfg, visual, coords)
     ctx = PruneContext(vision_tokens=tokens, text_embeds=text, text_mask=mask & (ids != token),
-                       rng=rng, valid=valid, coords=coords, groups=groups, num_groups=n_groups)
+                       rng=rng, valid=valid, coords=coords, groups=groups, num_groups=n_groups,
+                       views=views)
     return ctx, text, pos
 
 

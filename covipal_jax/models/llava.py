@@ -82,6 +82,29 @@ class Llava(nn.Module):
         return anyres.pack_image_features(self.encode_views(pixels), self.image_newline, plan,
                                           grid=self.cfg.vision.grid[0], capacity=capacity)
 
+    def encode_views_stats(self, pixels: Array) -> tuple[VisionOutput, Array]:
+        """Every view with its tower statistics (for per-view pruning, VisionZip):
+        pixels f32[B, C, H, W, 3] -> (VisionOutput with leaves [B, C, ...], projected
+        f32[B, C, n_v, D])."""
+        b, c = pixels.shape[:2]
+        out, vis = self.encode_image(pixels.reshape(b * c, *pixels.shape[2:]), True)
+        out = jax.tree.map(lambda a: a.reshape(b, c, *a.shape[1:]), out)
+        return out, vis.reshape(b, c, *vis.shape[1:])
+
+    def encode_anyres_stats(self, pixels: Array, plan: Array, *, capacity: int):
+        """`encode_anyres` plus the per-view tower statistics: (packed, valid, coords,
+        VisionOutput [B, C, ...])."""
+        out, vis = self.encode_views_stats(pixels)
+        packed = anyres.pack_image_features(vis, self.image_newline, plan,
+                                            grid=self.cfg.vision.grid[0], capacity=capacity)
+        return (*packed, out)
+
+    def encode_video_stats(self, frames: Array) -> tuple[Array, VisionOutput]:
+        """`encode_video` plus the per-frame tower statistics (VisionOutput [B, F, ...])."""
+        out, vis = self.encode_views_stats(frames)
+        return anyres.pack_video_features(vis, self.image_newline,
+                                          grid=self.cfg.vision.grid[0]), out
+
     def encode_video(self, frames: Array) -> Array:
         """OneVision video: frames f32[B, F, H, W, 3] -> f32[B, F*p*p + 1, D] (pooled frames,
         one newline)."""

@@ -94,6 +94,9 @@ class PruneContext:
     groups:         i32[B, n_v] | None  budget group of each slot (image or frame) when the
         budget is split per image / per frame (`visual_inputs.budget_groups`); None: one
         global top-k. num_groups: G (static).
+    views:          `pruning.views.ViewStats` | None  per-view tower statistics of a packed
+        input (AnyRes views, video frames), filled only for methods that prune per view
+        (`per_view = True`, VisionZip); None otherwise.
     """
 
     vision_tokens: Array
@@ -108,6 +111,7 @@ class PruneContext:
     valid: Array | None = None
     coords: Array | None = None
     groups: Array | None = None
+    views: Any = None
     grid: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
     project: Any = flax.struct.field(pytree_node=False, default=None)
     num_groups: int = flax.struct.field(pytree_node=False, default=0)

@@ -16,7 +16,8 @@ import numpy as np
 
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
 from covipal_jax.pruning.registry import register
-from covipal_jax.pruning.select import gather_tokens, masked_select
+from covipal_jax.pruning.select import (KIND_NEWLINE, example_budget, gather_tokens,
+                                       masked_select, masked_topk)
 
 Array = jax.Array
 
@@ -103,17 +104,96 @@ def pool_assignment(h: int, w: int, k: int) -> np.ndarray:
     return a / a.sum(axis=0, keepdims=True)
 
 
-def pool(ctx: PruneContext, k: int, *, mode: str = "stride", project=None) -> PruneResult:
+def _ceil_div(a: Array, b: Array) -> Array:
+    return -((-a) // b)
+
+
+def pool_member(r: Array, c: Array, h: Array, w: Array, m: Array) -> Array:
+    """bool: cell (r, c) of an h x w grid is one of `pool_indices(h, w, m)` (m = 0: none).
+
+    All arguments i32 arrays that broadcast (sizes may be traced: a packed buffer's unpadded
+    crop map); exact integer arithmetic, so it agrees with `pool_indices` (Python's round
+    half-to-even of sqrt(m h / w) included) cell for cell.
+    """
+    r, c, h, w, m = (jnp.asarray(x, jnp.int32) for x in (r, c, h, w, m))
+    h1, w1 = jnp.maximum(h, 1), jnp.maximum(w, 1)
+    mh = m * h1
+    n = jnp.floor(jnp.sqrt(mh.astype(jnp.float32) / w1.astype(jnp.float32))).astype(jnp.int32)
+    n = jnp.where((n + 1) * (n + 1) * w1 <= mh, n + 1, n)      # exact floor(sqrt(m h / w))
+    n = jnp.where(n * n * w1 > mh, n - 1, n)
+    lhs, rhs = 4 * mh, (2 * n + 1) ** 2 * w1                    # sqrt vs n + 0.5
+    gh = jnp.where(lhs > rhs, n + 1, jnp.where(lhs == rhs, n + n % 2, n))
+    gh = jnp.maximum(jnp.maximum(gh, _ceil_div(m, w1)), 1)
+    gh = jnp.maximum(jnp.minimum(jnp.minimum(gh, h1), m), 1)
+    ri = _ceil_div(2 * r * gh - h1, 2 * h1)                    # the only row that can land on r
+    row_ok = (ri >= 0) & (ri < gh) & (((2 * ri + 1) * h1) // (2 * gh) == r)
+    n_r = jnp.maximum((ri + 1) * m // gh - ri * m // gh, 1)
+    ci = _ceil_div(2 * c * n_r - w1, 2 * w1)
+    col_ok = (ci >= 0) & (ci < n_r) & (((2 * ci + 1) * w1) // (2 * n_r) == c)
+    return row_ok & col_ok & (m > 0) & (r < h) & (c < w)
+
+
+def pool_packed(ctx: PruneContext, k: int, keep: float | int) -> PruneResult:
+    """`pool` (stride) on a packed AnyRes / video buffer: the uniform sub-grid of every view.
+
+    Views (from `ctx.coords`): the AnyRes base view (g x g), the unpadded (and, for
+    OneVision's anyres_max, downsampled) crop map as the LLM sees it (out_h x out_w; crops are
+    cut by the unpadding, so the map is pooled as one grid), and each video frame (p x p).
+    The example's budget is the packed one (`select.example_budget(keep, k, valid)`, as
+    random / divprune): the newlines are kept, the rest (budget - newlines) is split over the
+    views in proportion to their sizes (video: evenly over the frames, the remainder to the
+    later frames like `pool_indices` rows), and each view keeps `pool_indices(h, w, m)`.
+    Padding slots are never kept. Returns the static k = `method.k(N)` slots, `valid` False
+    beyond the example's budget.
+    """
+    if ctx.coords is None or ctx.valid is None:
+        raise ValueError("pool on a packed buffer needs PruneContext.coords and valid")
+    kind, row, col = (ctx.coords[..., i] for i in range(3))
+    valid = ctx.valid
+    budget = example_budget(keep, k, valid)
+    nl = valid & (kind == KIND_NEWLINE)
+    m_total = jnp.maximum(budget - jnp.sum(nl, axis=1), 0)[:, None]          # [B, 1]
+
+    def extent(sel):  # (h, w) [B, 1] of the cells where sel
+        h = jnp.max(jnp.where(sel, row, -1), axis=1, keepdims=True) + 1
+        w = jnp.max(jnp.where(sel, col, -1), axis=1, keepdims=True) + 1
+        return h, w
+
+    base, grid, frame = (valid & (kind == x) for x in (0, 1, 3))   # anyres / video kinds
+    n_base = jnp.sum(base, axis=1, keepdims=True)
+    n_grid = jnp.sum(grid, axis=1, keepdims=True)
+    m_base = jnp.round(m_total * n_base / jnp.maximum(n_base + n_grid, 1)).astype(jnp.int32)
+    hb, wb = extent(base)
+    hg, wg = extent(grid)
+    member = base & pool_member(row, col, hb, wb, m_base)
+    member |= grid & pool_member(row, col, hg, wg, m_total - m_base)
+    p = jnp.max(jnp.where(frame, col, -1), axis=1, keepdims=True) + 1        # frame side
+    p1 = jnp.maximum(p, 1)
+    n_frames = jnp.maximum(jnp.sum(frame, axis=1, keepdims=True) // (p1 * p1), 1)
+    f = row // p1
+    m_f = (f + 1) * m_total // n_frames - f * m_total // n_frames
+    member |= frame & pool_member(row % p1, col, p, p, m_f)
+    idx, kept = masked_topk(member.astype(jnp.float32), k, valid, nl, budget)
+    return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
+                       scores=member.astype(jnp.float32), valid=kept)
+
+
+def pool(ctx: PruneContext, k: int, *, mode: str = "stride", project=None,
+         keep: float | int = 1.0) -> PruneResult:
     """Uniform spatial pooling to k tokens.
 
     mode "stride": keep the tokens at `pool_indices(h, w, k)`.
     mode "avg": each kept token is the mean of the projected tokens of its cell (the patches
     nearest to that point), positioned at the point.
+    On a packed AnyRes / video buffer (`ctx.packed`): `pool_packed` (stride only), `keep` the
+    method's budget (the per-example budget of the real tokens).
     """
     del project
-    ctx.refuse_packed("pool", "its sub-grid is defined on one h x w grid; a packed buffer's "
-                      "crops, newlines and padding have no common grid (use random, divprune "
-                      "or ppm, or pool each view before packing)")
+    if ctx.packed:
+        if mode != "stride":
+            ctx.refuse_packed("pool", f"mode {mode!r} averages cells of one h x w grid; on "
+                              "AnyRes / video input pool supports mode='stride' (per view)")
+        return pool_packed(ctx, k, keep)
     h, w = ctx.checked_grid()
     b = ctx.batch
     idx_np = pool_indices(h, w, k)
@@ -184,4 +264,4 @@ class PoolMethod(PreLLMMethod):
         return self.mode == "avg"
 
     def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
-        return pool(ctx, k, mode=self.mode)
+        return pool(ctx, k, mode=self.mode, keep=self.keep)

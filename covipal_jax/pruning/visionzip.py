@@ -30,6 +30,11 @@ Order and positions: with `order="visionzip"` (default, faithful) the tokens ent
 [CLS, dominant..., contextual...] and `indices` follow that order (CLS -> 0, a contextual token
 -> its target's patch index), so `indices` is ascending within each group but not globally.
 `order="spatial"` sorts all tokens by index (CLS stays first).
+
+Packed AnyRes images and videos (`PruneContext.views`): VisionZip per view, as the official
+LLaVA-NeXT code does (`visionzip_packed`; layout, budget per view, no newline for tiled images,
+frames as views for video: see `pruning/visionzip_packed.py`). The official repository has no
+SigLIP path; SigLIP views (OneVision) use the HoliTom score above, view by view.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
+from covipal_jax.pruning import visionzip_packed as vzp
+from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult, resolve_keep
 from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import complement_indices, gather_tokens, topk_indices
 
@@ -94,6 +100,34 @@ def merge_contextual(features: Array, metric: Array, remaining: Array,
     return tgt_feat + agg, tgt_pos
 
 
+def compress(feats: Array, score: Array, keys: Array, cls: Array | None, dom_patches: int,
+             ctx_num: int) -> tuple[Array, Array]:
+    """One view's VisionZip in tower space: [CLS?, dominant..., contextual...].
+
+    feats f32[B, n, Dv]; score f32[B, n] (CLS attention or mean attention received); keys
+    f32[B, n, Hm]; cls f32[B, Dv] | None. Returns (merged f32[B, k, Dv], indices i32[B, k])
+    with k = (cls is not None) + dom_patches + ctx_num; the CLS token takes index 0.
+    """
+    b, n_v, _ = feats.shape
+    parts, pos = [], []
+    if cls is not None:
+        parts.append(cls.astype(jnp.float32)[:, None, :])
+        pos.append(jnp.zeros((b, 1), jnp.int32))
+    if dom_patches:
+        dom_idx = topk_indices(score, dom_patches)
+        parts.append(gather_tokens(feats.astype(jnp.float32), dom_idx))
+        pos.append(dom_idx)
+        remaining = complement_indices(dom_idx, n_v)
+    else:
+        remaining = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
+    if ctx_num:
+        ctx_tok, ctx_pos = merge_contextual(feats, keys, remaining, ctx_num)
+        parts.append(ctx_tok)
+        pos.append(ctx_pos)
+    merged = jnp.concatenate(parts, axis=1).astype(feats.dtype)          # [B, k, Dv]
+    return merged, jnp.concatenate(pos, axis=1).astype(jnp.int32)
+
+
 def visionzip(ctx: PruneContext, k: int, *, project: Callable[[Array], Array],
               dominant: int | None = None, contextual: int | None = None,
               order: str = "visionzip") -> PruneResult:
@@ -121,24 +155,8 @@ def visionzip(ctx: PruneContext, k: int, *, project: Callable[[Array], Array],
     dom_patches = dom_total - 1 if has_cls else dom_total
     if dom_patches < 0:
         raise ValueError("with a CLS token the dominant budget must be >= 1")
-
-    parts, pos = [], []
-    if has_cls:
-        parts.append(ctx.cls_features.astype(jnp.float32)[:, None, :])
-        pos.append(jnp.zeros((b, 1), jnp.int32))
-    if dom_patches:
-        dom_idx = topk_indices(score, dom_patches)
-        parts.append(gather_tokens(feats.astype(jnp.float32), dom_idx))
-        pos.append(dom_idx)
-        remaining = complement_indices(dom_idx, n_v)
-    else:
-        remaining = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
-    if ctx_num:
-        ctx_tok, ctx_pos = merge_contextual(feats, ctx.vision_keys, remaining, ctx_num)
-        parts.append(ctx_tok)
-        pos.append(ctx_pos)
-    merged = jnp.concatenate(parts, axis=1).astype(feats.dtype)          # [B, k, Dv]
-    indices = jnp.concatenate(pos, axis=1).astype(jnp.int32)
+    merged, indices = compress(feats, score, ctx.vision_keys,
+                               ctx.cls_features if has_cls else None, dom_patches, ctx_num)
     if order == "spatial":
         # CLS (index 0, first) stays ahead of a dominant patch 0: argsort is stable.
         perm = jnp.argsort(indices, axis=1, stable=True)
@@ -146,6 +164,55 @@ def visionzip(ctx: PruneContext, k: int, *, project: Callable[[Array], Array],
         indices = jnp.take_along_axis(indices, perm, axis=1)
     tokens = project(merged)
     return PruneResult(tokens=tokens, indices=indices, scores=score)
+
+
+def visionzip_packed(ctx: PruneContext, keep: float | int, *,
+                     project: Callable[[Array], Array], dominant: int | None = None,
+                     contextual: int | None = None) -> PruneResult:
+    """VisionZip per view of a packed AnyRes image / video (`visionzip_packed.py`): every view
+    compressed on its own to k_v = `resolve_keep(keep, view_tokens)` tokens (dominant /
+    contextual per view), laid out as the official LLaVA-NeXT code does.
+
+    Needs ctx.views (`pruning.views.ViewStats`). Returns C*k_v + 1 tokens (C views), `valid`
+    False for padding views and for a tiled image's newline slot; `scores` None.
+    """
+    views = ctx.views
+    if views is None:
+        raise ValueError("visionzip on AnyRes / video input needs PruneContext.views (the "
+                         "per-view tower statistics: `visual_inputs.packed_context`)")
+    b, c, n, _ = views.features.shape
+    k_v = resolve_keep(keep, vzp.view_tokens(views))
+    has_cls = views.cls is not None and views.cls_attention is not None
+    if has_cls:
+        score = views.cls_attention
+    elif views.attention_received is not None:
+        score = views.attention_received
+    else:
+        raise ValueError("visionzip needs per-view cls_attention + cls (CLIP) or "
+                         "attention_received (SigLIP) in PruneContext.views")
+    dom_total, ctx_num = split_budget(k_v, dominant, contextual)
+    dom_patches = dom_total - int(has_cls)
+    if dom_patches < 0:
+        raise ValueError("with a CLS token the dominant budget must be >= 1")
+
+    def flat(x):
+        return None if x is None else x.reshape(b * c, *x.shape[2:])
+
+    merged, pos = compress(flat(views.features), flat(score).astype(jnp.float32),
+                           flat(views.keys), flat(views.cls) if has_cls else None,
+                           dom_patches, ctx_num)
+    tokens = project(merged)
+    tokens = tokens.reshape(b, c, k_v, tokens.shape[-1])
+    pos = pos.reshape(b, c, k_v)
+    if views.kind == vzp.KIND_ANYRES:
+        newline = ctx.vision_tokens[:, n]               # the untiled image's newline slot
+        out, idx, valid = vzp.assemble_anyres(tokens, pos, views, newline, has_cls,
+                                              dom_patches)
+    else:
+        out, idx, valid = vzp.assemble_video(tokens, pos, views, ctx.vision_tokens[:, -1],
+                                             has_cls)
+    return PruneResult(tokens=out.astype(ctx.vision_tokens.dtype), indices=idx, scores=None,
+                       valid=valid)
 
 
 @register
@@ -163,6 +230,7 @@ class VisionZipMethod(PreLLMMethod):
     needs: ClassVar[frozenset[str]] = frozenset(
         {"cls", "cls_attention", "vision_keys", "mean_attention_received", "vision_features"})
     merges: ClassVar[bool] = True
+    per_view: ClassVar[bool] = True  # packed input: one VisionZip per view (visionzip_packed)
     config_keys: ClassVar[tuple[str, ...]] = ("visionzip_dominant_frac:dominant_frac",)
     description: ClassVar[str] = "VisionZip: CLS-attention dominant + key-similarity merge"
     dominant_frac: float | None = None
@@ -190,9 +258,14 @@ class VisionZipMethod(PreLLMMethod):
         return has_cls, n_plain
 
     def select(self, ctx: PruneContext, k: int, variables: Any = None) -> PruneResult:
-        ctx.refuse_packed("visionzip", "it merges tower features of one view; the official "
-                          "LLaVA-NeXT code prunes per crop, which is not ported yet")
         if ctx.project is None:
             raise ValueError("visionzip needs PruneContext.project (the model's projector)")
+        if ctx.packed:
+            if self.order != "visionzip":
+                raise ValueError("visionzip on multi-crop (AnyRes) or video input keeps the "
+                                 "official LLaVA-NeXT layout only (order='visionzip')")
+            k_v = resolve_keep(self.keep, vzp.view_tokens(ctx.views)) if ctx.views else k
+            return visionzip_packed(ctx, self.keep, project=ctx.project,
+                                    dominant=self.dominant_count(k_v))
         return visionzip(ctx, k, project=ctx.project, dominant=self.dominant_count(k),
                          order=self.order)
