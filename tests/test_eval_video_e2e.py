@@ -115,11 +115,10 @@ def test_video_benchmarks_end_to_end_pruned_resumable_one_compile(data, tmp_path
     summary = suite.run(config(), names, {b: data[b] for b in names}, str(out),
                         methods=methods, progress=False, num_workers=0)
     (none, div, vz) = made
-    assert none.num_frames == div.num_frames == FRAMES
-    # VisionZip reads the CLS attention of one view: skipped on video, nothing written.
-    assert not (out / "visionzip_k4").exists()
+    assert none.num_frames == div.num_frames == vz.num_frames == FRAMES
+    assert vz.video_unsupported() is None        # VisionZip prunes each frame (per view)
     n_q = {"videomme": 3, "mvbench": 3, "nextqa": 2}
-    for run in ("none_k16", "divprune_k4"):
+    for run in ("none_k16", "divprune_k4", "visionzip_k4"):
         for b in names:
             recs = hs.load_records(str(out / run / f"{b}.jsonl"))
             assert len(recs) == n_q[b] and not any(r.get("error") for r in recs)
@@ -135,20 +134,21 @@ def test_video_benchmarks_end_to_end_pruned_resumable_one_compile(data, tmp_path
     md = (out / "video_breakdown.md").read_text()
     assert summary["breakdown"] and "| short |" in md and "| Action Sequence |" in md
     assert "| causal |" in md and "none_k16" in md and "divprune_k4" in md
-    assert set(json.loads((out / "results.json").read_text())) == {"none", "divprune"}
+    assert set(json.loads((out / "results.json").read_text())) == {"none", "divprune",
+                                                                    "visionzip"}
     # pruned: the LLM sees keep x the video's slots (4 frames x 2 x 2 + newline = 17 -> 4),
     # one program per (frames bucket, text bucket, k) across all three benchmarks
     frames = np.zeros((FRAMES, 32, 40, 3), np.uint8)
     pred = div.generate_frames([(frames, "what is it ?")], 2)
     assert pred.kept.shape == (1, 4) and pred.num_vision_tokens == 4
     comp = none.sampler.compilations()
-    assert comp["prefill"] == 2 and comp["decode"] == 2, comp  # none + divprune, once each
+    assert comp["prefill"] == 3 and comp["decode"] == 3, comp  # one per method
     with pytest.raises(ValueError, match="num_frames=4"):
         div.generate_frames([(frames[:3], "x")], 2)
     # resume: a rerun answers nothing and reproduces the tables
     made.clear()
     again = suite.run(config(), names, {b: data[b] for b in names}, str(out),
-                      methods=methods[:2], progress=False, num_workers=0)
+                      methods=methods, progress=False, num_workers=0)
     for b in names:
         result = json.loads((out / "divprune_k4" / f"{b}.result.json").read_text())
         assert result["answered_now"] == 0
@@ -244,3 +244,26 @@ def test_eval_cli_runs_the_video_benchmarks(data, tmp_path):
         recs = hs.load_records(str(out / "none_k16" / f"{b}.jsonl"))
         score = json.loads((out / "none_k16" / f"{b}.jsonl.metrics.json").read_text())
         assert bm.get(b).score(recs)["score"] == pytest.approx(score["score"])
+
+
+def test_unsupported_reason_names_single_view_methods():
+    """A method reading one view's tower statistics (and not pruning per view) is refused on
+    packed input with a reason; the suite skips it on video benchmarks with that note."""
+    import dataclasses
+    from typing import ClassVar
+
+    from covipal_jax import pruning
+    from covipal_jax.inference import visual_inputs as vi
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ClsOnly(pruning.PreLLMMethod):
+        name: ClassVar[str] = "cls_only_test"
+        needs: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
+
+        def select(self, ctx, k, variables=None):
+            raise AssertionError("never called")
+
+    why = vi.unsupported_reason(ClsOnly(keep=0.25))
+    assert why and "cls_only_test" in why and "cls_attention" in why
+    assert vi.unsupported_reason(pruning.get("visionzip")(keep=0.25)) is None   # per view
+    assert vi.unsupported_reason(pruning.get("divprune")(keep=0.25)) is None

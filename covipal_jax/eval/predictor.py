@@ -87,14 +87,6 @@ def option_token_ids(tokenizer: Any, template: str | None, letters: Sequence[str
     return {c: i for c, i in found.items() if ids.count(i) == 1}
 
 
-def video_unsupported_needs() -> frozenset:
-    """`PruneContext` fields a video (packed) input does not provide: methods that need them
-    (VisionZip's CLS attention, ...) cannot prune videos."""
-    from covipal_jax.inference import visual_inputs  # noqa: PLC0415
-
-    return frozenset(visual_inputs._UNSUPPORTED_NEEDS)  # noqa: SLF001
-
-
 def method_for(config: Any, method: str, keep: Any) -> PruningMethod:
     """The method value `method` at `keep` (ratio or token count) with the config's other
     pruning settings; a method without a budget (`none`) keeps all tokens.
@@ -232,9 +224,9 @@ class LlavaPredictor:
     def video_unsupported(self) -> str | None:
         """Why the method cannot prune video input (it reads single-view tower statistics,
         e.g. VisionZip's CLS attention), or None when it can."""
-        missing = sorted(self.method.needs & video_unsupported_needs())
-        return (f"pruning method {self.method.name!r} reads {missing} of a single view and "
-                "cannot prune video input") if missing else None
+        from covipal_jax.inference import visual_inputs  # noqa: PLC0415
+
+        return visual_inputs.unsupported_reason(self.method)
 
     def generate_frames(self, batch: Sequence[tuple[np.ndarray, str]], max_new_tokens: int
                         ) -> Prediction:

@@ -238,6 +238,17 @@ def encode_packed_views(model: Llava, params: Any, visual: Any
     return tokens, valid, coords, stats
 
 
+def unsupported_reason(method: PruningMethod) -> str | None:
+    """Why `method` cannot prune a packed input (AnyRes image, several images, video), or None:
+    it reads tower statistics of one view (CLS attention, keys, ...) and does not prune per
+    view (`per_view = True`, VisionZip)."""
+    missing = sorted(method.needs & _UNSUPPORTED_NEEDS)
+    if missing and not getattr(method, "per_view", False):
+        return (f"pruning method {method.name!r} reads {missing} of a single view; not "
+                "available on AnyRes / video input")
+    return None
+
+
 def packed_context(model: Llava, params: Any, visual: Any, ids: Array, mask: Array,
                    method: PruningMethod, rng: Array | None = None
                    ) -> tuple[PruneContext, Array, Array]:
@@ -250,11 +261,10 @@ def packed_context(model: Llava, params: Any, visual: Any, ids: Array, mask: Arr
     get `ctx.views` (`encode_packed_views`).
     """
     cfg = model.cfg
+    why = unsupported_reason(method)
+    if why:
+        raise ValueError(why)
     missing = sorted(method.needs & _UNSUPPORTED_NEEDS)
-    per_view = bool(getattr(method, "per_view", False))  # prunes each view (VisionZip)
-    if missing and not per_view:
-        raise ValueError(f"pruning method {method.name!r} reads {missing} of a single view; "
-                         "not available on AnyRes / video input yet")
     token = placeholder_id(cfg, visual)
     views = None
     if missing:
