@@ -165,15 +165,31 @@ class Encoded:
         return self.vision.shape[1]
 
 
+def visual_from_batch(cfg: Any, batch: dict) -> Any:
+    """The packed visual input of a batch (None for single images): `batch["visual"]`, or the
+    pipeline's flat keys (`data.packed_rows`): `anyres_pixels f32[B, C, S, S, 3]` +
+    `anyres_plan i32[B, 8]` -> `AnyResImage` (capacity of the C-view bucket), `frames
+    f32[B, F, S, S, 3]` -> `Video`."""
+    if batch.get("visual") is not None:
+        return batch["visual"]
+    if "anyres_pixels" in batch:
+        px = batch["anyres_pixels"]
+        return vi.AnyResImage(px, batch["anyres_plan"], anyres.bucket_capacity(cfg, px.shape[1]))
+    if "frames" in batch:
+        return vi.Video(batch["frames"])
+    return None
+
+
 def encode(model: Llava, params: Any, batch: dict) -> Encoded:
     """Tower + projector + embeddings + splice (contiguous positions), all n_v tokens
     (all N slots of a packed `batch["visual"]`, the invalid ones masked)."""
     cfg = model.cfg
     ids, mask, loss_mask = batch["ids"], batch["mask"], batch["loss_mask"]
     valid = coords = None
-    if batch.get("visual") is not None:
-        token = vi.placeholder_id(cfg, batch["visual"])
-        vision, valid, coords = vi.encode_packed(model, params, batch["visual"])
+    visual = visual_from_batch(cfg, batch)
+    if visual is not None:
+        token = vi.placeholder_id(cfg, visual)
+        vision, valid, coords = vi.encode_packed(model, params, visual)
         text = model.apply(params, jnp.where(ids == token, cfg.image_token_id, ids),
                            method=Llava.embed_text)
         image_pos = jnp.argmax(ids == token, axis=-1).astype(jnp.int32)
