@@ -14,8 +14,9 @@ Letters: C views per image (the crop bucket), S crop side, F frames.
   video token.
 A batch is all of one kind (the model's program differs); records of the other kind,
 multi-image records (one packed input per row holds one image) and videos with fewer frames
-than F become weight-0 rows counted in `PipelineStats.wrong_kind`. `train.objectives.encode` turns the keys back into
-`inference.visual_inputs.AnyResImage` / `Video` (`visual_from_batch`).
+than F become weight-0 rows counted in `PipelineStats.wrong_kind`. `train.objectives.encode`
+turns the keys back into `inference.visual_inputs.AnyResImage` / `Video`
+(`visual_from_batch`).
 """
 from __future__ import annotations
 

@@ -319,8 +319,9 @@ def ppm_param_count(cfg: PPMConfig) -> int:
 def ppm_flops(cfg: PPMConfig, n_v: int, t: int) -> int:
     """Matmul FLOPs (2 x MACs) of one PPM forward for n_v vision and t text tokens.
 
-    Counts the input projections, the layout encoding's projection, per layer q/o on vision, k/v on text + vision, the attention
-    scores and the weighted sum (n_v queries x (t + n_v) keys), the MLP, and the head.
+    Counts the input projections, the layout encoding's projection ("layout" PPMs), per layer
+    q/o on vision, k/v on text + vision, the attention scores and the weighted sum (n_v
+    queries x (t + n_v) keys), the MLP, and the head.
     Norms, softmax and biases are ignored (O(n d), negligible).
     """
     dm, d, f, n_l = cfg.d_model, cfg.width, cfg.mlp_width, cfg.num_layers
