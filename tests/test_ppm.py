@@ -50,7 +50,13 @@ def test_shapes_and_dtypes():
         assert s.shape == (3, CFG.n_v) and s.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(s)))
     with pytest.raises(ValueError):
-        model.apply(variables, hv[:, :5], ht, m)
+        model.apply(variables, hv[..., :-1], ht, m)          # wrong LLM width
+    # a "layout" PPM runs on any number of tokens; a "table" one only on its n_v
+    assert model.apply(variables, hv[:, :5], ht, m).shape == (3, 5)
+    table = ppm_lib.PPM(ppm_lib.PPMConfig(**dict(vars(CFG), position="table")))
+    tvars = table.init(jax.random.key(0), hv, ht, m)
+    with pytest.raises(ValueError, match="table"):
+        table.apply(tvars, hv[:, :5], ht, m)
 
 
 def test_padded_text_has_no_influence_but_real_text_does():

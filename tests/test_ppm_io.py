@@ -175,3 +175,24 @@ def test_older_orbax_export_loads_and_converts(tmp_path):
     _, loaded2, meta2 = ppm_io.load_ppm(new, cfg)
     _assert_same(loaded2, variables)
     assert meta2["trained_steps"] == 3 and meta2["base_model"]["name"] == "tiny"
+
+
+def test_format_1_artifact_loads_as_a_table_ppm(tmp_path):
+    """Artifacts written before format 2 have no `ppm.position`: a learned [n_v, d] table."""
+    cfg, pcfg, _ = _setup()
+    tcfg = dataclasses.replace(pcfg, position="table")
+    variables = ppm_io.init_ppm(tcfg, jax.random.key(2))
+    out = ppm_io.save_ppm(str(tmp_path / "ppm"), variables, tcfg, cfg)
+    meta = json.load(open(os.path.join(out, "config.json")))
+    old = {k: v for k, v in meta["ppm"].items()
+           if k not in ("position", "pos_freqs", "index_freqs")}
+    json.dump(dict(meta, format_version=1, ppm=old), open(os.path.join(out, "config.json"), "w"))
+    module, loaded, _ = ppm_io.load_ppm(out, cfg)
+    assert module.cfg == tcfg
+    _assert_same(loaded, variables)
+    # a format-1 config whose tensors are a layout PPM's is a clear mismatch
+    lay = ppm_io.save_ppm(str(tmp_path / "lay"), ppm_io.init_ppm(pcfg, jax.random.key(0)),
+                          pcfg, cfg)
+    json.dump(dict(meta, format_version=1, ppm=old), open(os.path.join(lay, "config.json"), "w"))
+    with pytest.raises(ValueError, match="pos_embedding"):
+        ppm_io.load_ppm(lay, cfg)

@@ -49,7 +49,8 @@ def pruning_config() -> ml_collections.ConfigDict:
 
 def ppm_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        width=256, num_layers=2, num_heads=4, mlp_ratio=4, dropout=0.0))
+        width=256, num_layers=2, num_heads=4, mlp_ratio=4, dropout=0.0,
+        position="layout"))  # layout (any N: AnyRes, video) | table (n_v rows, format 1)
 
 
 def base_config() -> ml_collections.ConfigDict:

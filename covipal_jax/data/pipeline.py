@@ -24,6 +24,11 @@ folder through the `covipal_llava` builder; malformed records are skipped and co
 time, see `tfds_llava.py`, and reported here). The trainer's rows hold one image, so its LLaVA
 source is built with `max_images=1, num_frames=0`: multi-image and video records are counted
 (`too_many_images`, `video_not_enabled`) and skipped.
+
+Packed rows (`packed=data.packed_rows.PackedSpec`, issue 12): one OneVision AnyRes image
+(`anyres_pixels f32[C, S, S, 3]`, `anyres_plan i32[8]`) or one video (`frames f32[F, S, S, 3]`)
+per row instead of `pixels`, static per bucket (C views / F frames); records of the other kind
+are weight-0 rows counted in `stats.wrong_kind`.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from covipal_jax.data import image as image_lib
+from covipal_jax.data import packed_rows
 from covipal_jax.data import text as text_lib
 
 
@@ -64,9 +70,14 @@ def qa_from_record(record: Mapping[str, Any]) -> tuple[np.ndarray, str, str]:
     return np.asarray(images[0]), _str(record["question"]), _str(record["answer"])
 
 
+def _question_answer(record: Mapping[str, Any]) -> tuple[str, str]:
+    return _str(record["question"]), _str(record["answer"])
+
+
 @dataclasses.dataclass
 class PipelineStats:
     too_long: int = 0          # examples that did not fit `max_len` (weight 0)
+    wrong_kind: int = 0        # packed pipelines: records of another media kind (weight 0)
     examples: int = 0          # real examples read by this host
     skipped_at_build: dict = dataclasses.field(default_factory=dict)  # llava: reason -> count
 
@@ -78,7 +89,7 @@ class Pipeline:
                  processor: image_lib.ImageProcessorConfig, template: str, max_len: int,
                  global_batch: int, seed: int = 0, shuffle: bool = True,
                  drop_remainder: bool = True, process_index: int = 0, process_count: int = 1,
-                 record_fn=qa_from_record):
+                 record_fn=qa_from_record, packed: packed_rows.PackedSpec | None = None):
         if global_batch < 1 or global_batch % process_count:
             raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
                              f"{process_count} hosts")
@@ -103,6 +114,7 @@ class Pipeline:
         self.process_index = process_index
         self.process_count = process_count
         self.record_fn = record_fn
+        self.packed = packed
         self.stats = PipelineStats()
         self._lock = threading.Lock()
         self._perm_cache: dict[int, np.ndarray] = {}
@@ -146,12 +158,23 @@ class Pipeline:
     # -- examples ------------------------------------------------------------------------------
 
     def encode(self, record: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
-        """One record -> a row (None when it does not fit `max_len`)."""
-        image, question, answer = self.record_fn(record)
+        """One record -> a row (None when it does not fit `max_len`; a packed pipeline raises
+        `packed_rows.WrongKind` for a record of another media kind)."""
+        if self.packed is not None:
+            question, answer = _question_answer(record)
+            visual = packed_rows.visual_row(self.packed, record)
+        else:
+            image, question, answer = self.record_fn(record)
         row = text_lib.encode_example(self.tokenizer, question, answer, template=self.template,
                                       max_len=self.max_len)
         if row is None:
             return None
+        if self.packed is not None:
+            row["ids"] = packed_rows.fix_placeholder(self.packed, row["ids"],
+                                                     self.tokenizer.image_token_id)
+            row.update(visual)
+            row["weight"] = np.float32(1.0)
+            return row
         row["pixels"] = image_lib.preprocess_one(image, self.processor)
         row["weight"] = np.float32(1.0)
         return row
@@ -167,29 +190,37 @@ class Pipeline:
             mask[-2:] = True
             loss_mask = np.zeros(t, bool)
             loss_mask[-1] = True
-            s = self.processor.crop_size
-            pixels = np.zeros((s, s, 3), np.float32)
-            self._filler = dict(ids=ids, mask=mask, loss_mask=loss_mask, pixels=pixels,
+            self._filler = dict(ids=ids, mask=mask, loss_mask=loss_mask,
                                 weight=np.float32(0.0))
+            if self.packed is not None:
+                self._filler["ids"] = packed_rows.fix_placeholder(
+                    self.packed, ids, self.tokenizer.image_token_id)
+                self._filler.update(packed_rows.filler_row(self.packed))
+            else:
+                s = self.processor.crop_size
+                self._filler["pixels"] = np.zeros((s, s, 3), np.float32)
         return self._filler
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
         """This host's rows of the global batch at `position`, stacked: fixed shapes."""
         rows = []
-        too_long = real = 0
+        too_long = real = wrong = 0
         for i in self.local_indices(position):
             row = None
             if i >= 0:
                 real += 1
-                row = self.encode(self.source[int(i)])
-                if row is None:
-                    too_long += 1
+                try:
+                    row = self.encode(self.source[int(i)])
+                    too_long += row is None
+                except packed_rows.WrongKind:
+                    wrong += 1
             if row is None:
                 row = dict(self._filler_row())
             row["index"] = np.int32(i)
             rows.append(row)
         with self._lock:
             self.stats.too_long += too_long
+            self.stats.wrong_kind += wrong
             self.stats.examples += real
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -254,8 +285,10 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
             raise ValueError("data.kind='llava' needs config.data.json (LLaVA-format .json/.jsonl)")
         if not d.images:
             raise ValueError("data.kind='llava' needs config.data.images (the image folder)")
+        # packed video training keeps the video records (`data.num_frames` frames each)
+        frames = int(d.get("num_frames", 8)) if d.get("packed", "") == "video" else 0
         b = tfds_llava.llava_builder(directory, d.name, {d.split: absolute(d.json)},
-                                     absolute(d.images), max_images=1, num_frames=0)
+                                     absolute(d.images), max_images=1, num_frames=frames)
         if prepare:
             b.download_and_prepare()
         skipped = dict(b.skipped.get(d.split, {}))
@@ -265,12 +298,21 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
 
 def from_config(config: Any, source: Sequence[Mapping[str, Any]], *, tokenizer,
                 processor, global_batch: int, process_index: int = 0, process_count: int = 1,
-                seed_offset: int = 0, skipped: dict | None = None) -> Pipeline:
+                seed_offset: int = 0, skipped: dict | None = None,
+                model_cfg: Any = None) -> Pipeline:
+    """`config.data.packed` = "anyres" | "video" (with `data.num_frames`) builds packed rows
+    for the LLaVA `model_cfg` (`data.packed_rows`); "" (default) single-image rows."""
     d = config.data
+    packed = None
+    if d.get("packed", ""):
+        if model_cfg is None:
+            raise ValueError("config.data.packed needs the model config (model_cfg=)")
+        packed = packed_rows.PackedSpec.for_model(model_cfg, d.packed,
+                                                  num_frames=int(d.get("num_frames", 0)))
     p = Pipeline(source, tokenizer=tokenizer, processor=processor, template=config.template,
                  max_len=int(d.max_len), global_batch=global_batch,
                  seed=int(d.seed) + seed_offset, shuffle=bool(d.shuffle),
                  drop_remainder=bool(d.drop_remainder), process_index=process_index,
-                 process_count=process_count)
+                 process_count=process_count, packed=packed)
     p.stats.skipped_at_build = dict(skipped or {})
     return p

@@ -5,11 +5,20 @@ classifier over the projected vision tokens H_v and the text tokens H_t; the LLM
 I = TopK(S, r * n_v) before its first layer. The paper does not publish the architecture;
 this one is covipal_jax's design:
 
-    H_v f32[B, n_v, D] --LN--Dense(D->d)--+ pos_emb[n_v, d] --\
-    H_t f32[B, T, D]   --LN--Dense(D->d)--+ type_emb[d] -------+--> num_layers x Block --> LN
-                                                                     --> Dense(d->1) --> S[B, n_v]
-    Block (pre-LN): v += MHA(q = LN1(v), kv = LN1([t ; v]), key mask = [text_mask ; 1])
+    H_v f32[B, N, D] --LN--Dense(D->d)--+ pos[B, N, d] --\
+    H_t f32[B, T, D] --LN--Dense(D->d)--+ type_emb[d] ---+--> num_layers x Block --> LN
+                                                               --> Dense(d->1) --> S[B, N]
+    Block (pre-LN): v += MHA(q = LN1(v), kv = LN1([t ; v]), key mask = [text_mask ; valid])
                     v += MLP(LN2(v))          (text tokens are keys/values only, never updated)
+
+Positional information (`PPMConfig.position`):
+- "layout" (the default): computed from the slots' layout `coords (kind, row, col)`
+  (`pruning/ppm_layout.py`): `Dense(F_in -> d)(Fourier features of the view / frame index and
+  the normalized row, col) + kind_embedding[kind]` (base view, crop grid, newline, frame).
+  Any N: one PPM serves single images (coords built from the h x w grid), AnyRes images and
+  videos; padding slots (`valid` False) are no keys and get score -inf.
+- "table": a learned table pos_embedding[n_v, d] (PPM artifacts of format 1): runs only on
+  inputs of exactly n_v tokens.
 
 Letters: B batch, T text length, D LLM width, d PPM width (`width`), N PPM heads, H PPM head
 dim, F PPM MLP width, L PPM layers. Compute is f32 whatever the input dtype (bf16 inputs are
@@ -30,17 +39,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.models.layers import dense, kernel_init, layer_norm
+from covipal_jax.models.layers import dense, kernel_init, layer_norm, zeros_init
+from covipal_jax.pruning import ppm_layout
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
 from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import gather_tokens, masked_select
 
 Array = jax.Array
+POSITIONS = ("layout", "table")
 
 
 @dataclasses.dataclass(frozen=True)
 class PPMConfig:
-    """PPM hyperparameters. `n_v` (vision tokens) and `d_model` (LLM width D) are static."""
+    """PPM hyperparameters. `d_model` (LLM width D) is static; `n_v` is the base model's
+    single-view token count (the only length a "table" PPM runs on; a "layout" PPM runs on any
+    N). `pos_freqs` / `index_freqs`: Fourier frequencies of the layout encoding."""
 
     n_v: int
     d_model: int
@@ -50,11 +63,18 @@ class PPMConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     ln_eps: float = 1e-6
+    position: str = "layout"
+    pos_freqs: int = 6
+    index_freqs: int = 4
 
     def __post_init__(self):
+        if self.position not in POSITIONS:
+            raise ValueError(f"PPMConfig.position must be one of {POSITIONS}, "
+                             f"got {self.position!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        for f in ("n_v", "d_model", "width", "num_layers", "num_heads", "mlp_ratio"):
+        for f in ("n_v", "d_model", "width", "num_layers", "num_heads", "mlp_ratio",
+                  "pos_freqs"):
             if getattr(self, f) < 1:
                 raise ValueError(f"PPMConfig.{f} must be >= 1")
 
@@ -65,6 +85,13 @@ class PPMConfig:
     @property
     def mlp_width(self) -> int:
         return self.width * self.mlp_ratio
+
+    @property
+    def layout_features(self) -> int:
+        """F_in: the layout encoding's input features (0 for a "table" PPM)."""
+        if self.position != "layout":
+            return 0
+        return ppm_layout.num_features(self.pos_freqs, self.index_freqs)
 
 
 def _init(names, stddev=0.02):
@@ -115,47 +142,73 @@ class PPMBlock(nn.Module):
 
 
 class PPM(nn.Module):
-    """The Plug-and-Play Pruning Module: `apply(params, H_v, H_t, text_mask) -> S f32[B, n_v]`.
+    """The Plug-and-Play Pruning Module: `apply(params, H_v, H_t, text_mask) -> S f32[B, N]`.
 
     Param tree: in_norm_v, in_norm_t (LayerNorm over D), v_proj, t_proj (Dense D->d),
-    pos_embedding [n_v, d], text_type_embedding [d], blocks/ (stacked [L, ...]: ln1, q, k, v,
-    o, ln2, fc1, fc2), final_norm, head (Dense d->1).
+    "layout": pos_proj (Dense F_in->d), kind_embedding [4, d]; "table": pos_embedding [n_v, d];
+    text_type_embedding [d], blocks/ (stacked [L, ...]: ln1, q, k, v, o, ln2, fc1, fc2),
+    final_norm, head (Dense d->1).
     """
 
     cfg: PPMConfig
 
     @nn.compact
     def __call__(self, vision_tokens: Array, text_embeds: Array, text_mask: Array,
-                 deterministic: bool = True) -> Array:
-        """vision_tokens: [B, n_v, D]; text_embeds: [B, T, D]; text_mask: bool[B, T].
+                 deterministic: bool = True, *, coords: Array | None = None,
+                 valid: Array | None = None) -> Array:
+        """vision_tokens: [B, N, D]; text_embeds: [B, T, D]; text_mask: bool[B, T];
+        coords: i32[B, N, 3] (kind, row, col) per slot, None for a plain image (an
+        `ppm_layout.default_grid(N)` grid); valid: bool[B, N] real slots (None: all, or
+        coords' kind != -1).
 
-        Returns scores f32[B, n_v]. Padded text (text_mask False) has no influence.
+        Returns scores f32[B, N], -inf on invalid slots. Padded text (text_mask False) and
+        invalid slots have no influence on the other scores.
         """
         c = self.cfg
         b, n_v, dm = vision_tokens.shape
-        if n_v != c.n_v or dm != c.d_model:
-            raise ValueError(f"vision_tokens {vision_tokens.shape} != (B, n_v={c.n_v}, "
-                             f"d_model={c.d_model})")
+        if dm != c.d_model or (c.position == "table" and n_v != c.n_v):
+            want = f"n_v={c.n_v}" if c.position == "table" else "N"
+            raise ValueError(f"vision_tokens {vision_tokens.shape} != (B, {want}, "
+                             f"d_model={c.d_model})"
+                             + (" (a position='table' PPM of format 1 runs only on its n_v "
+                                "tokens; retrain with position='layout' for other layouts)"
+                                if c.position == "table" and dm == c.d_model else ""))
         if text_embeds.shape[-1] != c.d_model:
             raise ValueError(f"text_embeds width {text_embeds.shape[-1]} != {c.d_model}")
+        if coords is not None and coords.shape != (b, n_v, 3):
+            raise ValueError(f"coords {coords.shape} != (B, N, 3) = {(b, n_v, 3)}")
+        if valid is None and coords is not None:
+            valid = coords[..., 0] != ppm_layout.KIND_INVALID
+        vmask = jnp.ones((b, n_v), bool) if valid is None else valid.astype(bool)
         xv = vision_tokens.astype(jnp.float32)
         xt = text_embeds.astype(jnp.float32)
         text_mask = text_mask.astype(bool)
-        # Zero the padded text so nothing non-finite there can leak through 0 * inf.
+        # Zero the padded text / slots so nothing non-finite there can leak through 0 * inf.
         xt = jnp.where(text_mask[..., None], xt, 0.0)
+        if valid is not None:
+            xv = jnp.where(vmask[..., None], xv, 0.0)
 
         v = _dense(c.width, ("embed", "ppm_embed"), "v_proj")(_ln(c.ln_eps, "embed",
                                                                   "in_norm_v")(xv))
         t = _dense(c.width, ("embed", "ppm_embed"), "t_proj")(_ln(c.ln_eps, "embed",
                                                                   "in_norm_t")(xt))
-        pos = self.param("pos_embedding", _init((None, "ppm_embed")), (c.n_v, c.width),
-                         jnp.float32)
+        if c.position == "table":
+            pos = self.param("pos_embedding", _init((None, "ppm_embed")), (c.n_v, c.width),
+                             jnp.float32)[None]
+        else:
+            if coords is None:
+                coords = ppm_layout.single_image_coords(b, ppm_layout.default_grid(n_v))
+            kind, feats = ppm_layout.layout_features(coords, c.pos_freqs, c.index_freqs)
+            table = self.param("kind_embedding", zeros_init((None, "ppm_embed")),
+                               (ppm_layout.NUM_KINDS, c.width), jnp.float32)
+            pos = _dense(c.width, (None, "ppm_embed"), "pos_proj")(feats)
+            pos = pos + jnp.take(table, kind, axis=0)
         typ = self.param("text_type_embedding", _init(("ppm_embed",)), (c.width,),
                          jnp.float32)
-        v = nn.with_logical_constraint(v + pos[None], ("act_batch", "act_length", "ppm_embed"))
+        v = nn.with_logical_constraint(v + pos, ("act_batch", "act_length", "ppm_embed"))
         t = nn.with_logical_constraint(t + typ, ("act_batch", "act_length", "ppm_embed"))
 
-        key_valid = jnp.concatenate([text_mask, jnp.ones((b, n_v), bool)], axis=1)
+        key_valid = jnp.concatenate([text_mask, vmask], axis=1)
         key_bias = jnp.where(key_valid, 0.0, -jnp.inf)[:, None, None, :].astype(jnp.float32)
 
         blocks = nn.scan(
@@ -165,8 +218,18 @@ class PPM(nn.Module):
         v, _ = blocks(v, t, key_bias)
 
         v = _ln(c.ln_eps, "ppm_embed", "final_norm")(v)
-        s = _dense(1, ("ppm_embed", None), "head")(v)[..., 0]
-        return s.astype(jnp.float32)
+        s = _dense(1, ("ppm_embed", None), "head")(v)[..., 0].astype(jnp.float32)
+        return s if valid is None else jnp.where(vmask, s, -jnp.inf)
+
+
+def context_layout(ctx: PruneContext) -> tuple[Array | None, Array | None]:
+    """(coords, valid) the PPM reads from a `PruneContext`: the packed layout as is; a plain
+    image gets its (h, w) = `ctx.grid` coords (or `default_grid(n_v)` when grid is unset)."""
+    if ctx.coords is not None or ctx.valid is not None:
+        return ctx.coords, ctx.valid
+    h, w = ctx.grid
+    grid = (h, w) if h * w == ctx.n_v else ppm_layout.default_grid(ctx.n_v)
+    return ppm_layout.single_image_coords(ctx.batch, grid), None
 
 
 # ----------------------------------------------------------------------------- the method
@@ -177,12 +240,20 @@ def ppm(ctx: PruneContext, k: int, *, module: PPM, variables: Any,
 
     `module` is a `PPM`, `variables` its `{"params": ...}`. `project` is unused (the PPM
     scores the already projected tokens). On a packed buffer (`ctx.valid`) the top-k is
-    `select.masked_select` (padding never kept, newlines kept, per-example budget from `keep`);
-    the PPM's position table still has `PPMConfig.n_v` rows, so it runs only when the buffer
-    length equals it (a layout-aware position encoding is issue 12's next part).
+    `select.masked_select` (padding never kept, newlines kept, per-example budget from `keep`).
+    A "layout" PPM reads the slots' coords (`context_layout`), so one PPM serves single images,
+    AnyRes images and videos; a "table" PPM (format-1 artifacts) runs only on exactly its n_v
+    tokens.
     """
     del project
-    scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask)
+    c = module.cfg
+    if c.position == "table":
+        scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask,
+                              valid=ctx.valid)
+    else:
+        coords, valid = context_layout(ctx)
+        scores = module.apply(variables, ctx.vision_tokens, ctx.text_embeds, ctx.text_mask,
+                              coords=coords, valid=valid)
     idx, kept = masked_select(ctx, scores, k, keep)
     return PruneResult(tokens=gather_tokens(ctx.vision_tokens, idx), indices=idx,
                        scores=scores, valid=kept)
@@ -232,7 +303,10 @@ def ppm_param_count(cfg: PPMConfig) -> int:
     """Analytic parameter count of `PPM(cfg)` (equals the initialized tree's size)."""
     dm, d, f, n_l = cfg.d_model, cfg.width, cfg.mlp_width, cfg.num_layers
     inputs = 2 * (2 * dm) + 2 * (dm * d + d)          # two input LayerNorms + two projections
-    embeds = cfg.n_v * d + d                           # vision positions + text type
+    if cfg.position == "table":
+        embeds = cfg.n_v * d + d                       # vision positions + text type
+    else:                                              # kind table + pos_proj + text type
+        embeds = ppm_layout.NUM_KINDS * d + (cfg.layout_features * d + d) + d
     block = (2 * d                                     # ln1
              + 3 * (d * d + d)                         # q, k, v (bias [N, H] = d)
              + (d * d + d)                             # o
@@ -245,8 +319,9 @@ def ppm_param_count(cfg: PPMConfig) -> int:
 def ppm_flops(cfg: PPMConfig, n_v: int, t: int) -> int:
     """Matmul FLOPs (2 x MACs) of one PPM forward for n_v vision and t text tokens.
 
-    Counts the input projections, per layer q/o on vision, k/v on text + vision, the attention
-    scores and the weighted sum (n_v queries x (t + n_v) keys), the MLP, and the head.
+    Counts the input projections, the layout encoding's projection ("layout" PPMs), per layer
+    q/o on vision, k/v on text + vision, the attention scores and the weighted sum (n_v
+    queries x (t + n_v) keys), the MLP, and the head.
     Norms, softmax and biases are ignored (O(n d), negligible).
     """
     dm, d, f, n_l = cfg.d_model, cfg.width, cfg.mlp_width, cfg.num_layers
@@ -258,7 +333,8 @@ def ppm_flops(cfg: PPMConfig, n_v: int, t: int) -> int:
                  + 2 * n_v * d * d                     # o
                  + 2 * 2 * n_v * d * f)                # fc1, fc2
     head = 2 * n_v * d
-    return proj + n_l * per_layer + head
+    layout = 2 * n_v * cfg.layout_features * d        # pos_proj ("layout" PPMs)
+    return proj + layout + n_l * per_layer + head
 
 
 def llm_param_count(num_layers: int = 32, d_model: int = 4096, mlp: int = 11008,

@@ -95,7 +95,7 @@ def make_eval(model, ppm_module, spec: objectives.ObjectiveSpec):
         labels, ok, _ = objectives.guide_labels(model, frozen, enc, spec)
         scores = objectives.ppm_scores(ppm_module, params, enc)
         w = batch["weight"] * ok
-        r = objectives.topk_recall(scores, labels, spec.k)
+        r = objectives.topk_recall(scores, labels, spec.k_for(enc.n_v))
         return {"recall_sum": jnp.sum(r * w), "weight": jnp.sum(w)}
 
     return evaluate
@@ -211,7 +211,7 @@ class Trainer:
         return pipeline_lib.from_config(
             self.config, self._sources(), tokenizer=self.tokenizer, processor=self.processor,
             global_batch=self.global_batch, process_index=self.pi, process_count=self.pc,
-            seed_offset=plan.index, skipped=self._skipped)
+            seed_offset=plan.index, skipped=self._skipped, model_cfg=self.cfg)
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -8,6 +8,14 @@ The LLaVA is frozen; only the PPM is differentiated. A training batch (see
 answer, one image placeholder), `mask bool[B, T]`, `loss_mask bool[B, T]` (the answer tokens,
 end token included) and `weight f32[B]` (0 for padding / unusable rows).
 
+Packed inputs (issue 12): `batch["visual"]` an `inference.visual_inputs.AnyResImage` / `Video`
+instead of `pixels` (the placeholder in `ids` is then the image or the video token): the frozen
+model packs it into N slots with `valid` / `coords` (`encode_packed`), all N are spliced and the
+invalid ones masked out of the sequence (`anyres.mask_invalid_slots`, the LLM sees HF's compact
+sequence), the PPM scores the slots with their layout, and every loss, target and budget counts
+the real slots only (n_v below is then N; the stage-1 MSE scale is the example's real count).
+The static k of a packed bucket is `ObjectiveSpec.k_for(N)` (the keep ratio of k / n_v).
+
 The PPM always sees what it sees at inference: the projected vision tokens H_v and the prompt's
 text embeddings (`mask & ids != image & ~loss_mask`: the answer is hidden from it).
 
@@ -63,6 +71,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from covipal_jax.inference import visual_inputs as vi
+from covipal_jax.models import anyres
 from covipal_jax.models.llava import Llava
 from covipal_jax.models.multimodal import image_positions, splice
 from covipal_jax.pruning import select
@@ -106,6 +116,10 @@ class ObjectiveSpec:
     def keep_ratio(self) -> float:
         return self.k / self.n_v
 
+    def k_for(self, n: int) -> int:
+        """The static k for n vision slots: k itself for n_v, else the same keep ratio."""
+        return self.k if n == self.n_v else max(1, min(n, round(self.keep_ratio * n)))
+
     @classmethod
     def from_config(cls, train_cfg: Any, llava_cfg: Any, stage: int) -> "ObjectiveSpec":
         """From `config.train` (see configs/common.py `train_config`) for one stage."""
@@ -130,7 +144,8 @@ class Encoded:
     """The frozen model's inputs for one batch.
 
     vision f32[B, n_v, D] (H_v); text f32[B, T, D] (H_t); ppm_text_mask bool[B, T];
-    seq f32[B, L, D]; seq_mask, is_vis, answer bool[B, L]; positions i32[B, L]; image_pos i32[B].
+    seq f32[B, L, D]; seq_mask, is_vis, answer bool[B, L]; positions i32[B, L]; image_pos i32[B];
+    packed inputs only (else None): valid bool[B, n_v], coords i32[B, n_v, 3].
     """
 
     vision: Array
@@ -142,26 +157,60 @@ class Encoded:
     is_vis: Array
     image_pos: Array
     answer: Array
+    valid: Array | None = None
+    coords: Array | None = None
+
+    @property
+    def n_v(self) -> int:
+        return self.vision.shape[1]
+
+
+def visual_from_batch(cfg: Any, batch: dict) -> Any:
+    """The packed visual input of a batch (None for single images): `batch["visual"]`, or the
+    pipeline's flat keys (`data.packed_rows`): `anyres_pixels f32[B, C, S, S, 3]` +
+    `anyres_plan i32[B, 8]` -> `AnyResImage` (capacity of the C-view bucket), `frames
+    f32[B, F, S, S, 3]` -> `Video`."""
+    if batch.get("visual") is not None:
+        return batch["visual"]
+    if "anyres_pixels" in batch:
+        px = batch["anyres_pixels"]
+        return vi.AnyResImage(px, batch["anyres_plan"], anyres.bucket_capacity(cfg, px.shape[1]))
+    if "frames" in batch:
+        return vi.Video(batch["frames"])
+    return None
 
 
 def encode(model: Llava, params: Any, batch: dict) -> Encoded:
-    """Tower + projector + embeddings + splice (contiguous positions), all n_v tokens."""
+    """Tower + projector + embeddings + splice (contiguous positions), all n_v tokens
+    (all N slots of a packed `batch["visual"]`, the invalid ones masked)."""
     cfg = model.cfg
     ids, mask, loss_mask = batch["ids"], batch["mask"], batch["loss_mask"]
-    _, vision = model.apply(params, batch["pixels"], False, method=Llava.encode_image)
-    text = model.apply(params, ids, method=Llava.embed_text)
-    image_pos = image_positions(ids, cfg.image_token_id)
+    valid = coords = None
+    visual = visual_from_batch(cfg, batch)
+    if visual is not None:
+        token = vi.placeholder_id(cfg, visual)
+        vision, valid, coords = vi.encode_packed(model, params, visual)
+        text = model.apply(params, jnp.where(ids == token, cfg.image_token_id, ids),
+                           method=Llava.embed_text)
+        image_pos = jnp.argmax(ids == token, axis=-1).astype(jnp.int32)
+    else:
+        token = cfg.image_token_id
+        _, vision = model.apply(params, batch["pixels"], False, method=Llava.encode_image)
+        text = model.apply(params, ids, method=Llava.embed_text)
+        image_pos = image_positions(ids, cfg.image_token_id)
     n_v = vision.shape[1]
     idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), vision.shape[:2])
     seq, seq_mask, positions, is_vis = splice(text, mask, image_pos, vision, idx,
                                               "contiguous", n_v)
+    if valid is not None:
+        seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, image_pos, valid)
     # Answer tokens all sit after the image: text index t > p lands at sequence index
     # t + n_v - 1, so a shifted copy of loss_mask marks them (loss_mask is False up to p).
     b = ids.shape[0]
     answer = jnp.concatenate([jnp.zeros((b, n_v - 1), bool), loss_mask.astype(bool)], axis=1)
-    ppm_text_mask = mask & (ids != cfg.image_token_id) & ~loss_mask.astype(bool)
+    ppm_text_mask = mask & (ids != token) & ~loss_mask.astype(bool)
     return Encoded(vision, text, ppm_text_mask, seq, seq_mask, positions, is_vis, image_pos,
-                   answer & seq_mask)
+                   answer & seq_mask, valid, coords)
 
 
 def query_rows(enc: Encoded, n_v: int, label_queries: str,
@@ -192,10 +241,11 @@ def labels_from_rows(model: Llava, params: Any, h: Array, enc: Encoded,
     Returns (labels f32[B, n_v], summing to 1 per example; valid bool[B]: some query row saw
     the image).
     """
-    rows, valid = query_rows(enc, spec.n_v, spec.label_queries, spec.label_answer_queries)
+    n_v = enc.n_v
+    rows, valid = query_rows(enc, n_v, spec.label_queries, spec.label_answer_queries)
     probs = model.apply(params, h, method=Llava.attention_rows, layer=spec.guide_layer,
                         positions=enc.positions, key_valid=enc.seq_mask, rows=rows)
-    vis = select.slice_span(probs, enc.image_pos, spec.n_v, axis=3)    # [B, N, R, n_v]
+    vis = select.slice_span(probs, enc.image_pos, n_v, axis=3)         # [B, N, R, n_v]
     received = jnp.einsum("bnri,br->bi", vis, valid.astype(vis.dtype))
     total = jnp.sum(received, axis=-1, keepdims=True)
     ok = total[:, 0] > 0
@@ -220,9 +270,28 @@ def _wmean(x: Array, w: Array) -> Array:
     return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-9)
 
 
-def stage1_per_example(scores: Array, labels: Array, kind: str, k: int) -> Array:
-    """Per-example stage-1 loss f32[B] of scores f32[B, n_v] against labels f32[B, n_v]."""
+def stage1_per_example(scores: Array, labels: Array, kind: str, k: int,
+                       valid: Array | None = None) -> Array:
+    """Per-example stage-1 loss f32[B] of scores f32[B, n_v] against labels f32[B, n_v].
+
+    valid bool[B, n_v] (packed inputs): only the real slots count (the MSE's scale is the
+    example's real count; invalid slots have label 0 and any score, -inf included)."""
     n_v = scores.shape[-1]
+    if valid is not None:
+        cnt = jnp.maximum(jnp.sum(valid, axis=-1), 1).astype(jnp.float32)
+        if kind == "mse":
+            s = jnp.where(valid, scores, 0.0)
+            err = jnp.where(valid, (s - cnt[:, None] * labels) ** 2, 0.0)
+            return jnp.sum(err, axis=-1) / cnt
+        if kind == "pairwise":
+            pair_ok = valid[:, :, None] & valid[:, None, :]
+            s = jnp.where(valid, scores, 0.0)
+            gap = labels[:, :, None] - labels[:, None, :]
+            w = jnp.where(pair_ok, jnp.maximum(gap, 0.0), 0.0)
+            pair = jax.nn.softplus(s[:, None, :] - s[:, :, None])
+            return jnp.sum(w * pair, axis=(1, 2)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1e-12)
+        scores = jnp.where(valid, scores, -1e30)  # kl / listwise: exp() of a padding slot is 0
+        labels = jnp.where(valid, labels, 0.0)
     if kind == "mse":
         return jnp.mean((scores - n_v * labels) ** 2, axis=-1)
     if kind == "kl":
@@ -259,7 +328,8 @@ def vision_key_bias(values: Array, enc: Encoded) -> Array:
     return jnp.where(enc.is_vis, jnp.take_along_axis(values, src, axis=1), 0.0)
 
 
-def keep_bias(scores: Array, enc: Encoded, k: int, hard: bool = False) -> tuple[Array, Array]:
+def keep_bias(scores: Array, enc: Encoded, k: int, hard: bool = False,
+              kept: Array | None = None) -> tuple[Array, Array]:
     """The stage-2 attention bias f32[B, L] and keep probabilities p = sigmoid(s) f32[B, n_v].
 
     Soft: log p on vision keys. Hard (straight-through): forward 0 on the top-k / HARD_NEG on
@@ -267,13 +337,14 @@ def keep_bias(scores: Array, enc: Encoded, k: int, hard: bool = False) -> tuple[
     """
     logp = jax.nn.log_sigmoid(scores)
     if hard:
-        kept = select.keep_mask(select.topk_indices(scores, k), scores.shape[-1])
+        if kept is None:  # bool[B, n_v] hard keep set (default: top-k of the scores)
+            kept = select.keep_mask(select.topk_indices(scores, k), scores.shape[-1])
         hard_bias = jnp.where(kept, 0.0, HARD_NEG)
         logp = logp + jax.lax.stop_gradient(hard_bias - logp)
     return vision_key_bias(logp, enc), jax.nn.sigmoid(scores)
 
 
-def answer_logits(model: Llava, params: Any, h: Array, n_v: int) -> Array:
+def answer_logits(model: Llava, params: Any, h: Array, n_v: int) -> Array:  # n_v: slots
     """Logits of the rows that predict text tokens 1..T-1: f32[B, T-1, V].
 
     Sequence row j predicts token j + 1; text token t > p sits at row t + n_v - 1, so rows
@@ -309,35 +380,48 @@ def prepare(model: Llava, params: Any, batch: dict, spec: ObjectiveSpec) -> Prep
         return Prepared(enc, labels, ok)
     h, _ = model.apply(params, h, method=Llava.run, positions=enc.positions,
                        key_valid=enc.seq_mask, start=spec.guide_layer)
-    teacher = jax.nn.log_softmax(answer_logits(model, params, h, spec.n_v), axis=-1)
+    teacher = jax.nn.log_softmax(answer_logits(model, params, h, enc.n_v), axis=-1)
     return Prepared(enc, labels, ok, jax.lax.stop_gradient(teacher))
 
 
 def ppm_scores(ppm_module: Any, ppm_params: Any, enc: Encoded, rng: Array | None = None,
                deterministic: bool = True) -> Array:
-    """PPM scores f32[B, n_v] of the batch's H_v and the prompt's text (answer hidden)."""
+    """PPM scores f32[B, n_v] of the batch's H_v and the prompt's text (answer hidden);
+    packed inputs: with their layout, -inf on invalid slots."""
     rngs = None if deterministic or rng is None else {"dropout": rng}
+    kw = {} if enc.valid is None else {"valid": enc.valid}
+    if enc.coords is not None and ppm_module.cfg.position == "layout":
+        kw["coords"] = enc.coords
     return ppm_module.apply({"params": ppm_params}, enc.vision, enc.text, enc.ppm_text_mask,
-                            deterministic=deterministic, rngs=rngs)
+                            deterministic=deterministic, rngs=rngs, **kw)
 
 
 def loss_fn(ppm_params: Any, *, ppm_module: Any, model: Llava, params: Any, prep: Prepared,
             batch: dict, spec: ObjectiveSpec, step: Array, rng: Array | None = None,
             deterministic: bool = True) -> tuple[Array, dict]:
     """The scalar loss (mean over the global batch) and metrics, differentiable in ppm_params."""
-    scores = ppm_scores(ppm_module, ppm_params, prep.enc, rng, deterministic)
+    enc = prep.enc
+    k = spec.k_for(enc.n_v)
+    scores = ppm_scores(ppm_module, ppm_params, enc, rng, deterministic)
     w_ex = batch["weight"].astype(jnp.float32)
     w_lab = w_ex * prep.label_ok
-    recall = _wmean(topk_recall(scores, prep.labels, spec.k), w_lab)
+    recall = _wmean(topk_recall(scores, prep.labels, k), w_lab)
     metrics = {"recall": recall, "examples": jnp.sum(w_ex)}
     if spec.stage == 1:
-        loss = _wmean(stage1_per_example(scores, prep.labels, spec.loss, spec.k), w_lab)
+        loss = _wmean(stage1_per_example(scores, prep.labels, spec.loss, k, enc.valid), w_lab)
     else:
-        bias, p = keep_bias(scores, prep.enc, spec.k, spec.hard)
-        enc = prep.enc
+        if enc.valid is not None:  # hard top-k on the -inf-masked scores; soft p on real slots
+            kept = select.keep_mask(select.topk_indices(scores, k), enc.n_v)
+            scores = jnp.where(enc.valid, scores, 0.0)
+            bias, p = keep_bias(scores, enc, k, spec.hard, kept=kept)
+            real = enc.valid.astype(jnp.float32)
+            mean_p = jnp.sum(p * real, -1) / jnp.maximum(jnp.sum(real, -1), 1.0)
+        else:
+            bias, p = keep_bias(scores, enc, k, spec.hard)
+            mean_p = jnp.mean(p, axis=-1)
         h, _ = model.apply(params, enc.seq, method=Llava.run, positions=enc.positions,
                            key_valid=enc.seq_mask, bias=bias)
-        logits = answer_logits(model, params, h, spec.n_v)
+        logits = answer_logits(model, params, h, enc.n_v)
         logq = jax.nn.log_softmax(logits, axis=-1)
         w = answer_weights(batch)
         denom = jnp.maximum(jnp.sum(w), 1e-9)
@@ -347,9 +431,9 @@ def loss_fn(ppm_params: Any, *, ppm_module: Any, model: Llava, params: Any, prep
         t = prep.teacher_logp
         kl_tok = jnp.sum(jnp.exp(t) * (t - logq), axis=-1)
         kl = jnp.sum(jnp.where(w > 0, kl_tok, 0.0) * w) / denom
-        budget = _wmean((jnp.mean(p, axis=-1) - spec.keep_ratio) ** 2, w_ex)
+        budget = _wmean((mean_p - spec.keep_ratio) ** 2, w_ex)
         loss = lm + spec.lambda_kl * kl + spec.lambda_budget * budget
-        metrics.update(lm=lm, kl=kl, budget=budget, keep_prob=_wmean(jnp.mean(p, -1), w_ex),
+        metrics.update(lm=lm, kl=kl, budget=budget, keep_prob=_wmean(mean_p, w_ex),
                        answer_tokens=jnp.sum(w))
     if spec.inject_nan_step >= 0:
         loss = jnp.where(step == spec.inject_nan_step, jnp.nan, loss)

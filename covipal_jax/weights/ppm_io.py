@@ -2,7 +2,7 @@
 
 A trained PPM is a directory (local or `gs://`), shareable like a Hugging Face model:
 - `model.safetensors`: the PPM variables, keys `params.<module path joined by ".">`;
-- `config.json`: `{"format": "covipal_ppm", "format_version": 1, "ppm": PPMConfig,
+- `config.json`: `{"format": "covipal_ppm", "format_version": 2, "ppm": PPMConfig,
   "base_model": {"name", "architecture", "model_type", "fingerprint", "config"},
   "training": the training config, plus the trainer's `extra` keys (trained_steps, keep,
   stages, ...)}`. `base_model.config` holds every field of the base LLaVA that changes the
@@ -14,6 +14,9 @@ model.safetensors, and config.json last, so a directory without config.json is i
 `load_ppm` refuses it. `load_ppm` checks the base model: a mismatch is an error naming every
 differing field. Only the PPM is saved: the frozen LLaVA always comes from its own directory.
 
+Format 2 (issue 12) adds `ppm.position` ("layout": positions computed from the slots' layout,
+any number of tokens; "table": a learned [n_v, d] table). Format-1 artifacts predate it and
+load as "table" PPMs (they still run on exactly their n_v tokens: single images).
 Old exports (Orbax `params/` + `ppm.json`, before format 1) still load (`_load_orbax`);
 `convert_ppm(old_dir, new_dir, llava_cfg)` re-exports one as the artifact.
 """
@@ -37,7 +40,7 @@ from covipal_jax.pruning.ppm import PPM, PPMConfig
 from covipal_jax.weights import hf_config
 from covipal_jax.weights.safetensors_io import SafetensorsFile, listing, save_safetensors
 
-FORMAT, FORMAT_VERSION = "covipal_ppm", 1
+FORMAT, FORMAT_VERSION = "covipal_ppm", 2
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 LEGACY_META, LEGACY_PARAMS = "ppm.json", "params"
 
@@ -47,7 +50,16 @@ def ppm_config(config: Any, llava_cfg: LlavaConfig) -> PPMConfig:
     p = config.ppm
     return PPMConfig(n_v=llava_cfg.num_vision_tokens, d_model=llava_cfg.text.hidden_size,
                      width=p.width, num_layers=p.num_layers, num_heads=p.num_heads,
-                     mlp_ratio=p.mlp_ratio, dropout=p.dropout)
+                     mlp_ratio=p.mlp_ratio, dropout=p.dropout,
+                     position=p.get("position", "layout"))
+
+
+def config_from_meta(ppm: Mapping[str, Any], format_version: int) -> PPMConfig:
+    """The PPMConfig an artifact records; format < 2 (no `position`) is a "table" PPM."""
+    fields = dict(ppm)
+    if format_version < 2:
+        fields.setdefault("position", "table")
+    return PPMConfig(**fields)
 
 
 def init_ppm(pcfg: PPMConfig, rng: jax.Array, batch: int = 1, text_len: int = 4):
@@ -209,7 +221,7 @@ def _load_safetensors(p, llava_cfg: LlavaConfig) -> tuple[PPM, Any, dict]:
                          f"newer than this covipal_jax reads ({FORMAT_VERSION}); upgrade")
     check_base_model(meta, llava_cfg, str(p))
     try:
-        pcfg = PPMConfig(**meta["ppm"])
+        pcfg = config_from_meta(meta["ppm"], int(meta.get("format_version", 0)))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{p / CONFIG_FILE}: bad PPM config ({e})") from None
     want = traverse_util.flatten_dict(_abstract(pcfg), sep=".")
@@ -239,7 +251,7 @@ def _load_orbax(p, llava_cfg: LlavaConfig) -> tuple[PPM, Any, dict]:
     meta = paths.read_json(p / LEGACY_META)
     if meta.get("base_model") != _jsonable(llava_cfg.architecture_dict()):
         raise ValueError(f"PPM at '{p}' was trained for a different base model")
-    pcfg = PPMConfig(**meta["ppm"])
+    pcfg = config_from_meta(meta["ppm"], 0)
     variables = ocp.StandardCheckpointer().restore(p / LEGACY_PARAMS, _abstract(pcfg))
     return PPM(pcfg), variables, meta
 
