@@ -296,6 +296,17 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
     raise ValueError(f"config.data.kind must be 'synthetic' or 'llava', got {d.kind!r}")
 
 
+def packed_spec(config: Any, model_cfg: Any = None) -> packed_rows.PackedSpec | None:
+    """The `PackedSpec` of `config.data.packed` ("anyres" | "video"), or None (single image)."""
+    d = config.data
+    if not d.get("packed", ""):
+        return None
+    if model_cfg is None:
+        raise ValueError("config.data.packed needs the model config (model_cfg=)")
+    return packed_rows.PackedSpec.for_model(model_cfg, d.packed,
+                                            num_frames=int(d.get("num_frames", 0)))
+
+
 def from_config(config: Any, source: Sequence[Mapping[str, Any]], *, tokenizer,
                 processor, global_batch: int, process_index: int = 0, process_count: int = 1,
                 seed_offset: int = 0, skipped: dict | None = None,
@@ -303,12 +314,7 @@ def from_config(config: Any, source: Sequence[Mapping[str, Any]], *, tokenizer,
     """`config.data.packed` = "anyres" | "video" (with `data.num_frames`) builds packed rows
     for the LLaVA `model_cfg` (`data.packed_rows`); "" (default) single-image rows."""
     d = config.data
-    packed = None
-    if d.get("packed", ""):
-        if model_cfg is None:
-            raise ValueError("config.data.packed needs the model config (model_cfg=)")
-        packed = packed_rows.PackedSpec.for_model(model_cfg, d.packed,
-                                                  num_frames=int(d.get("num_frames", 0)))
+    packed = packed_spec(config, model_cfg)
     p = Pipeline(source, tokenizer=tokenizer, processor=processor, template=config.template,
                  max_len=int(d.max_len), global_batch=global_batch,
                  seed=int(d.seed) + seed_offset, shuffle=bool(d.shuffle),

@@ -348,11 +348,13 @@ class Trainer:
             self._eval_source, tokenizer=self.tokenizer, processor=self.processor,
             template=self.config.template, max_len=int(self.config.data.max_len),
             global_batch=self.global_batch, shuffle=False, drop_remainder=False,
-            process_index=self.pi, process_count=self.pc)
+            process_index=self.pi, process_count=self.pc,
+            packed=pipeline_lib.packed_spec(self.config, self.cfg))
+        keys = state_lib.batch_keys(self.config.data.get("packed") or None)
         num = den = 0.0
         for pos in range(min(n, pipe.batches_per_epoch)):
             b = sharding.put_batch(self.mesh, {k: v for k, v in pipe.batch(pos).items()
-                                               if k in BATCH_KEYS})
+                                               if k in keys})
             out = jax.device_get(eval_fn(params, self.frozen, b))
             num += float(out["recall_sum"])
             den += float(out["weight"])
@@ -363,7 +365,8 @@ class Trainer:
         from tqdm import tqdm
 
         mesh = self.mesh
-        batch_sh = state_lib.batch_shardings(mesh)
+        keys = state_lib.batch_keys(self.config.data.get("packed") or None)
+        batch_sh = state_lib.batch_shardings(mesh, keys)
         rep = NamedSharding(mesh, P())
         step_fn = jax.jit(make_step(self.model, self.ppm, spec, tx, seed=int(self.t.seed),
                                     deterministic=self.deterministic),
@@ -400,7 +403,7 @@ class Trainer:
             while global_step < stop:
                 pos, local = next(it)
                 batch = sharding.put_batch(mesh, {k: v for k, v in local.items()
-                                                  if k in BATCH_KEYS})
+                                                  if k in keys})
                 state, metrics = step_fn(state, self.frozen, batch)
                 metrics = jax.device_get(metrics)
                 global_step += 1

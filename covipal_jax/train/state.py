@@ -23,7 +23,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from covipal_jax import sharding
 
-BATCH_KEYS = ("pixels", "ids", "mask", "loss_mask", "weight")
+BATCH_KEYS = ("pixels", "anyres_pixels", "anyres_plan", "frames", "ids", "mask", "loss_mask",
+              "weight")
+# rank of each batch entry (leading axis: the batch, sharded over (data, fsdp))
+_BATCH_NDIM = {"pixels": 4, "anyres_pixels": 5, "anyres_plan": 2, "frames": 5, "ids": 2,
+               "mask": 2, "loss_mask": 2, "weight": 1}
+_VISUAL_KEYS = {None: ("pixels",), "": ("pixels",), "anyres": ("anyres_pixels", "anyres_plan"),
+                "video": ("frames",)}
+
+
+def batch_keys(packed: str | None = None) -> tuple[str, ...]:
+    """The keys of a train batch: one base view per example (`pixels`), or the packed
+    AnyRes (`anyres_pixels`, `anyres_plan`) / video (`frames`) rows of `config.data.packed`."""
+    if packed not in _VISUAL_KEYS:
+        raise ValueError(f'data.packed must be "anyres" | "video" | unset, got {packed!r}')
+    return _VISUAL_KEYS[packed] + ("ids", "mask", "loss_mask", "weight")
 
 
 def sds(x: Any, sharding_: Any = None, dtype: Any = None) -> jax.ShapeDtypeStruct:
@@ -101,10 +115,10 @@ def batch_shapes(batch: int, text_len: int, image_size: int) -> dict[str, tuple[
             "weight": ((batch,), jnp.float32)}
 
 
-def batch_shardings(mesh) -> dict[str, NamedSharding]:
-    """The train batch's shardings: leading axis over (data, fsdp)."""
-    return {k: sharding.batch_sharding(mesh, nd) for k, nd in
-            (("pixels", 4), ("ids", 2), ("mask", 2), ("loss_mask", 2), ("weight", 1))}
+def batch_shardings(mesh, keys: tuple[str, ...] | None = None) -> dict[str, NamedSharding]:
+    """The train batch's shardings (`keys`: `batch_keys(...)`, default one base view per
+    example): leading axis over (data, fsdp)."""
+    return {k: sharding.batch_sharding(mesh, _BATCH_NDIM[k]) for k in keys or batch_keys()}
 
 
 def abstract_batch(batch: int, text_len: int, image_size: int, mesh=None) -> dict:
