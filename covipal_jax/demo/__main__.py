@@ -34,7 +34,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data dir of a real checkpoint's PPM training data.")
 _FORCE = flags.DEFINE_bool("force", False, "Redo every stage, even those finished in workdir.")
 _QUICK = flags.DEFINE_bool("quick", False, "Reduced run (config.quick overrides), for tests.")
-_STOP_AFTER = flags.DEFINE_enum("stop_after", None, ["data", "pretrain", "ppm", "evaluate"],
+_STOP_AFTER = flags.DEFINE_enum("stop_after", None, ["data", "pretrain", "ppm", "pdrop_star", "evaluate"],
                                 "Stop after this stage (the later ones are left as they are).")
 
 
