@@ -99,3 +99,57 @@ def test_rejects_other_methods():
     model, params = tiny.model_and_params(ARG)
     with pytest.raises(ValueError, match="pdrop"):
         F.pdrop_forward(model, params, FastV(keep=0.5), _batch())
+
+
+def _records(n=32):
+    from covipal_jax.data.synthetic import task as S
+
+    return [S.make_example("train", i, seed=0) for i in range(n)]
+
+
+def test_trainer_mode_resumes_exports_and_generates(tmp_path):
+    """`python -m covipal_jax.train --config configs/pdrop_star_tiny.py`: the PPM trainer's
+    loop with the PDrop* state; stops / resumes from its Orbax checkpoint; the exported HF
+    checkpoint loads and generates with method pdrop."""
+    from covipal_jax import generate
+    from covipal_jax.configs import pdrop_star_tiny
+    from covipal_jax.train import finetune_trainer as FT
+    from covipal_jax.train import loop
+
+    c = pdrop_star_tiny.get_config("image=32,steps=6")
+    with c.unlocked():
+        c.train.batch_size = 4
+        c.train.save_every = 3
+        c.train.log_every = 1
+        c.train.progress = False
+        c.train.async_checkpoint = False
+    src = _records()
+    wd = str(tmp_path / "run")
+    s1 = FT.train(c, wd, source=src, stop_after=3, log=lambda s: None)
+    assert s1["step"] == 3 and not (tmp_path / "run" / "llava").exists()
+    s2 = FT.train(c, wd, source=src, log=lambda s: None)
+    assert s2["resumed_from"] == 3 and s2["step"] == 6
+    steps = [r["step"] for r in loop.read_metrics(wd) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    export = tmp_path / "run" / "llava"
+    assert (export / "config.json").exists() and (export / "pdrop_star.json").exists()
+    # The exported tower is the base one (frozen); the LLM moved.
+    from covipal_jax.inference import loading
+
+    g = pdrop_star_tiny.get_config("image=32")
+    with g.unlocked():
+        g.checkpoint, g.tokenizer = str(export), ""
+    tuned = loading.load(g).params["params"]
+    base = loading.load(c, rng=jax.random.key(0)).params["params"]
+    for a, b in zip(jax.tree.leaves(tuned["vision_tower"]), jax.tree.leaves(base["vision_tower"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(tuned["language_model"]), jax.tree.leaves(base["language_model"]))]
+    assert max(moved) > 1e-4
+    with g.unlocked():
+        g.pruning.method = PyramidDrop.name
+    from PIL import Image
+
+    Image.fromarray(np.asarray(src[0]["image"], np.uint8)).save(tmp_path / "x.png")
+    r = generate.run(g, str(tmp_path / "x.png"), src[0]["question"])
+    assert r["method"] == PyramidDrop.name and r["vision_tokens_kept"] < r["vision_tokens_total"]
