@@ -92,7 +92,7 @@ def get_config(arg=None):
     # official lambda = 0.5 (kept 1/2, then 1/4). A short run at a tenth of the pretraining
     # peak lr (the official fine-tunes at 2e-5 after a 2e-3 / 1e-3 projector pretraining).
     c.pdrop_star = dict(enabled=True, checkpoint="", layers=(11, 21), ratios=(0.5, 0.25),
-                        steps=300, batch_size=32, lr=1e-4, warmup_steps=10, end_lr_ratio=0.0,
+                        steps=200, batch_size=32, lr=1e-4, warmup_steps=10, end_lr_ratio=0.0,
                         weight_decay=0.0, clip_norm=1.0, b2=0.98, seed=1, max_queries=8)
 
     # Step 4: the sweep.
