@@ -68,6 +68,7 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
             m, var_of[m] = m.load_variables(cfg)
         return m
 
+    star = _load_star(star_dir, llava_config) if star_dir else None  # outside the mesh context
     with sharding.use_mesh(loaded.mesh, loaded.rules):
         ev = mk(test)
         runs = [(pruning.NoneMethod.name, 1.0)] + [(m, float(r)) for m in ev_cfg.methods
@@ -82,8 +83,8 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
             bar.set_postfix_str(f"{method} {ratio}")
             res = ev.accuracy(spec, var_of.get(spec))
             record(method, ratio, spec, res)
-        if star_dir:
-            _sweep_star(star_dir, llava_config, ev, spec_for, record, ev_cfg, out, log)
+        if star is not None:
+            _sweep_star(star, star_dir, ev, spec_for, record, ev_cfg, out, log)
         for name in ("dev", "validation"):
             path = os.path.join(data_dir, f"{name}.npz")
             if os.path.exists(path):
@@ -93,17 +94,22 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
     return out
 
 
-def _sweep_star(star_dir, llava_config, ev, spec_for, record, ev_cfg, out, log) -> None:
-    """PDrop* rows: the evaluator's weights swapped for the fine-tuned LLaVA's."""
-    from covipal_jax.demo.finetune_stage import STAR
+def _load_star(star_dir, llava_config):
+    """The PDrop* LLaVA (`loading.Loaded`)."""
     from covipal_jax.inference import loading
-    from covipal_jax import pruning
-    from covipal_jax.pruning.pdrop import PyramidDrop
 
     c = copy.deepcopy(llava_config)
     with c.unlocked():
         c.checkpoint, c.tokenizer = star_dir, ""
-    star = loading.load(c)
+    return loading.load(c)
+
+
+def _sweep_star(star, star_dir, ev, spec_for, record, ev_cfg, out, log) -> None:
+    """PDrop* rows: the evaluator's weights swapped for the fine-tuned LLaVA's."""
+    from covipal_jax.demo.finetune_stage import STAR
+    from covipal_jax import pruning
+    from covipal_jax.pruning.pdrop import PyramidDrop
+
     if star.cfg.architecture_dict() != ev.model.cfg.architecture_dict():
         raise ValueError(f"{STAR}: {star_dir} is not the architecture of the swept LLaVA")
     base_params = ev.params
