@@ -18,6 +18,7 @@ METHODS = ("ppm", "fastv", "visionzip", "dart", "random", "pool", "divprune", "p
            "sparsevlm")
 MERGING = ("sparsevlm",)   # recycled tokens: its last stage holds kept + merged tokens
 RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+STAR = "pdrop_star"        # PDrop*: the LLaVA fine-tuned with PyramidDrop on, swept with pdrop
 
 
 def _run_quick(workdir, *extra):
@@ -48,7 +49,7 @@ def test_quick_end_to_end(quick_run):
     workdir, res = quick_run
     results = _results(workdir)
     assert set(results) == {"unpruned", "methods"}
-    assert set(results["methods"]) == set(METHODS)
+    assert set(results["methods"]) == set(METHODS) | {STAR}
     for method, by_ratio in results["methods"].items():
         assert {float(r) for r in by_ratio} == set(RATIOS), method
         for acc in by_ratio.values():
@@ -60,7 +61,7 @@ def test_quick_end_to_end(quick_run):
     assert results["unpruned"] > detail["chance"]
     kept = {(r["method"], r["ratio"]): r["k"] for r in detail["rows"]}
     n_v = detail["n_v"]
-    for m in METHODS:
+    for m in METHODS + (STAR,):
         for r in RATIOS:
             if m in MERGING:
                 assert 1 <= kept[(m, r)] <= n_v
@@ -69,6 +70,14 @@ def test_quick_end_to_end(quick_run):
     # Keeping every token is the unpruned model for selection methods.
     for m in ("ppm", "fastv", "dart", "random", "pool", "divprune", "pdrop"):
         assert results["methods"][m][repr(1.0)] == pytest.approx(results["unpruned"], abs=0.01)
+    # PDrop*: its own model (fine-tuned), at r = 1 its unpruned accuracy; in the table.
+    assert results["methods"][STAR][repr(1.0)] == pytest.approx(detail[f"{STAR}_unpruned"],
+                                                                abs=0.01)
+    with open(os.path.join(workdir, STAR, "done.json")) as f:
+        star = json.load(f)
+    assert star["steps"] == demo_config.get_config().quick.pdrop_star.steps
+    assert np.isfinite(star["loss_last"])
+    assert "| pdrop* |" in open(os.path.join(workdir, "results.md")).read()
     png = os.path.join(workdir, "accuracy_vs_keep.png")
     with Image.open(png) as im:
         im.verify()
@@ -104,11 +113,15 @@ def test_real_checkpoint_path(quick_run, tmp_path):
     data_dir = train_util.build_data()
     # --config.tokenizer= : the checkpoint's own tokenizer (configs/demo.py names the built-in
     # one, which the real-checkpoint configs do not).
+    # PDrop*: a given fine-tuned checkpoint (a real run has no synthetic set to fine-tune on).
     res = _run_quick(tmp_path / "real", f"--config.checkpoint={workdir}/llava",
-                     "--config.tokenizer=", "--data_dir", data_dir, "--config.data.name=tiny")
+                     "--config.tokenizer=", "--data_dir", data_dir, "--config.data.name=tiny",
+                     f"--config.pdrop_star.checkpoint={workdir}/{STAR}/llava")
     assert "[pretrain]" not in res.stdout  # steps 1-2 skipped: the checkpoint is given
     results = _results(tmp_path / "real")
-    assert set(results["methods"]) == set(METHODS)
+    assert set(results["methods"]) == set(METHODS) | {STAR}
+    assert results["methods"][STAR] == pytest.approx(_results(workdir)["methods"][STAR],
+                                                     abs=1e-6)
     assert os.path.exists(tmp_path / "real" / "ppm_train" / "ppm" / "config.json")
     # The same checkpoint and held-out split as the quick run: the same unpruned accuracy.
     assert results["unpruned"] == pytest.approx(_results(workdir)["unpruned"], abs=1e-6)

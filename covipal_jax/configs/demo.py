@@ -86,6 +86,15 @@ def get_config(arg=None):
     c.pruning.method = "ppm"
     c.pruning.keep = t.keep
 
+    # Step 3b: PDrop*, a copy of the step-2 LLaVA fine-tuned (projector + LLM, tower frozen)
+    # with PyramidDrop active (covipal_jax/demo/finetune_stage.py, train/finetune.py). The
+    # schedule: the sweep's PDrop stage layers (before decoder layers 1 and 2 of 3) with the
+    # official lambda = 0.5 (kept 1/2, then 1/4). A short run at a tenth of the pretraining
+    # peak lr (the official fine-tunes at 2e-5 after a 2e-3 / 1e-3 projector pretraining).
+    c.pdrop_star = dict(enabled=True, checkpoint="", layers=(11, 21), ratios=(0.5, 0.25),
+                        steps=200, batch_size=32, lr=1e-4, warmup_steps=10, end_lr_ratio=0.0,
+                        weight_decay=0.0, clip_norm=1.0, b2=0.98, seed=1, max_queries=8)
+
     # Step 4: the sweep.
     c.eval = dict(methods=("ppm", "fastv", "visionzip", "dart", "random", "pool",
                            "divprune", "pdrop", "sparsevlm"),
@@ -109,6 +118,7 @@ def get_config(arg=None):
                    pretrain=dict(steps=300, batch_size=32, eval_every=0, warmup_steps=20,
                                  lr=2e-3),
                    train=dict(steps=(8, 8), batch_size=16, warmup_steps=2),
+                   pdrop_star=dict(steps=20, batch_size=16, warmup_steps=2, lr=3e-4),
                    eval=dict(batch_size=100))
     _ = synthetic  # the task fields are synthetic.SyntheticConfig's
     return c

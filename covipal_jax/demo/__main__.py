@@ -1,4 +1,5 @@
-r"""The main job: synthetic VQA -> tiny LLaVA from scratch -> PPM -> pruning sweep, on CPU.
+r"""The main job: synthetic VQA -> tiny LLaVA from scratch -> PPM (and PDrop*, the LLaVA
+fine-tuned with PyramidDrop active) -> pruning sweep, on CPU.
 
     python -m covipal_jax.demo --workdir /tmp/covipal_demo           # ~15 min on 2 CPU cores
     python -m covipal_jax.demo --workdir /tmp/covipal_quick --quick  # reduced, < 2 min
@@ -15,7 +16,9 @@ the synthetic held-out split):
         --config.checkpoint=/models/llava-1.5-7b-hf --data_dir DATA \
         --config.data.json=DATA/llava_v1_5_mix665k.json --config.data.images=DATA/images
 
-(`--config.pruning.ppm_checkpoint=PPM_DIR` skips the training and evaluates that PPM.)
+(`--config.pruning.ppm_checkpoint=PPM_DIR` skips the training and evaluates that PPM;
+`--config.pdrop_star.checkpoint=DIR` adds the PDrop* rows for a LLaVA fine-tuned with
+`python -m covipal_jax.train --config configs/pdrop_star_llava15_7b.py`, exported to DIR.)
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data dir of a real checkpoint's PPM training data.")
 _FORCE = flags.DEFINE_bool("force", False, "Redo every stage, even those finished in workdir.")
 _QUICK = flags.DEFINE_bool("quick", False, "Reduced run (config.quick overrides), for tests.")
-_STOP_AFTER = flags.DEFINE_enum("stop_after", None, ["data", "pretrain", "ppm", "evaluate"],
+_STOP_AFTER = flags.DEFINE_enum("stop_after", None, ["data", "pretrain", "ppm", "pdrop_star", "evaluate"],
                                 "Stop after this stage (the later ones are left as they are).")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 
 
-STAGES = ("data", "pretrain", "ppm", "evaluate")
+STAGES = ("data", "pretrain", "ppm", "pdrop_star", "evaluate")
 RESULTS = "results.json"
 
 

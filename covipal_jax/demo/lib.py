@@ -34,6 +34,10 @@ stage whose fingerprint still matches, `force=True` redoes everything):
 3. ppm (`DIR/ppm_train/`, PPM at `DIR/ppm_train/ppm`): `train/loop.py`'s trainer with
    `config.train` (stage 1 attention-guided, stage 2 soft pruning), the LLaVA of step 2 frozen,
    on the first-turn (single question) training examples.
+3b. pdrop_star (`DIR/pdrop_star/`, the model at `DIR/pdrop_star/llava`): PDrop*, a copy of the
+   LLaVA of step 2 fine-tuned (projector + LLM) with PyramidDrop active in every forward
+   (`demo/finetune_stage.py`, `train/finetune.py`), `config.pdrop_star` steps; the sweep
+   evaluates it with method pdrop as the row "pdrop_star" (shown as "pdrop*").
 4. evaluate: greedy first-answer-token accuracy (`evaluation.py`) on the test split,
    unpruned and for every `eval.methods` x `eval.ratios`; measured prefill time per batch.
    Writes `DIR/results.json` (`{"unpruned": acc, "methods": {method: {ratio: acc}}}`),
@@ -71,6 +75,8 @@ from covipal_jax.demo.data_stage import (  # noqa: F401  (re-exported)
     HELDOUT_DESIGNS, _accept, _as_arrays, _generate, _left, _progress, _split_configs, _train_split, data_stage, load_split)
 from covipal_jax.demo.report import (  # noqa: F401  (re-exported)
     _rkey, format_table, plot, write_results)
+from covipal_jax.demo.finetune_stage import (  # noqa: F401  (re-exported)
+    STAR, pdrop_star_stage, train_set)
 from covipal_jax.demo.sweep import (  # noqa: F401  (re-exported)
     _queried_kept, llm_budget, staged_schedule, sweep)
 
@@ -90,7 +96,6 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
     import jax
 
     from covipal_jax.inference import loading
-    from covipal_jax.data.synthetic import scene_qa
     from covipal_jax.models.config import LlavaConfig
     from covipal_jax.models.llava import Llava, init_params
     from covipal_jax import pruning
@@ -117,20 +122,9 @@ def pretrain_stage(config: Any, workdir: str, data_dir: str, stages: Stages,
     pc = pt.PretrainConfig.from_config(config.pretrain)
     params = nn.unbox(init_params(cfg, jax.random.key(pc.seed)))
 
-    train = load_split(data_dir, "train")
-    max_len = int(section(config, "demo").train_max_len)
-    rows = [scene_qa.encode_turns(tok, json.loads(str(t)), template=config.template,
-                                  max_len=max_len) for t in train["turns"]]
-    keep = np.array([r is not None for r in rows])
-    if not keep.any():
-        raise ValueError(f"no training sequence fits demo.train_max_len={max_len}")
-    rows = [r for r in rows if r is not None]
-    data = pt.EncodedSet(train["images"][keep], np.stack([r["ids"] for r in rows]),
-                         np.stack([r["mask"] for r in rows]),
-                         np.stack([r["loss_mask"] for r in rows]),
-                         np.ones(len(rows), np.float32))
-    n_turns = int(np.mean([r["loss_mask"].sum() for r in rows]) / 2)
-    log(f"[pretrain] {cfg.num_vision_tokens} vision tokens; {len(rows)} training images with "
+    data = train_set(config, data_dir, tok)
+    n_turns = int(np.mean(data.loss_mask.sum(axis=1)) / 2)
+    log(f"[pretrain] {cfg.num_vision_tokens} vision tokens; {len(data)} training images with "
         f"~{n_turns} questions each; {_count(params) / 1e6:.2f}M parameters")
     dev = load_split(data_dir, "dev")
     ev = make_evaluator(model, params, processor, tok, config.template, dev,
@@ -246,8 +240,12 @@ def run(config: Any, workdir: str, *, force: bool = False, quick: bool = False,
                                 train_records=records, data_override=data_dir)
     if stop_after == "ppm":
         return None
+    star_dir, star_fp = pdrop_star_stage(config, workdir, data, stages, upstream,
+                                         None if real else llava_dir)
+    if stop_after == STAR:
+        return None
     eval_dir = os.path.join(workdir, "evaluation")
-    fp = fingerprint("evaluate", ppm_fp, section(config, "eval"), config.pruning)
+    fp = fingerprint("evaluate", ppm_fp, star_fp, section(config, "eval"), config.pruning)
     cached = stages.cached("evaluate", eval_dir, fp)
     if cached and os.path.exists(os.path.join(workdir, RESULTS)):
         with open(os.path.join(workdir, DETAIL)) as f:
@@ -257,7 +255,7 @@ def run(config: Any, workdir: str, *, force: bool = False, quick: bool = False,
         t0 = time.perf_counter()
         stages.fresh(eval_dir)
         sweep_out = sweep(config, llava_config, ppm_dir, data, log, cased=real,
-                          progress=progress)
+                          progress=progress, star_dir=star_dir)
         stages.finish("evaluate", eval_dir, fp, time.perf_counter() - t0)
         meta = json.load(open(stages.marker(data)))
         chance = meta.get("chance", {}).get("overall")

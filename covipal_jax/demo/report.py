@@ -6,6 +6,13 @@ import os
 
 from covipal_jax.demo.common import DETAIL, PLOT, RESULTS, _baseline, _highlight, _plain
 
+DISPLAY = {"pdrop_star": "pdrop*"}   # row keys shown under another name (finetune_stage.STAR)
+
+
+def label(method: str) -> str:
+    """The table / plot name of a row's method key."""
+    return DISPLAY.get(method, method)
+
 
 def write_results(workdir: str, sweep_out: dict, timings: dict, extra: dict) -> dict:
     rows = sweep_out["rows"]
@@ -38,7 +45,7 @@ def format_table(rows: list[dict]) -> str:
              "| queried kept | prefill time vs unpruned |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = "unpruned" if r["method"] == _baseline() else r["method"]
+        name = "unpruned" if r["method"] == _baseline() else label(r["method"])
         rel = r["accuracy"] / acc0 if acc0 else float("nan")
         budget = r.get("llm_budget", r["k"] / base["k"])
         lines.append(f"| {name} | {r['ratio']:g} | {r['k']} | {budget:.2f} | "
@@ -46,15 +53,17 @@ def format_table(rows: list[dict]) -> str:
                      f"{100 * rel:.1f}% | {100 * r['queried_kept']:.1f}% | "
                      f"{r['seconds'] / t0:.2f} |")
     lines += ["", "LLM budget: the share of (vision token, decoder layer) pairs the LLM computes "
-              "(`llm_budget`); in-LLM methods (fastv, dart) run the layers before K on every "
-              "vision token."]
+              "(`llm_budget`); in-LLM methods (fastv, dart, pdrop, sparsevlm) run the layers "
+              "before their (first) stage on every vision token. pdrop*: the LLaVA fine-tuned "
+              "with PyramidDrop active (PDrop*), evaluated with pdrop."]
     ratios = sorted({r["ratio"] for r in rows if r["method"] != _baseline()}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != _baseline()))
     acc = {(r["method"], r["ratio"]): r["accuracy"] for r in rows}
     lines += ["", "| accuracy | " + " | ".join(f"r={x:g}" for x in ratios) + " |",
               "|---|" + "---|" * len(ratios)]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{acc[(m, x)]:.3f}" for x in ratios) + " |")
+        lines.append(f"| {label(m)} | " + " | ".join(f"{acc[(m, x)]:.3f}" for x in ratios)
+                     + " |")
     lines.append(f"| (unpruned) | {acc0:.3f} |" + " |" * (len(ratios) - 1))
     return "\n".join(lines)
 
@@ -77,7 +86,7 @@ def plot(rows: list[dict], path: str, chance: float | None = None) -> None:
             pts = sorted((r.get(key, r["k"] / n_v), r["accuracy"]) for r in rows
                          if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linewidth=2.4 if m == _highlight() else 1.4, label=m,
+                    linewidth=2.4 if m == _highlight() else 1.4, label=label(m),
                     zorder=3 if m == _highlight() else 2)
         ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
                    label="unpruned")

@@ -19,8 +19,12 @@ from covipal_jax.demo.data_stage import _progress, load_split
 # ----------------------------------------------------------------------------- step 4: evaluate
 
 def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
-          *, cased: bool = False, progress: bool = True) -> dict:
-    """Accuracy / tokens / prefill time for unpruned and every method x ratio on `test`."""
+          *, cased: bool = False, progress: bool = True, star_dir: str | None = None) -> dict:
+    """Accuracy / tokens / prefill time for unpruned and every method x ratio on `test`.
+
+    star_dir: the PDrop* LLaVA (`finetune_stage`): evaluated with method pdrop (the demo
+    schedule of `spec_for`) at every ratio, rows "pdrop_star", with the same compiled programs
+    (same architecture, other weights); its unpruned accuracy goes to `pdrop_star_unpruned`."""
     from covipal_jax import sharding
     from covipal_jax.inference import loading
     from covipal_jax import pruning
@@ -64,6 +68,7 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
             m, var_of[m] = m.load_variables(cfg)
         return m
 
+    star = _load_star(star_dir, llava_config) if star_dir else None  # outside the mesh context
     with sharding.use_mesh(loaded.mesh, loaded.rules):
         ev = mk(test)
         runs = [(pruning.NoneMethod.name, 1.0)] + [(m, float(r)) for m in ev_cfg.methods
@@ -78,6 +83,8 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
             bar.set_postfix_str(f"{method} {ratio}")
             res = ev.accuracy(spec, var_of.get(spec))
             record(method, ratio, spec, res)
+        if star is not None:
+            _sweep_star(star, star_dir, ev, spec_for, record, ev_cfg, out, log)
         for name in ("dev", "validation"):
             path = os.path.join(data_dir, f"{name}.npz")
             if os.path.exists(path):
@@ -85,6 +92,38 @@ def sweep(config: Any, llava_config: Any, ppm_dir: str, data_dir: str, log,
                 r = mk(split).accuracy(pruning.NoneMethod())
                 out[f"{name}_unpruned"] = r.accuracy
     return out
+
+
+def _load_star(star_dir, llava_config):
+    """The PDrop* LLaVA (`loading.Loaded`)."""
+    from covipal_jax.inference import loading
+
+    c = copy.deepcopy(llava_config)
+    with c.unlocked():
+        c.checkpoint, c.tokenizer = star_dir, ""
+    return loading.load(c)
+
+
+def _sweep_star(star, star_dir, ev, spec_for, record, ev_cfg, out, log) -> None:
+    """PDrop* rows: the evaluator's weights swapped for the fine-tuned LLaVA's."""
+    from covipal_jax.demo.finetune_stage import STAR
+    from covipal_jax import pruning
+    from covipal_jax.pruning.pdrop import PyramidDrop
+
+    if star.cfg.architecture_dict() != ev.model.cfg.architecture_dict():
+        raise ValueError(f"{STAR}: {star_dir} is not the architecture of the swept LLaVA")
+    base_params = ev.params
+    ev.params = star.params
+    try:
+        t0 = time.perf_counter()
+        out[f"{STAR}_unpruned"] = ev.accuracy(pruning.NoneMethod()).accuracy
+        for ratio in ev_cfg.ratios:
+            spec = spec_for(PyramidDrop.name, float(ratio))
+            record(STAR, float(ratio), spec, ev.accuracy(spec))
+        log(f"[evaluate] {STAR} ({star_dir}): unpruned {out[f'{STAR}_unpruned']:.4f}, "
+            f"{len(ev_cfg.ratios)} ratios in {time.perf_counter() - t0:.0f} s")
+    finally:
+        ev.params = base_params
 
 
 def staged_schedule(method: str, ratio: float, n_v: int, staged_layers) -> dict:

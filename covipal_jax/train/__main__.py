@@ -1,5 +1,9 @@
 """Train the PPM: `python -m covipal_jax.train --config configs/ppm_tiny.py --workdir DIR`.
 
+PDrop* (the LLaVA fine-tuned with PyramidDrop active, `train/finetune_trainer.py`): a config
+with `train.mode="finetune"`, e.g. `--config configs/pdrop_star_tiny.py` (exports the model to
+`DIR/llava`).
+
 Resumes from `DIR/checkpoints` when present (run the same command again after a crash or a
 preemption). Overrides: `--config.train.steps='(500,)'`, `--config.train.stages='(1,2)'`,
 `--config.checkpoint=/path/to/llava-hf`, `--config.data.json=...`, `--data_dir=...`.
@@ -79,9 +83,12 @@ def main(argv):
         return
     from covipal_jax import paths
 
+    runner = loop
+    if _CONFIG.value.train.get("mode", "ppm") == "finetune":   # PDrop* (configs/pdrop_star_*)
+        from covipal_jax.train import finetune_trainer as runner
     try:
-        summary = loop.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value,
-                             stop_after=_STOP_AFTER.value)
+        summary = runner.train(_CONFIG.value, _WORKDIR.value, data_dir=_DATA_DIR.value,
+                               stop_after=_STOP_AFTER.value)
     except loop.NonFiniteLossError as e:
         _exit(3, e)
     except checkpoint.CheckpointWriteError as e:
@@ -97,8 +104,10 @@ def main(argv):
     last = [s["last"] for s in summary["stages"] if s.get("last")]
     if last and jax_process_index() == 0:
         stopped = any(s.get("stopped_at") is not None for s in summary["stages"])
+        recall = last[-1].get("recall")
         print(f"{'stopped' if stopped else 'done'}: step {summary['step']}, "
-              f"loss {last[-1]['loss']:.4g}, recall {last[-1]['recall']:.3f}")
+              f"loss {last[-1]['loss']:.4g}"
+              + (f", recall {recall:.3f}" if recall is not None else ""))
 
 
 def _exit(code: int, message: object) -> None:

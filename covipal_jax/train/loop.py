@@ -338,6 +338,16 @@ class Trainer:
             self._log(f"exported PPM to {path}")
         return str(path)
 
+    def make_step(self, spec, tx):
+        """The (unjitted) train step `(state, frozen, batch) -> (state, metrics)` of a stage
+        (a subclass trains something else: `train/finetune_trainer.py`)."""
+        return make_step(self.model, self.ppm, spec, tx, seed=int(self.t.seed),
+                         deterministic=self.deterministic)
+
+    def make_eval(self, spec):
+        """The (unjitted) `(params, frozen, batch) -> sums` of `_eval`."""
+        return make_eval(self.model, self.ppm, spec)
+
     def _eval(self, eval_fn, params) -> float | None:
         """Mean top-k recall of the PPM against the stage-1 targets on `data.eval_split`."""
         n = int(self.t.get("eval_batches", 0))
@@ -368,11 +378,10 @@ class Trainer:
         keys = state_lib.batch_keys(self.config.data.get("packed") or None)
         batch_sh = state_lib.batch_shardings(mesh, keys)
         rep = NamedSharding(mesh, P())
-        step_fn = jax.jit(make_step(self.model, self.ppm, spec, tx, seed=int(self.t.seed),
-                                    deterministic=self.deterministic),
+        step_fn = jax.jit(self.make_step(spec, tx),
                           in_shardings=(shard, self.frozen_sh, batch_sh),
                           out_shardings=(shard, rep), donate_argnums=(0,))
-        eval_fn = jax.jit(make_eval(self.model, self.ppm, spec),
+        eval_fn = jax.jit(self.make_eval(spec),
                           in_shardings=(shard["params"], self.frozen_sh, batch_sh),
                           out_shardings=rep)
         pipe = self.pipeline(plan)
