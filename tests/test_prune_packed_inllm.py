@@ -103,9 +103,21 @@ def _recording(method):
     return Rec(**{f.name: getattr(method, f.name) for f in dataclasses.fields(method)}), log
 
 
-def _packed_ctx(vis, ids, mask, method):
+def _traced_prefill(vis, ids, mask, method):
+    """Jitted prefill with a recording method: (out, ctx, [(k, record)] per stage)."""
     _, model, params = _model()
-    return vi.packed_context(model, params, vis, ids, mask, method)
+    rec, log = _recording(method)
+
+    def f(p, v, i, m):
+        out = P.prefill(model, p, v, i, m, rec, extra=2)
+        ctx, _, _ = vi.packed_context(model, p, v, i, m, rec)
+        stages = [dict(seen=probe.vision_valid, kept=res.kept, ok=res.valid,
+                       merged=None if res.merged is None else res.merged_valid,
+                       mpos=res.merged_positions) for probe, _, res in log]
+        return out, ctx, stages
+
+    out, ctx, stages = jax.jit(f)(params, vis, ids, mask)
+    return out, ctx, list(zip([k for _, k, _ in log], stages))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -113,11 +125,9 @@ def _packed_ctx(vis, ids, mask, method):
 @pytest.mark.parametrize("kind", ["anyres", "video"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_padding_never_kept_newlines_kept_exact_budget(name, kind):
-    cfg, model, params = _model()
     vis, ids, mask = _input(kind)
-    method, log = _recording(METHODS[name]())
-    out = P.prefill(model, params, vis, ids, mask, method, extra=2)
-    ctx, _, _ = _packed_ctx(vis, ids, mask, method)
+    method = METHODS[name]()
+    out, ctx, log = _traced_prefill(vis, ids, mask, method)
     valid0 = np.asarray(ctx.valid)
     newline0 = np.asarray(ctx.coords[..., 0] == anyres.KIND_NEWLINE)
     n = ctx.n_v
@@ -126,12 +136,12 @@ def test_padding_never_kept_newlines_kept_exact_budget(name, kind):
     assert len(log) == len(stages)
     src = np.broadcast_to(np.arange(n), (2, n))          # source slot of each current token
     seen = valid0.copy()
-    for s, ((probe, k, res), (_, k_s), budget) in enumerate(zip(log, stages, budgets)):
+    for s, ((k, rec), (_, k_s), budget) in enumerate(zip(log, stages, budgets)):
         assert k == k_s
-        np.testing.assert_array_equal(np.asarray(probe.vision_valid), seen)
-        kept = np.asarray(res.kept)
-        ok = np.ones(kept.shape, bool) if res.valid is None else np.asarray(res.valid)
-        m = 0 if res.merged is None else res.merged.shape[1]
+        np.testing.assert_array_equal(np.asarray(rec["seen"]), seen)
+        kept = np.asarray(rec["kept"])
+        ok = np.ones(kept.shape, bool) if rec["ok"] is None else np.asarray(rec["ok"])
+        m = 0 if rec["merged"] is None else rec["merged"].shape[1]
         assert kept.shape[1] + m == k
         for b in range(2):
             real = kept[b][ok[b]]
@@ -147,9 +157,9 @@ def test_padding_never_kept_newlines_kept_exact_budget(name, kind):
         new_src = np.take_along_axis(src, kept, axis=1)
         new_seen = ok & np.take_along_axis(seen, kept, axis=1)
         if m:
-            mv = np.asarray(res.merged_valid)
+            mv = np.asarray(rec["merged"])
             assert mv.any()
-            mp = np.asarray(res.merged_positions)
+            mp = np.asarray(rec["mpos"])
             assert np.take_along_axis(seen, mp, axis=1)[mv].all()
             new_src = np.concatenate([new_src, np.take_along_axis(src, mp, axis=1)], axis=1)
             new_seen = np.concatenate([new_seen, mv], axis=1)
@@ -158,9 +168,9 @@ def test_padding_never_kept_newlines_kept_exact_budget(name, kind):
     np.testing.assert_array_equal(np.asarray(out.kept), np.where(seen, src, -1))
     # the KV segments see exactly the text + the kept tokens of each stage
     n_text = np.asarray(ctx.text_mask).sum(1)
-    for seg, (probe, _, _) in zip(out.segments[1:], log[1:]):
+    for seg, (_, rec) in zip(out.segments[1:], log[1:]):
         np.testing.assert_array_equal(np.asarray(seg.key_valid).sum(1),
-                                      n_text + np.asarray(probe.vision_valid).sum(1))
+                                      n_text + np.asarray(rec["seen"]).sum(1))
     np.testing.assert_array_equal(np.asarray(out.segments[-1].key_valid).sum(1),
                                   n_text + seen.sum(1))
 
@@ -191,8 +201,10 @@ def test_keeping_everything_equals_unpruned(name, kind):
     vis, ids, mask = _input(kind)
     n = vis.num_slots(cfg)
     method = UNPRUNED[name](n)
-    ref = P.prefill(model, params, vis, ids, mask, pruning.NoneMethod(), extra=3)
-    out = P.prefill(model, params, vis, ids, mask, method, extra=3)
+    ref = jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, pruning.NoneMethod(),
+                                               extra=3))(params, vis, ids, mask)
+    out = jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, method, extra=3))(
+        params, vis, ids, mask)
     assert float(jnp.max(jnp.abs(out.last_logits - ref.last_logits))) <= ATOL
     for b in range(2):      # every real slot, nothing else
         got, want = np.asarray(out.kept[b]), np.asarray(ref.kept[b])
