@@ -30,7 +30,7 @@ from covipal_jax.pruning.base import InLLMResult
 
 ATOL = 1e-5
 SHAPES = [(37, 91), (60, 50)]      # 68 and 106 real slots of a 139-slot bucket
-LAYERS = 8
+LAYERS = 6
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,16 +76,14 @@ def _row(vis, i):
 METHODS = {
     "fastv": lambda: pruning.FastV(keep=0.4),
     "dart": lambda: pruning.DART(keep=0.4),
-    "pdrop": lambda: pruning.PyramidDrop(),            # lam 0.5 at layers 2/4/6 of 8
-    "sparsevlm": lambda: pruning.SparseVLM(),          # 1/3: the "192" table, layers 1/3/5
+    "pdrop": lambda: pruning.PyramidDrop(),            # lam 0.5 at layers 2/3/4 of 6
+    "sparsevlm": lambda: pruning.SparseVLM(),          # 1/3: the "192" table, layers 1/2/4
 }
 UNPRUNED = {      # the same methods keeping every real token
-    "fastv": lambda n: pruning.FastV(keep=1.0),
-    "dart": lambda n: pruning.DART(keep=1.0),
-    "pdrop": lambda n: pruning.PyramidDrop(lam=1.0),
-    # SparseVLM always drops >= 1 slot of the static N (official `min(c, n - 1)`): without
-    # recycling that slot is padding when every example is padded (the AnyRes batch)
-    "sparsevlm": lambda n: pruning.SparseVLM(counts=(n, n, n), recycle=False),
+    "fastv": lambda: pruning.FastV(keep=1.0),
+    "dart": lambda: pruning.DART(keep=1.0),
+    "pdrop": lambda: pruning.PyramidDrop(lam=1.0),
+    # SparseVLM has no unpruned setting: every stage drops >= 1 token (official `min(c, n - 1)`)
 }
 
 
@@ -192,24 +190,114 @@ def test_batched_equals_per_example(name, kind):
 
 # ----------------------------------------------------------------------------- unpruned
 
-@pytest.mark.parametrize("kind", ["anyres", "video"])
-@pytest.mark.parametrize("name", list(METHODS))
-def test_keeping_everything_equals_unpruned(name, kind):
-    if name == "sparsevlm" and kind == "video":
-        pytest.skip("SparseVLM always drops one real slot of an unpadded video (n - 1 cap)")
-    cfg, model, params = _model()
+@functools.lru_cache(maxsize=None)
+def _unpruned_prefill(kind):
+    _, model, params = _model()
     vis, ids, mask = _input(kind)
-    n = vis.num_slots(cfg)
-    method = UNPRUNED[name](n)
-    ref = jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, pruning.NoneMethod(),
-                                               extra=3))(params, vis, ids, mask)
-    out = jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, method, extra=3))(
+    return jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, pruning.NoneMethod(),
+                                                extra=3))(params, vis, ids, mask)
+
+
+@pytest.mark.parametrize("kind", ["anyres", "video"])
+@pytest.mark.parametrize("name", list(UNPRUNED))
+def test_keeping_everything_equals_unpruned(name, kind):
+    _, model, params = _model()
+    vis, ids, mask = _input(kind)
+    ref = _unpruned_prefill(kind)
+    out = jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, UNPRUNED[name](), extra=3))(
         params, vis, ids, mask)
     assert float(jnp.max(jnp.abs(out.last_logits - ref.last_logits))) <= ATOL
-    for b in range(2):      # every real slot, nothing else
-        got, want = np.asarray(out.kept[b]), np.asarray(ref.kept[b])
-        assert sorted(got[got >= 0].tolist()) == sorted(want[want >= 0].tolist())
-    gen = decoding.Generator(model, method, max_new_tokens=4, eos_id=-1)
-    gen_ref = decoding.Generator(model, pruning.NoneMethod(), max_new_tokens=4, eos_id=-1)
+    np.testing.assert_array_equal(out.kept, ref.kept)      # every real slot, -1 for padding
+    np.testing.assert_array_equal(out.next_position, ref.next_position)
+
+
+@pytest.mark.parametrize("name,kind", [("fastv", "anyres"), ("pdrop", "video")])
+def test_unpruned_generation_equals_none(name, kind):
+    _, model, params = _model()
+    vis, ids, mask = _input(kind)
+    gen = decoding.Generator(model, UNPRUNED[name](), max_new_tokens=3, eos_id=-1)
+    gen_ref = decoding.Generator(model, pruning.NoneMethod(), max_new_tokens=3, eos_id=-1)
     np.testing.assert_array_equal(gen(params, vis, ids, mask).tokens,
                                   gen_ref(params, vis, ids, mask).tokens)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _seen_slots(log, n):
+    """bool[B, N] per stage: the source slots the LLM still sees after the stage."""
+    src = np.broadcast_to(np.arange(n), (2, n))
+    seen, out = None, []
+    for _, rec in log:
+        kept = np.asarray(rec["kept"])
+        ok = np.ones(kept.shape, bool) if rec["ok"] is None else np.asarray(rec["ok"])
+        prev = np.ones(kept.shape, bool) if seen is None else np.take_along_axis(seen, kept, 1)
+        src, seen = np.take_along_axis(src, kept, axis=1), ok & prev
+        slots = np.zeros((2, n), bool)
+        for b in range(2):
+            slots[b, src[b][seen[b]]] = True
+        out.append(slots)
+    return out
+
+
+def _masked_reference(vis, ids, mask, method, log, generated):
+    """f32[B, V]: next-token logits of the prompt + generated i32[B, t], no cache, the stages'
+    drops realized by masking the full sequence (positions renumbered over what is seen for
+    renumbering methods, the unpruned ones otherwise)."""
+    cfg, model, params = _model()
+    ctx, text, pos = vi.packed_context(model, params, vis, ids, mask, method)
+    n, b, t = ctx.n_v, 2, generated.shape[1]
+    h, seq_mask, _, is_vis = mm.splice(text, mask, pos, ctx.vision_tokens, None, "contiguous")
+    seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, ctx.valid)
+    if t:
+        h = jnp.concatenate([h, model.apply(params, generated, method=Llava.embed_text)], 1)
+        seq_mask = jnp.concatenate([seq_mask, jnp.ones((b, t), bool)], axis=1)
+        positions = jnp.concatenate(
+            [positions, positions[:, -1:] + 1 + jnp.arange(t, dtype=jnp.int32)[None]], axis=1)
+    rows = np.asarray(pos)[:, None] + np.arange(n)[None]
+    start = 0
+    for (kk, _), slots in zip(method.stages(n, LAYERS), _seen_slots(log, n)):
+        h, _ = model.apply(params, h, method=Llava.run, positions=positions,
+                           key_valid=seq_mask, start=start, stop=kk)
+        seq_mask = seq_mask.at[jnp.arange(b)[:, None], rows].set(jnp.asarray(slots))
+        if in_llm.renumbers_stages(method):
+            positions = mm.text_positions(seq_mask)
+        start = kk
+    h, _ = model.apply(params, h, method=Llava.run, positions=positions, key_valid=seq_mask,
+                       start=start)
+    return np.asarray(model.apply(params, h[:, -1:], method=Llava.logits)[:, 0])
+
+
+@pytest.mark.parametrize("name,kind", [("fastv", "anyres"), ("dart", "video"),
+                                       ("pdrop", "anyres"), ("pdrop", "video")])
+def test_cached_decode_equals_masked_reference(name, kind):
+    """Greedy generation through the stage segments (per-example drops, static offsets) equals
+    the cache-free masked realization of the same selections, token after token."""
+    _, model, params = _model()
+    vis, ids, mask = _input(kind, seed=2)
+    method = METHODS[name]()
+    out, _, log = _traced_prefill(vis, ids, mask, method)
+    ref = _masked_reference(vis, ids, mask, method, log, jnp.zeros((2, 0), jnp.int32))
+    assert float(np.max(np.abs(np.asarray(out.last_logits) - ref))) <= 1e-4
+    tokens = decoding.Generator(model, method, max_new_tokens=3, eos_id=-1)(
+        params, vis, ids, mask).tokens
+    for t in (1, 2):
+        ref = _masked_reference(vis, ids, mask, method, log, jnp.asarray(tokens[:, :t]))
+        np.testing.assert_array_equal(tokens[:, t], np.argmax(ref, axis=-1))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_generation_compiles_once_per_bucket_and_k(name):
+    _, model, params = _model()
+    gen = decoding.Generator(model, METHODS[name](), max_new_tokens=2, eos_id=-1)
+    _, ids, mask = _input("anyres")
+    a = _anyres(seed=0, num_views=10)                       # same crop bucket, other plans
+    b = _anyres([(90, 30), (50, 52)], seed=1, num_views=10)
+    assert a.capacity == b.capacity and a.pixels.shape == b.pixels.shape
+    for vis in (a, b):
+        out = gen(params, vis, ids, mask)
+        assert out.tokens.shape == (2, 2) and (out.kept >= 0).any(axis=1).all()
+    assert gen.compilations()["prefill"] == 1 and gen.compilations()["decode"] == 1
+    _, vids, vmask = _input("video", seed=0)
+    for seed in (0, 1):
+        gen(params, _video(seed), vids, vmask)
+    assert gen.compilations()["prefill"] == 2 and gen.compilations()["decode"] == 2
