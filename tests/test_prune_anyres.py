@@ -140,8 +140,8 @@ def test_in_llm_and_tower_stat_methods_refused_clearly():
     cfg, model, params = _model("ov")
     vis, _, _ = _anyres(cfg, SHAPES)
     ids, mask = _prompt(2, 16, cfg.image_token_id)
-    with pytest.raises(ValueError, match="in-LLM"):
-        P.prefill(model, params, vis, ids, mask, pruning.get("fastv")(keep=0.5), extra=2)
+    with pytest.raises(ValueError, match="in-LLM"):  # in-LLM methods: prefill only
+        P.forward_packed(model, params, vis, ids, mask, pruning.get("fastv")(keep=0.5))
 
 
 # ----------------------------------------------------------------------------- parity

@@ -2,6 +2,19 @@
 
 Letters: B batch, S current sequence length, D width, n_v vision tokens, n current vision
 tokens, k kept at a stage. See `prefill` for the contract between prefill and the methods.
+
+Packed AnyRes / video input (`PruneContext.valid` / `coords` set, `visual_inputs`): the whole
+packed buffer of N = n_v slots is the visual span. Its padding slots are masked out of
+attention and positions (`anyres.mask_invalid_slots`, the sequence HF sees) and the probe tells
+the method which slots it may keep (`vision_valid`), which are `image_newline` slots
+(`vision_forced`: kept and counted in k, the house rule of `select.masked_select`) and how
+many of the stage's static k_s the example keeps (`vision_budget`, `stage_budgets`). Kept
+slots a method marks unseen (`InLLMResult.valid`) stay in the static sequence, masked out, so
+shapes depend on (bucket, k) only. Renumbering methods (PDrop, SparseVLM) renumber over the
+tokens really seen; the per-example count of dropped tokens differs from the segment's static
+offset n_v - k_s, so the stage's positions are shifted per example by the difference (RoPE is
+relative: a uniform shift of a whole segment changes nothing but the decode position's
+agreement with the static offset).
 """
 from __future__ import annotations
 
@@ -12,9 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from covipal_jax.inference.segments import merge_segments, run_segment
+from covipal_jax.models import anyres
 from covipal_jax.models import multimodal as mm
 from covipal_jax.models.llava import Llava
 from covipal_jax.pruning.base import InLLMResult, PruneContext, PruningMethod
+from covipal_jax.pruning.select import example_budget
 
 Array = jax.Array
 
@@ -38,6 +53,10 @@ class Probe:
     last_index: Array        # i32[B]
     input_embeds: Array | None = None        # f32[B, S0, D] LLM input, unpruned (SparseVLM)
     input_vision_index: Array | None = None  # i32[B, n_v] its vision rows
+    vision_valid: Array | None = None        # bool[B, n] packed input: slots a method may keep
+    vision_forced: Array | None = None       # bool[B, n] packed input: image_newline slots
+    vision_budget: Array | None = None       # i32[B] packed input: tokens kept of this k
+    input_vision_valid: Array | None = None  # bool[B, n_v] packed input: real input slots
     _out: Array | None = None
 
     @property
@@ -87,24 +106,55 @@ def renumbers_stages(method: PruningMethod) -> bool:
     return method.positions == "contiguous" and method.renumbers_stages
 
 
+def stage_budgets(method: PruningMethod, stages, n_v: int, valid: Array) -> list[Array]:
+    """Per-example budgets i32[B] of each stage on a packed input (valid bool[B, n_v]).
+
+    A single-stage method whose k is `method.k(n_v)` (FastV, DART) budgets exactly as the
+    pre-LLM path does: `example_budget(method.keep, k, valid)` (a ratio of THIS example's real
+    tokens, or a count capped by them). A schedule (PDrop, SparseVLM) scales each stage's static
+    k_s by the example's real tokens: `example_budget(k_s / n_v, k_s, valid)`.
+    """
+    single = len(stages) == 1 and stages[0][1] == method.k(n_v)
+    return [example_budget(method.keep if single else k / n_v, k, valid) for _, k in stages]
+
+
 def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, extra):
     """In-LLM pruning, stage by stage: returns (h of the last layer, segments, next decode
     position i32[B] in the unpruned numbering, kept source patch indices i32[B, k_last]).
 
     With `renumbers_stages(method)` every stage's sequence is renumbered `cumsum(mask) - 1`
-    and its KV segment carries the decode offset n_v - k_s (tokens dropped before it)."""
+    and its KV segment carries the decode offset n_v - k_s (tokens dropped before it).
+
+    A packed context (`ctx.packed`: AnyRes image / video, one placeholder at image_pos i32[B])
+    runs over the whole packed buffer (module docstring); `kept` is then -1 where the LLM sees
+    no token (padding, beyond the example's budget, or an empty merged slot).
+    """
     n_layers = model.cfg.text.num_layers
     b, n_v = ctx.batch, ctx.n_v
     stages = method.stages(n_v, n_layers)
     src = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
-    h, seq_mask, positions, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens, src,
-                                               "contiguous", n_v)
+    packed = ctx.packed
+    if packed:
+        valid0 = (jnp.ones((b, n_v), bool) if ctx.valid is None else ctx.valid.astype(bool))
+        h, seq_mask, _, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens, None,
+                                           "contiguous")
+        seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, image_pos, valid0)
+        vis_valid = valid0
+        vis_forced = (jnp.zeros_like(valid0) if ctx.coords is None
+                      else (ctx.coords[..., 0] == anyres.KIND_NEWLINE) & valid0)
+        budgets = stage_budgets(method, stages, n_v, valid0)
+    else:
+        h, seq_mask, positions, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens,
+                                                   src, "contiguous", n_v)
+        valid0 = vis_valid = vis_forced = budgets = None
+    seen0 = jnp.sum(seq_mask, axis=1).astype(jnp.int32)          # tokens of the unpruned prompt
     vision_index = image_pos[:, None] + jnp.arange(n_v, dtype=jnp.int32)[None, :]
     text_mask = seq_mask & ~is_vis
     h0, vision_index0 = h, vision_index
     next_position = positions[:, -1] + 1
     renumber = renumbers_stages(method)
     segments, start, prev_k = [], 0, n_v
+    rows_b = jnp.arange(b)[:, None]
     for s, (kk, k) in enumerate(stages):
         if not start < kk < n_layers or not 1 <= k <= prev_k:
             raise ValueError(f"{method.name}: stage {s} (K={kk}, k={k}) must have K in "
@@ -115,7 +165,10 @@ def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, 
                                   n_v - prev_k if renumber else 0)
         length = h.shape[1]
         probe = Probe(model, params, kk - 1, h, seq_mask, positions, vision_index, text_mask,
-                      jnp.full((b,), length - 1, jnp.int32), h0, vision_index0)
+                      jnp.full((b,), length - 1, jnp.int32), h0, vision_index0,
+                      vision_valid=vis_valid, vision_forced=vis_forced,
+                      vision_budget=None if budgets is None else budgets[s],
+                      input_vision_valid=valid0)
         res = method.select_in_llm(probe, k, s)
         if not isinstance(res, InLLMResult):
             res = InLLMResult(kept=res)
@@ -126,31 +179,48 @@ def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, 
         h, seg_b = run_segment(model, params, h, positions, seq_mask, kk - 1, kk, extra,
                                 n_v - prev_k if renumber else 0)
         segments.append(seg_b if seg is None else merge_segments(seg, seg_b))
-        keep_seq = mm.keep_sequence_indices(vision_index, res.kept, length)
+        kept_idx = res.kept.astype(jnp.int32)
+        keep_seq = mm.keep_sequence_indices(vision_index, kept_idx, length)
         new_pos = jnp.cumsum(jnp.zeros((b, length), jnp.int32).at[
-            jnp.arange(b)[:, None], keep_seq].set(1), axis=1) - 1          # old -> new index
-        kept_seq = jnp.take_along_axis(vision_index, res.kept.astype(jnp.int32), axis=1)
+            rows_b, keep_seq].set(1), axis=1) - 1          # old -> new index
+        kept_seq = jnp.take_along_axis(vision_index, kept_idx, axis=1)
         new_vis = jnp.take_along_axis(new_pos, kept_seq, axis=1)
-        new_src = jnp.take_along_axis(src, res.kept.astype(jnp.int32), axis=1)
+        new_src = jnp.take_along_axis(src, kept_idx, axis=1)
         h, seq_mask, positions, text_mask = (mm.gather_sequence(a, keep_seq)
                                              for a in (h, seq_mask, positions, text_mask))
+        if packed:        # a kept slot the LLM does not see: padding, or beyond the budget
+            ok = jnp.take_along_axis(vis_valid, kept_idx, axis=1)
+            ok = ok if res.valid is None else ok & res.valid.astype(bool)
+            seq_mask = seq_mask.at[rows_b, new_vis].set(ok)
+            vis_forced = jnp.take_along_axis(vis_forced, kept_idx, axis=1) & ok
+            vis_valid = ok
         if res.merged is not None:
             m = res.merged.shape[1]
             mpos = res.merged_positions.astype(jnp.int32)
             after = new_vis[:, -1]
             mposition = jnp.take_along_axis(                    # their position ids
                 probe.positions, jnp.take_along_axis(vision_index, mpos, axis=1), axis=1)
+            mvalid = (jnp.ones((b, m), bool) if res.merged_valid is None
+                      else res.merged_valid.astype(bool))
             h = mm.insert_after(h, res.merged, after)
-            seq_mask = mm.insert_after(seq_mask, jnp.ones((b, m), bool), after)
+            seq_mask = mm.insert_after(seq_mask, mvalid, after)
             positions = mm.insert_after(positions, mposition, after)
             text_mask = mm.insert_after(text_mask, jnp.zeros((b, m), bool), after)
             new_vis = jnp.concatenate(
                 [new_vis, after[:, None] + 1 + jnp.arange(m, dtype=jnp.int32)[None]], axis=1)
             new_src = jnp.concatenate([new_src, jnp.take_along_axis(src, mpos, axis=1)], axis=1)
+            if packed:
+                vis_valid = jnp.concatenate([vis_valid, mvalid], axis=1)
+                vis_forced = jnp.concatenate([vis_forced, jnp.zeros((b, m), bool)], axis=1)
         if renumber:
             positions = mm.text_positions(seq_mask)
+            if packed:    # per-example drops vs the segment's static offset n_v - k
+                dropped = seen0 - jnp.sum(seq_mask, axis=1).astype(jnp.int32)
+                positions = positions + (dropped - (n_v - k))[:, None]
         vision_index, src, start, prev_k = new_vis.astype(jnp.int32), new_src, kk, k
     h, seg = run_segment(model, params, h, positions, seq_mask, start, n_layers, extra,
                           n_v - prev_k if renumber else 0)
     segments.append(seg)
+    if packed:
+        src = jnp.where(vis_valid, src, -1).astype(jnp.int32)
     return h, tuple(segments), next_position, src

@@ -131,8 +131,8 @@ def packed_sequence(model: Llava, params: Any, visual: Any, ids: Array, mask: Ar
     A `MultiImage` splices image p's picks at the row's p-th placeholder.
     """
     if method.where != "pre_llm":
-        raise ValueError(f"in-LLM method {method.name!r} on AnyRes / video input is not "
-                         "supported yet (pre-LLM methods only)")
+        raise ValueError(f"in-LLM method {method.name!r}: a packed (AnyRes / video) input "
+                         "prunes inside the LLM, through prefill() / prefill_packed() only")
     ctx, text, pos = vi.packed_context(model, params, visual, ids, mask, method, rng)
     res = select_pre_llm(model, params, ctx, method, variables)
     kept_valid = (jnp.ones(res.indices.shape, bool) if res.valid is None else res.valid)
@@ -148,7 +148,17 @@ def prefill_packed(model: Llava, params: Any, visual: Any, ids: Array, mask: Arr
                    method: PruningMethod, *, extra: int, variables: Any = None,
                    rng: Array | None = None) -> PrefillOutput:
     """`prefill` for a packed visual input (`packed_sequence`); `kept` i32[B, k] is -1 where
-    the LLM sees no token (padding or beyond the example's budget)."""
+    the LLM sees no token (padding or beyond the example's budget). In-LLM methods run over
+    the whole packed buffer (`in_llm.run_in_llm` with the packed context)."""
+    if method.where == "in_llm":
+        if isinstance(visual, vi.MultiImage):
+            raise ValueError(f"in-LLM method {method.name!r} on several images per prompt is "
+                             "not supported (one AnyRes image or one video per prompt)")
+        ctx, text, pos = vi.packed_context(model, params, visual, ids, mask, method, rng)
+        h, segments, next_position, kept = run_in_llm(model, params, ctx, text, mask, pos,
+                                                      method, extra)
+        last = model.apply(params, h[:, -1:], method=Llava.logits)[:, 0]
+        return PrefillOutput(last, segments, next_position, kept, None)
     seq, seq_mask, positions, kept, res = packed_sequence(
         model, params, visual, ids, mask, method, variables=variables, rng=rng)
     h, seg = run_segment(model, params, seq, positions, seq_mask, 0,

@@ -361,6 +361,11 @@ class InLLMResult:
     kept: Array
     merged: Array | None = None
     merged_positions: Array | None = None
+    # packed input (`LayerProbe.vision_valid` set): bool[B, k_keep] which kept tokens the LLM
+    # really sees (False: padding or beyond the example's budget; prefill masks them out), and
+    # bool[B, m] which merged tokens are real. None: all.
+    valid: Array | None = None
+    merged_valid: Array | None = None
 
 
 class LayerProbe(Protocol):
@@ -377,6 +382,14 @@ class LayerProbe(Protocol):
     vision_index: Array      # i32[B, n]     sequence index of each current vision token
     text_mask: Array         # bool[B, S]    real text tokens (not vision, not padding)
     last_index: Array        # i32[B]        sequence index of the last prompt token
+    # Packed AnyRes / video input only (None on a single image, and on probes that predate it):
+    # vision_valid bool[B, n] the current vision slots a method may keep (real and still seen;
+    # never keep the others), vision_forced bool[B, n] the `image_newline` slots (always kept,
+    # counted in k, as `select.masked_select` does before the LLM), vision_budget i32[B] how
+    # many of the stage's static k each example really keeps. `pruning.probe_select` applies them.
+    vision_valid: Array | None = None
+    vision_forced: Array | None = None
+    vision_budget: Array | None = None
 
     @property
     def n_vision(self) -> int: ...

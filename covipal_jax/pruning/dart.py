@@ -37,6 +37,11 @@ What `dart_keep` reads (from prefill's `LayerProbe` at layer K, sequence of leng
     vision_index i32[B, n]: sequence index of each vision token (ascending);
     seq_mask bool[B, L] (optional): real tokens, so padding never becomes a text pivot.
 Text pivots are taken among the tokens after the last vision token.
+
+Packed AnyRes / video input (`dart_keep_packed`): the whole packed buffer is the image span;
+padding slots are never pivots nor chosen, `image_newline` slots are kept and counted in k
+(the house rule of `select.masked_select`), and each example meets its own budget of real
+tokens with its own quotas.
 """
 from __future__ import annotations
 
@@ -46,9 +51,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.pruning.base import InLLMMethod
+from covipal_jax.pruning.base import InLLMMethod, InLLMResult
+from covipal_jax.pruning.probe_select import is_packed, probe_masks
 from covipal_jax.pruning.registry import register
-from covipal_jax.pruning.select import topk_indices
+from covipal_jax.pruning.select import masked_topk, topk_indices
 
 Array = jax.Array
 
@@ -141,6 +147,66 @@ def dart_keep(hidden: Array, keys: Array, vision_index: Array, k: int, *,
     return jnp.sort(kept, axis=1).astype(jnp.int32)
 
 
+def dart_keep_packed(hidden: Array, keys: Array, vision_index: Array, k: int, valid: Array,
+                     forced: Array, budget: Array, *, seq_mask: Array | None = None,
+                     num_image_pivots: int = PIVOT_IMAGE_TOKENS,
+                     num_text_pivots: int = PIVOT_TEXT_TOKENS) -> tuple[Array, Array]:
+    """`dart_keep` over a packed AnyRes / video buffer (the whole buffer is the image span).
+
+    valid bool[B, n] slots that may be kept (padding / dropped: never pivots, never chosen);
+    forced bool[B, n] the `image_newline` slots: kept first and counted in k, neither pivots nor
+    in the pool; budget i32[B] tokens example b keeps (<= k). Each example's quotas are
+    `pivot_quotas` of its own budget: `budget - P_i - newlines` split over the pivots
+    (`(rest // P)` each, one more for the first `rest % P`), the greedy order unchanged.
+    Returns (idx i32[B, k] ascending, kept bool[B, k]: False = not seen by the LLM).
+    """
+    b, length = hidden.shape[:2]
+    n_v = vision_index.shape[1]
+    if not 1 <= k <= n_v:
+        raise ValueError(f"k={k} outside [1, n_v={n_v}]")
+    p_img, quotas = pivot_quotas(k, num_image_pivots, num_text_pivots)
+    vidx = vision_index.astype(jnp.int32)
+    valid, forced = valid.astype(bool), forced.astype(bool) & valid
+    cand = valid & ~forced
+    rows = jnp.arange(b)[:, None]
+
+    knorm = _l1(keys)
+    img_norm = jnp.where(cand, jnp.take_along_axis(knorm, vidx, axis=1), -jnp.inf)
+    piv_val, img_piv = jax.lax.top_k(img_norm, p_img)                   # best first
+    piv_ok = jnp.isfinite(piv_val)
+    after = jnp.arange(length)[None, :] > vidx[:, -1:]
+    if seq_mask is not None:
+        after = after & seq_mask.astype(bool)
+    piv_seq = jnp.take_along_axis(vidx, img_piv, axis=1)
+    if num_text_pivots:
+        txt_piv = topk_indices(jnp.where(after, knorm, -jnp.inf), num_text_pivots)
+        piv_seq = jnp.concatenate([jnp.sort(piv_seq, axis=1), txt_piv], axis=1)
+    else:
+        piv_seq = jnp.sort(piv_seq, axis=1)
+
+    h = hidden.astype(jnp.float32)
+    h = h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-8)
+    h_img = jnp.take_along_axis(h, vidx[..., None], axis=1)
+    h_piv = jnp.take_along_axis(h, piv_seq[..., None], axis=1)
+    cos = jnp.einsum("bpd,bnd->bpn", h_piv, h_img)                      # [B, P, n]
+
+    chosen = forced.at[rows, img_piv].max(piv_ok)
+    n_pivots = len(quotas)
+    rest = jnp.maximum(budget.astype(jnp.int32) - jnp.sum(chosen, axis=-1), 0)   # i32[B]
+    base, extra = rest // n_pivots, rest % n_pivots
+    avail = cand & ~chosen
+    for i, q in enumerate(quotas):
+        if q == 0:
+            continue
+        q_b = base + (i < extra).astype(jnp.int32)                      # i32[B] <= q
+        val, sel = jax.lax.top_k(jnp.where(avail, -cos[:, i], -jnp.inf), q)
+        take = (jnp.arange(q)[None, :] < q_b[:, None]) & jnp.isfinite(val)
+        chosen = chosen.at[rows, sel].max(take)
+        avail = avail & ~chosen
+    rank = chosen.astype(jnp.float32)
+    return masked_topk(rank, k, valid, forced, jnp.clip(budget, 1, k))
+
+
 @register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DART(InLLMMethod):
@@ -153,7 +219,13 @@ class DART(InLLMMethod):
     layer: int = DEFAULT_LAYER
     pivots: int = PIVOT_IMAGE_TOKENS + PIVOT_TEXT_TOKENS
 
-    def select_in_llm(self, probe, k: int, stage: int) -> Array:
+    def select_in_llm(self, probe, k: int, stage: int) -> Array | InLLMResult:
         half = max(1, int(self.pivots) // 2)
+        if is_packed(probe):
+            valid, forced, budget = probe_masks(probe)
+            idx, ok = dart_keep_packed(
+                probe.next_hidden_normed(), probe.keys(), probe.vision_index, k, valid, forced,
+                budget, seq_mask=probe.seq_mask, num_image_pivots=half, num_text_pivots=half)
+            return InLLMResult(kept=idx, valid=ok)
         return dart_keep(probe.next_hidden_normed(), probe.keys(), probe.vision_index, k,
                          seq_mask=probe.seq_mask, num_image_pivots=half, num_text_pivots=half)

@@ -22,7 +22,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from covipal_jax.pruning.base import InLLMMethod, resolve_keep
+from covipal_jax.pruning.base import InLLMMethod, InLLMResult, resolve_keep
+from covipal_jax.pruning.probe_select import probe_topk
 from covipal_jax.pruning.registry import register
 from covipal_jax.pruning.select import topk_indices
 
@@ -65,10 +66,14 @@ class FastV(InLLMMethod):
     description: ClassVar[str] = "FastV: top-k by last-token attention at layer K-1"
     layer: int = DEFAULT_LAYER
 
-    def select_in_llm(self, probe, k: int, stage: int) -> Array:
+    def select_in_llm(self, probe, k: int, stage: int) -> Array | InLLMResult:
+        """On a packed AnyRes / video input the whole packed buffer is the image span: one
+        top-k over every slot, padding never kept, newlines kept and counted in k
+        (`probe_select.probe_topk`)."""
         rows = probe.last_index[:, None].astype(jnp.int32)
         probs = probe.attention_rows(rows, layer="previous")[:, :, 0]      # [B, N, S]
-        return keep_by_attention(probe.vision_columns(probs), k)
+        scores = jnp.mean(probe.vision_columns(probs).astype(jnp.float32), axis=1)
+        return probe_topk(probe, scores, k)
 
 
 def last_row_attention(q_last: Array, keys: Array, key_mask: Array | None = None,

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from covipal_jax.pruning import registry
-from covipal_jax.pruning.base import InLLMMethod, LayerProbe
-from covipal_jax.pruning.select import topk_indices
+from covipal_jax.pruning.base import InLLMMethod, InLLMResult, LayerProbe
+from covipal_jax.pruning.probe_select import probe_topk
 
 Array = jax.Array
 
@@ -167,11 +167,13 @@ class PyramidDrop(InLLMMethod):
             ratios = tuple(lam ** (s + 1) for s in range(len(ls)))
         return tuple(zip(ls, counts(n_v, tuple(ratios))))
 
-    def select_in_llm(self, probe: LayerProbe, k: int, stage: int) -> Array:
+    def select_in_llm(self, probe: LayerProbe, k: int, stage: int) -> Array | InLLMResult:
         """i32[B, k] ascending: top-k of the next layer's head-mean attention from the last
-        prompt token (`probe.last_index`) to the current vision tokens."""
+        prompt token (`probe.last_index`) to the current vision tokens. On a packed AnyRes /
+        video input: over the whole packed buffer, padding never kept, newlines kept
+        (`probe_select.probe_topk`); prefill renumbers over the tokens really seen."""
         del stage
-        return topk_indices(pdrop_scores(probe), k)
+        return probe_topk(probe, pdrop_scores(probe), k)
 
 
 def pdrop_scores(probe: LayerProbe) -> Array:

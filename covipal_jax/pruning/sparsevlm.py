@@ -41,6 +41,11 @@ the largest rater-to-image attention are averaged; (c) no recycling; (d) origina
 kept (`batch_index_select(position_ids, ...)`); (e) counts 192: 300/200/118,
 128: 238/108/60, 96: 246/54/28, 64: 66/34/20. Not implemented here.
 
+Packed AnyRes / video input (the whole packed buffer is the image span): the raters' mean runs
+over the real image slots; each stage keeps the bucket's static (keep, m); the kept top-k never
+holds padding and keeps the `image_newline` slots (counted in k); recycling clusters the best
+pruned REAL tokens only, a merged slot with no real member is masked out (`merged_valid`).
+
 LayerProbe needs (beyond base.py, see the methods report): `input_embeds` f32[B, S0, D] (the
 LLM input of the unpruned sequence), `input_vision_index` i32[B, n_v], `next_hidden()`
 f32[B, S, D] (layer K-1's output).
@@ -54,6 +59,7 @@ import jax.numpy as jnp
 
 from covipal_jax.pruning import registry
 from covipal_jax.pruning.base import InLLMMethod, InLLMResult, LayerProbe
+from covipal_jax.pruning.probe_select import is_packed, probe_masks, probe_topk
 from covipal_jax.pruning.select import complement_indices, gather_tokens, topk_indices
 
 Array = jax.Array
@@ -74,12 +80,14 @@ def recycled_counts(n_pruned: int) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------ raters
 
-def rater_mask(embeds: Array, vision_index: Array, rows: int) -> Array:
+def rater_mask(embeds: Array, vision_index: Array, rows: int,
+               vision_valid: Array | None = None) -> Array:
     """Raters over the last `rows` rows of the LLM input (offsets from the end).
 
     embeds f32[B, S0, D]; vision_index i32[B, n_v] (ascending). Row r of the result is
     sequence row `S0 - rows + r`; it is a candidate when it comes after the image (left
-    padding: the after-image text is the tail of every row). Returns bool[B, rows].
+    padding: the after-image text is the tail of every row). vision_valid bool[B, n_v] (packed
+    input): the mean over image tokens runs over the real slots only. Returns bool[B, rows].
     """
     s0 = embeds.shape[1]
     x = embeds.astype(jnp.float32)
@@ -89,7 +97,12 @@ def rater_mask(embeds: Array, vision_index: Array, rows: int) -> Array:
     after = seq_row > jnp.max(vision_index, axis=-1, keepdims=True)  # bool[B, rows]
     logits = jnp.einsum("bvd,btd->bvt", v, t)
     logits = jnp.where(after[:, None, :], logits, -jnp.inf)
-    m = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)            # f32[B, rows]
+    if vision_valid is None:
+        m = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)        # f32[B, rows]
+    else:
+        w = vision_valid.astype(jnp.float32)[..., None]
+        m = (jnp.sum(jax.nn.softmax(logits, axis=-1) * w, axis=1)
+             / jnp.maximum(jnp.sum(w, axis=1), 1.0))
     m = jnp.where(after, m, 0.0)
     n_after = jnp.maximum(jnp.sum(after, axis=-1, keepdims=True), 1)
     mean = jnp.sum(m, axis=-1, keepdims=True) / n_after
@@ -111,11 +124,15 @@ def rater_scores(probe: LayerProbe, raters: Array) -> Array:
 
 # -------------------------------------------------------------------------- recycling
 
-def cluster_and_merge(x: Array, cluster_num: int) -> tuple[Array, Array]:
+def cluster_and_merge(x: Array, cluster_num: int, valid: Array | None = None
+                      ) -> tuple[Array, Array]:
     """Density-peak clustering + mean merge (official `utils.cluster_and_merge`).
 
     x f32[B, N, C] -> (merged f32[B, cluster_num, C] in centre order, centres i32[B, M]
     indices into N). Centre order = descending `dist * density` (the official `topk`).
+    valid bool[B, N] (packed input): only the True rows are clustered (the others are far from
+    everything, never centres, never merged); a centre that is not valid (fewer valid rows than
+    cluster_num) merges nothing: check `valid` at `centres`.
     """
     b, n, c = x.shape
     if not 1 <= cluster_num <= n:
@@ -123,22 +140,33 @@ def cluster_and_merge(x: Array, cluster_num: int) -> tuple[Array, Array]:
     x = x.astype(jnp.float32)
     diff = x[:, :, None, :] - x[:, None, :, :]
     dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1)) / (c ** 0.5)            # f32[B, N, N]
+    if valid is not None:
+        pair = valid[:, :, None] & valid[:, None, :]
+        far = 2.0 * jnp.max(jnp.where(pair, dist, 0.0).reshape(b, -1), axis=-1) + 1.0
+        dist = jnp.where(pair, dist, far[:, None, None])
     nearest = -jax.lax.top_k(-dist, cluster_num)[0]
     density = jnp.exp(-jnp.mean(nearest ** 2, axis=-1))                   # f32[B, N]
+    if valid is not None:
+        density = jnp.where(valid, density, 0.0)
     # higher[b, i, j]: token j is denser than i. The official adds `rand * 1e-6` to the
     # densities so that none are equal (mutual nearest neighbours tie exactly when
     # cluster_num == 2); here exact ties are ordered by index (lower index = denser).
     dj, di = density[:, None, :], density[:, :, None]
     idx = jnp.arange(n)
     higher = ((dj > di) | ((dj == di) & (idx[None, None, :] < idx[None, :, None])))
+    if valid is not None:
+        higher = higher & valid[:, None, :]
     higher = higher.astype(jnp.float32)
     dist_max = jnp.max(dist.reshape(b, -1), axis=-1)[:, None, None]
     parent = jnp.min(dist * higher + dist_max * (1.0 - higher), axis=-1)  # f32[B, N]
-    _, centres = jax.lax.top_k(parent * density, cluster_num)             # i32[B, M]
+    peak = parent * density if valid is None else jnp.where(valid, parent * density, -1.0)
+    _, centres = jax.lax.top_k(peak, cluster_num)                         # i32[B, M]
     to_centre = jnp.take_along_axis(dist, centres[:, :, None], axis=1)    # f32[B, M, N]
     assign = jnp.argmin(to_centre, axis=1)                                # i32[B, N]
     assign = assign.at[jnp.arange(b)[:, None], centres].set(jnp.arange(cluster_num)[None])
     onehot = jax.nn.one_hot(assign, cluster_num, dtype=jnp.float32)       # f32[B, N, M]
+    if valid is not None:
+        onehot = onehot * valid[..., None].astype(jnp.float32)
     total = jnp.einsum("bnm,bnc->bmc", onehot, x)
     count = jnp.sum(onehot, axis=1)[..., None] + 1e-6
     return total / count, centres.astype(jnp.int32)
@@ -229,8 +257,11 @@ class SparseVLM(InLLMMethod):
         if probe.input_embeds.shape[1] - probe.input_vision_index.shape[1] != r:
             raise ValueError("SparseVLM: the probe's sequence and its input sequence differ in "
                              "non-image rows")
-        raters = rater_mask(probe.input_embeds, probe.input_vision_index, r)
+        raters = rater_mask(probe.input_embeds, probe.input_vision_index, r,
+                            getattr(probe, "input_vision_valid", None))
         score = rater_scores(probe, raters)                 # f32[B, n]
+        if is_packed(probe):
+            return self._select_packed(probe, score, keep, m)
         kept = topk_indices(score, keep)
         if not m:
             return kept
@@ -242,6 +273,28 @@ class SparseVLM(InLLMMethod):
         merged, centres = cluster_and_merge(gather_tokens(probe.next_hidden(), rows), m)
         return InLLMResult(kept=kept, merged=merged.astype(probe.hidden.dtype),
                            merged_positions=jnp.take_along_axis(src, centres, axis=1))
+
+    def _select_packed(self, probe: LayerProbe, score: Array, keep: int, m: int
+                       ) -> InLLMResult:
+        """A stage on a packed AnyRes / video buffer: the static (keep, m) of the bucket; the
+        kept top-k never holds padding and keeps the newlines (`probe_topk`, budget = the
+        example's stage budget minus the m merged slots); recycling clusters the best pruned
+        REAL tokens only (merged slots without one are not seen: `merged_valid`)."""
+        valid, _, budget = probe_masks(probe)
+        res = probe_topk(probe, score, keep, budget=jnp.clip(budget - m, 1, keep))
+        if not m:
+            return res
+        b, n = valid.shape
+        seen = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], res.kept].max(res.valid)
+        n_top, _ = recycled_counts(n - keep)
+        val, src = jax.lax.top_k(jnp.where(valid & ~seen, score, -jnp.inf), n_top)
+        src_ok = jnp.isfinite(val)                                   # bool[B, n_top]
+        rows = jnp.take_along_axis(probe.vision_index, src, axis=1)
+        merged, centres = cluster_and_merge(gather_tokens(probe.next_hidden(), rows), m,
+                                            valid=src_ok)
+        return res.replace(merged=merged.astype(probe.hidden.dtype),
+                           merged_positions=jnp.take_along_axis(src, centres, axis=1),
+                           merged_valid=jnp.take_along_axis(src_ok, centres, axis=1))
 
     def _stage(self, n_v: int, n: int, stage: int) -> tuple[int, int]:
         """(keep, m) at stage `stage` with n current image tokens out of n_v originally."""
