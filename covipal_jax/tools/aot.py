@@ -64,6 +64,7 @@ class Request:
     method: str
     max_new_tokens: int
     stage: int = 1
+    visual: str = ""    # "" (one base-resolution image), "anyres:VIEWS" or "video:FRAMES"
 
 
 def _with_train(config):
@@ -125,6 +126,8 @@ def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
     from covipal_jax.pruning.ppm import PPM
 
     pcfg = ppm_io.ppm_config(config, cfg)
+    if n_v is not None and n_v != pcfg.n_v:
+        pcfg = dataclasses.replace(pcfg, n_v=n_v)
     variables, _ = abstract_params(lambda r: ppm_io.init_ppm(pcfg, r), mesh, rules)
     return PPM(pcfg), pcfg, variables
 
@@ -165,10 +168,13 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
         spec = pruning.from_config(_pruning(config, req))
         ppm_vars, pcfg = None, None
         if spec.trainable:  # abstract PPM variables (the method value carries its config)
-            _, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
+            # A packed input: a PPM whose position table spans the packed length N (what a
+            # PPM trained for that bucket would be; the layout-aware PPM is not done).
+            _, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules,
+                                            n_v=num_visual_tokens(req.visual, cfg))
             spec = dc.replace(spec, ppm=pcfg)
         gen = Generator(model, spec, max_new_tokens=req.max_new_tokens, eos_id=2, pad_id=0)
-        pixels = _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh)
+        pixels = visual_sds(req.visual, cfg, b, mesh)
         ids = _batch_sds((b, t), jnp.int32, mesh)
         mask = _batch_sds((b, t), jnp.bool_, mesh)
         key = jax.eval_shape(lambda: jax.random.key(0))
@@ -181,8 +187,81 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
         state = decode_state_abstract(state, b, mesh, rules)
         return Step(gen.decode_step_fn, (params, state), dict(donate_argnums=(1,)))
     if req.mode == "train_ppm":
+        if req.visual:
+            raise ValueError("--visual is for prefill / decode (PPM training takes one image)")
         return _train_step(req, config, cfg, model, params, mesh, rules)
     raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
+
+
+def parse_visual(spec: str) -> tuple[str, int]:
+    """"" -> ("image", 1); "anyres:VIEWS" -> ("anyres", VIEWS); "video:FRAMES" -> ("video", F)."""
+    if not spec:
+        return "image", 1
+    kind, _, num = spec.partition(":")
+    if kind not in ("anyres", "video") or not num.isdigit() or int(num) < 1:
+        raise ValueError(f"--visual must be anyres:VIEWS or video:FRAMES (VIEWS, FRAMES >= 1),"
+                         f" got {spec!r}")
+    return kind, int(num)
+
+
+def visual_sds(spec: str, cfg, batch: int, mesh):
+    """The abstract visual input of a prefill: pixels f32[B, H, W, 3], or a packed
+    `AnyResImage` (pixels f32[B, C, H, W, 3], plan i32[B, 8], the bucket's static capacity) /
+    `Video` (frames f32[B, F, H, W, 3]) with batch-sharded leaves."""
+    import jax.numpy as jnp
+
+    kind, num = parse_visual(spec)
+    side = cfg.vision.image_size
+    if kind == "image":
+        return _batch_sds((batch, side, side, 3), jnp.float32, mesh)
+    from covipal_jax.inference import visual_inputs as vi
+    from covipal_jax.models import anyres
+
+    if not cfg.image_newline:
+        raise ValueError(f"--visual {spec}: the model has no image_newline (use a LLaVA-NeXT / "
+                         "OneVision config)")
+    if kind == "anyres":
+        if not cfg.image_grid_pinpoints:
+            raise ValueError(f"--visual {spec}: the config has no AnyRes pinpoints "
+                             "(e.g. llava_ov_7b.py:anyres=1)")
+        return vi.AnyResImage(_batch_sds((batch, num, side, side, 3), jnp.float32, mesh),
+                              _batch_sds((batch, 8), jnp.int32, mesh),
+                              anyres.bucket_capacity(cfg, num))
+    if cfg.video_token_id is None or cfg.video_token_id < 0:
+        raise ValueError(f"--visual {spec}: the config has no video_token_id (not a video model)")
+    return vi.Video(_batch_sds((batch, num, side, side, 3), jnp.float32, mesh))
+
+
+def num_visual_tokens(spec: str, cfg) -> int:
+    """Packed length N of `spec`'s visual input (the base view's tokens for a plain image)."""
+    if not spec:
+        return cfg.num_vision_tokens
+    return visual_sds(spec, cfg, 1, None).num_slots(cfg)
+
+
+def attention_paths(req: Request, cfg, k: int, plat: str = "tpu") -> dict:
+    """Which attention backend the decoder's prefill and the vision tower resolve to
+    (`models.attention.resolve_impl` at their shapes on `plat`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from covipal_jax.models.attention import Mask, resolve_impl
+
+    def one(t, s, heads, kv, dim, causal):
+        q = jax.ShapeDtypeStruct((req.batch, t, heads, dim), jnp.bfloat16)
+        kk = jax.ShapeDtypeStruct((req.batch, s, kv, dim), jnp.bfloat16)
+        mask = Mask(jnp.zeros((t,), jnp.int32), None, 0) if causal else None
+        name, why = resolve_impl(cfg.attention, q, kk, mask=mask, plat=plat)
+        return dict(impl=name, why=why, queries=t, keys=s)
+
+    tx, vs = cfg.text, cfg.vision
+    t = req.text_len + k
+    n_v = vs.grid[0] * vs.grid[1]
+    return dict(config=cfg.attention,
+                decoder_prefill=one(t, t + req.max_new_tokens, tx.num_heads,
+                                    tx.num_kv_heads, tx.head_dim, True),
+                vision_tower=one(n_v, n_v, vs.num_heads, vs.num_heads,
+                                 vs.head_dim, False))
 
 
 def _pruning(config, req: Request):
@@ -278,7 +357,10 @@ def ppm_block_cost(pcfg, batch: int, text_len: int, grad: bool) -> float:
 
 def hlo_flops(req: Request, config) -> float:
     """Global FLOPs of the step with unrolled layers (CPU lowering, no mesh), PPM-corrected."""
-    cfg = model_config(config, scan=False)
+    # Dense XLA attention on the CPU lowering (not "auto"'s chunked loop, which XLA's cost
+    # analysis would count once): for splash, whose causal blocks skip the masked half of the
+    # scores, this is an upper bound on the attention FLOPs.
+    cfg = model_config(config, scan=False).replace(attention="xla")
     step = build_step(req, config, cfg, None, config.logical_axis_rules)
     import jax
 
@@ -341,6 +423,8 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
     with sh.use_mesh(mesh, rules):
         lowered = jax.jit(step.fn, **step.jit_kw).lower(*step.args)
+        # Pallas kernels (splash attention) lower to Mosaic `tpu_custom_call`s.
+        header["attention"]["tpu_custom_calls"] = lowered.as_text().count("tpu_custom_call")
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
@@ -385,16 +469,18 @@ def _report_header(req, config, cfg, topology, gen, shape, n) -> dict:
         stage=req.stage if req.mode == "train_ppm" else None, batch=req.batch,
         text_len=req.text_len,
         method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
-        keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
+        keep=req.keep, k=_kept(req, config, cfg), visual=req.visual or "image",
+        num_vision_tokens=num_visual_tokens(req.visual, cfg),
         decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
-        remat_policy=cfg.remat_policy)
+        remat_policy=cfg.remat_policy,
+        attention=attention_paths(req, cfg, _kept(req, config, cfg)))
 
 
 def _kept(req, config, cfg) -> int:
     from covipal_jax.pruning.base import resolve_keep
     if req.mode == "train_ppm":
         return resolve_keep(_with_train(config).train.keep, cfg.num_vision_tokens)
-    return resolve_keep(req.keep, cfg.num_vision_tokens)
+    return resolve_keep(req.keep, num_visual_tokens(req.visual, cfg))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -442,8 +528,9 @@ def main(argv) -> None:
         batch = F.batch or int(config.batch_size)
         text_len = F.text_len or 64
     req = Request(F.mode, batch, text_len, keep, method,
-                  F.max_new_tokens or int(config.max_new_tokens), F.stage)
+                  F.max_new_tokens or int(config.max_new_tokens), F.stage, F.visual or "")
     try:
+        parse_visual(req.visual)
         rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib,
                            batch_given=F.batch is not None)
     except ValueError as e:
@@ -474,6 +561,9 @@ def _define_flags():
     flags.DEFINE_integer("max_new_tokens", None, "KV cache room for decoding "
                          "(default config.max_new_tokens).")
     flags.DEFINE_integer("stage", 1, "train_ppm: stage 1 or 2.")
+    flags.DEFINE_string("visual", None, "prefill / decode visual input: one base-resolution "
+                        "image (default), anyres:VIEWS (a packed AnyRes image of the VIEWS "
+                        "crop bucket: base view + crops) or video:FRAMES (a packed video).")
     flags.DEFINE_bool("flops", True, "Count FLOPs (lowers an unrolled copy on CPU).")
     flags.DEFINE_string("json", None, "Write the report as JSON here.")
     flags.DEFINE_string("summarize", None, "Print a markdown table of the JSON reports in "
