@@ -510,6 +510,14 @@ def main(argv) -> None:
         sys.exit(2)
     setup_host()
     config = _CONFIG.value
+    if F.attention:
+        from covipal_jax.models.attention import IMPLS
+        if F.attention not in IMPLS:
+            print(f"error: --attention must be one of {IMPLS}", file=sys.stderr)
+            sys.exit(2)
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.model.attention = F.attention
     if F.mode == "train_ppm":
         config = _with_train(config)
     keep = F.keep if F.keep is not None else config.pruning.keep
@@ -561,6 +569,8 @@ def _define_flags():
     flags.DEFINE_integer("max_new_tokens", None, "KV cache room for decoding "
                          "(default config.max_new_tokens).")
     flags.DEFINE_integer("stage", 1, "train_ppm: stage 1 or 2.")
+    flags.DEFINE_string("attention", None, "Attention backend (model.attention: auto, xla, "
+                        "chunked, splash, cudnn; default: the config's, else auto).")
     flags.DEFINE_string("visual", None, "prefill / decode visual input: one base-resolution "
                         "image (default), anyres:VIEWS (a packed AnyRes image of the VIEWS "
                         "crop bucket: base view + crops) or video:FRAMES (a packed video).")

@@ -44,6 +44,14 @@ def format_report(r: dict) -> str:
         + ("" if r["hbm_fraction"] is None else f" ({r['hbm_fraction']:.0%})")
         + f": {'FITS' if r['fits'] else 'DOES NOT FIT'}",
     ]
+    att = r.get("attention")
+    if att:
+        d, v = att["decoder_prefill"], att["vision_tower"]
+        lines.append(
+            f"  input {r.get('visual', 'image')}; attention {att['config']}: decoder prefill "
+            f"{d['impl']} ({d['why']}; {d['queries']} queries x {d['keys']} keys), vision "
+            f"tower {v['impl']} ({v['why']}); Pallas tpu_custom_calls in the program: "
+            f"{att.get('tpu_custom_calls', '?')}")
     if r.get("compiler_error"):
         lines.append(f"  compiler: {r['compiler_error']}")
     if "flops_global" in r:
@@ -79,6 +87,9 @@ def table(reports: list[dict]) -> str:
             step = r["mode"]
         fl = (f"{r['flops_per_device'] / 1e12:.2f} | {r['est_step_s'] * 1e3:.0f}"
               if "flops_per_device" in r else "– | –")
+        att = r.get("attention")
+        if att:
+            step += f", {r.get('visual', 'image')}, attention {att['decoder_prefill']['impl']}"
         lines.append(
             f"| {r.get('name', '')} | {r['chip']} x{r['devices']} | {mesh} | {step} "
             f"| {r['batch']} | {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} "
