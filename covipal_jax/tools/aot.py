@@ -44,7 +44,10 @@ import time
 from typing import Any
 
 from covipal_jax.tools.aot_report import (_oom_report, format_report,  # noqa: F401
-                                          table)
+                                          long_table, table)
+from covipal_jax.tools.aot_inputs import (_batch_sds, attention_paths,  # noqa: F401
+                                          decode_state_abstract, num_visual_tokens,
+                                          parse_visual, visual_sds)
 from covipal_jax.tools.topology import (ALIASES, CHIPS, libtpu_available,  # noqa: F401
                                         resolve_topology, setup_host, topology_devices,
                                         topology_mesh)
@@ -103,22 +106,10 @@ def model_config(config, scan: bool | None = None, vision_run: int | None = None
 # ----------------------------------------------------------------------------- abstract trees
 
 
-def _sds(x, sharding=None, dtype=None):
-    from covipal_jax.train import state as state_lib
-    return state_lib.sds(x, sharding, dtype)
-
-
 def abstract_params(init_fn, mesh, rules, dtype=None):
     """(abstract unboxed tree with NamedShardings, shardings) of a boxed init function."""
     from covipal_jax.train import state as state_lib
     return state_lib.abstract_params(init_fn, mesh, rules, dtype)
-
-
-def _batch_sds(shape, dtype, mesh):
-    from covipal_jax import sharding as sh
-    import jax
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=None if mesh is None
-                                else sh.batch_sharding(mesh, len(shape)))
 
 
 def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
@@ -158,7 +149,6 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
     model = Llava(cfg)
     params, _ = abstract_params(lambda r: init_params(cfg, r), mesh, rules)
     b, t = req.batch, req.text_len
-    v = cfg.vision
     if req.mode in ("prefill", "decode"):
         import dataclasses as dc
 
@@ -193,107 +183,12 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
     raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
 
 
-def parse_visual(spec: str) -> tuple[str, int]:
-    """"" -> ("image", 1); "anyres:VIEWS" -> ("anyres", VIEWS); "video:FRAMES" -> ("video", F)."""
-    if not spec:
-        return "image", 1
-    kind, _, num = spec.partition(":")
-    if kind not in ("anyres", "video") or not num.isdigit() or int(num) < 1:
-        raise ValueError(f"--visual must be anyres:VIEWS or video:FRAMES (VIEWS, FRAMES >= 1),"
-                         f" got {spec!r}")
-    return kind, int(num)
-
-
-def visual_sds(spec: str, cfg, batch: int, mesh):
-    """The abstract visual input of a prefill: pixels f32[B, H, W, 3], or a packed
-    `AnyResImage` (pixels f32[B, C, H, W, 3], plan i32[B, 8], the bucket's static capacity) /
-    `Video` (frames f32[B, F, H, W, 3]) with batch-sharded leaves."""
-    import jax.numpy as jnp
-
-    kind, num = parse_visual(spec)
-    side = cfg.vision.image_size
-    if kind == "image":
-        return _batch_sds((batch, side, side, 3), jnp.float32, mesh)
-    from covipal_jax.inference import visual_inputs as vi
-    from covipal_jax.models import anyres
-
-    if not cfg.image_newline:
-        raise ValueError(f"--visual {spec}: the model has no image_newline (use a LLaVA-NeXT / "
-                         "OneVision config)")
-    if kind == "anyres":
-        if not cfg.image_grid_pinpoints:
-            raise ValueError(f"--visual {spec}: the config has no AnyRes pinpoints "
-                             "(e.g. llava_ov_7b.py:anyres=1)")
-        return vi.AnyResImage(_batch_sds((batch, num, side, side, 3), jnp.float32, mesh),
-                              _batch_sds((batch, 8), jnp.int32, mesh),
-                              anyres.bucket_capacity(cfg, num))
-    if cfg.video_token_id is None or cfg.video_token_id < 0:
-        raise ValueError(f"--visual {spec}: the config has no video_token_id (not a video model)")
-    return vi.Video(_batch_sds((batch, num, side, side, 3), jnp.float32, mesh))
-
-
-def num_visual_tokens(spec: str, cfg) -> int:
-    """Packed length N of `spec`'s visual input (the base view's tokens for a plain image)."""
-    if not spec:
-        return cfg.num_vision_tokens
-    return visual_sds(spec, cfg, 1, None).num_slots(cfg)
-
-
-def attention_paths(req: Request, cfg, k: int, plat: str = "tpu") -> dict:
-    """Which attention backend the decoder's prefill and the vision tower resolve to
-    (`models.attention.resolve_impl` at their shapes on `plat`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from covipal_jax.models.attention import Mask, resolve_impl
-
-    def one(t, s, heads, kv, dim, causal):
-        q = jax.ShapeDtypeStruct((req.batch, t, heads, dim), jnp.bfloat16)
-        kk = jax.ShapeDtypeStruct((req.batch, s, kv, dim), jnp.bfloat16)
-        mask = Mask(jnp.zeros((t,), jnp.int32), None, 0) if causal else None
-        name, why = resolve_impl(cfg.attention, q, kk, mask=mask, plat=plat)
-        return dict(impl=name, why=why, queries=t, keys=s)
-
-    tx, vs = cfg.text, cfg.vision
-    t = req.text_len + k
-    n_v = vs.grid[0] * vs.grid[1]
-    return dict(config=cfg.attention,
-                decoder_prefill=one(t, t + req.max_new_tokens, tx.num_heads,
-                                    tx.num_kv_heads, tx.head_dim, True),
-                vision_tower=one(n_v, n_v, vs.num_heads, vs.num_heads,
-                                 vs.head_dim, False))
-
-
 def _pruning(config, req: Request):
     p = config.pruning.copy_and_resolve_references()
     with p.unlocked():
         p.keep = req.keep
         p.method = req.method
     return p
-
-
-def decode_state_abstract(state, batch: int, mesh, rules):
-    """Shardings for a DecodeState: KV caches by their logical names, per-row leaves over the
-    batch axes, the rest replicated."""
-    import flax.linen as nn
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from covipal_jax import sharding as sh
-    from covipal_jax.models.decoder import CACHE_AXES
-
-    if mesh is None:
-        return jax.tree.map(lambda x: _sds(x), state)
-    cache_sh = nn.logical_to_mesh_sharding(P(*CACHE_AXES), mesh, sh.rules_tuple(rules))
-
-    def pick(path, x):
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        if "cache" in names and x.ndim == 5:
-            return _sds(x, cache_sh)
-        if x.ndim >= 1 and x.shape[0] == batch:
-            return _sds(x, sh.batch_sharding(mesh, x.ndim))
-        return _sds(x, NamedSharding(mesh, P()))
-    return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def _train_step(req: Request, config, cfg, model, params, mesh, rules) -> Step:
@@ -499,7 +394,9 @@ def main(argv) -> None:
             r = paths.read_json(p)
             r.setdefault("name", p.name[:-5])
             reports.append(r)
-        print(table(reports))
+        if F.long_table:
+            reports = [r for r in reports if r.get("attention")]
+        print(long_table(reports) if F.long_table else table(reports))
         return
     if F.mode not in MODES:
         print(f"error: --mode must be one of {MODES}", file=sys.stderr)
@@ -578,6 +475,8 @@ def _define_flags():
     flags.DEFINE_string("json", None, "Write the report as JSON here.")
     flags.DEFINE_string("summarize", None, "Print a markdown table of the JSON reports in "
                         "this directory and exit.")
+    flags.DEFINE_bool("long_table", False, "--summarize: docs/aot_long.md's table (reports "
+                      "that name their attention path) instead of the README's.")
     flags.DEFINE_float("hbm_gib", None, "Override the HBM per chip (GiB) the fit is checked "
                        "against (default: the chip's).")
 

@@ -96,3 +96,28 @@ def table(reports: list[dict]) -> str:
             f"| {gib(b['temp'])} | {gib(b['output'])} | {gib(b['total'])} / "
             f"{gib(r['hbm_bytes'])} | {'yes' if r['fits'] else 'NO'} | {fl} |")
     return "\n".join(lines)
+
+
+def long_table(reports: list[dict]) -> str:
+    """docs/aot_long.md's table: one row per prefill report (packed input, attention path)."""
+    def gib(x):
+        return "?" if x is None else f"{x / 2 ** 30:.2f}"
+
+    lines = ["| config | input | vision tokens (kept / packed) | prefill tokens | batch | keep "
+             "| attention (decoder / tower; kernels) | args / temps / outputs GiB per chip "
+             "| total GiB | fits v5e 16 GiB? | est. ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        b, att = r["bytes"], r.get("attention") or {}
+        dec = att.get("decoder_prefill", {}).get("impl", "?")
+        tower = att.get("vision_tower", {}).get("impl", "?")
+        calls = att.get("tpu_custom_calls", "?")
+        est = f"{r['est_step_s'] * 1e3:.0f}" if "est_step_s" in r else "–"
+        fits = "yes" if r["fits"] else ("NO (compiler: RESOURCE_EXHAUSTED)"
+                                        if r.get("compiler_error") else "NO")
+        lines.append(
+            f"| {r.get('name', '')} | {r.get('visual', 'image')} | {r['k']} / "
+            f"{r['num_vision_tokens']} | {r['text_len'] + r['k']} | {r['batch']} | {r['keep']} "
+            f"| {dec} / {tower}; {calls} | {gib(b['argument'])} / {gib(b['temp'])} / "
+            f"{gib(b['output'])} | {gib(b['total'])} | {fits} | {est} |")
+    return "\n".join(lines)
