@@ -43,7 +43,7 @@ done
 fi
 
 # Long-context prefills on v5e-8 (docs/aot_long.md): packed AnyRes / video inputs
-# (--visual), pruned (PPM r = 0.25) and unpruned, splash vs XLA attention, batch 8 then 1.
+# (--visual), pruned (PPM r = 0.25) and unpruned, splash vs XLA attention, batch 8.
 # OneVision-7B: 10-view AnyRes bucket (9 crops, 7,371 slots), 32-frame video (6,273 slots);
 # LLaVA-NeXT-7B: 5-view bucket (base + 2x2 crops, 2,928 slots).
 long_run() {  # name config visual batch keep attention [mesh flags]
@@ -65,15 +65,6 @@ if [ "$ONLY" != base ]; then
         long_run ${model}_v5e-8_${tag}_b8_${keep%%:*}_${attn} configs/$model.py $visual 8 \
           ${keep#*:} $attn
       done
-    done
-  done
-  # Batch 1: the batch cannot be split over 8 chips; tensor parallelism over the 4 kv heads
-  # (fsdp=2 x tensor=4 needs batch 2), so batch 1 runs fsdp=1 x tensor=8 where it compiles.
-  for input in "llava_ov_7b:anyres10:anyres:10" "llava_ov_7b:video32:video:32"; do
-    model=${input%%:*}; rest=${input#*:}; tag=${rest%%:*}; visual=${rest#*:}
-    for keep in full:1.0 pruned:0.25; do
-      long_run ${model}_v5e-8_${tag}_b1_${keep%%:*}_splash configs/$model.py $visual 1 \
-        ${keep#*:} splash --config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=-1
     done
   done
 fi
