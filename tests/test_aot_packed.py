@@ -61,6 +61,7 @@ def test_packed_lengths_and_parse():
         aot.visual_sds("anyres:4", aot.model_config(tiny.get_config()), 1, None)
 
 
+@pytest.mark.slow  # two TPU compiles in a subprocess: ~50 s on an idle 2-core host
 @needs_libtpu
 def test_packed_prefill_compiles_for_v5e(packed_reports):
     cfg = _tiny_cfg()
@@ -75,6 +76,7 @@ def test_packed_prefill_compiles_for_v5e(packed_reports):
     assert pruned["k"] == max(1, round(0.25 * pruned["num_vision_tokens"]))
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_report_names_the_attention_path(packed_reports):
     att = packed_reports["anyres_splash_pruned"]["attention"]
