@@ -103,6 +103,45 @@ def test_splash_kernel_matches_reference_in_interpreter(causal):
     np.testing.assert_allclose(np.asarray(got)[rows], ref[rows], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+def test_splash_kernel_with_key_bias_matches_reference_in_interpreter(dtype, tol):
+    """A per-key additive bias through the kernel's extra q/k columns (q' = [q, 1, 1],
+    k' = [k, hi, lo]): real rows equal the reference with the bias, causal with a cache;
+    the bias carries large negative values (PPM log p of near-dropped tokens) too."""
+    q, k, v, bias, valid = inputs(t=100, s=140, seed=1)
+    bias = (3.0 * bias).at[0, 10:20].set(-1e4)
+    mask = A.Mask.causal(0, q.shape[1], valid)
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    got = splash_attention(cast(q), cast(k), cast(v), q_offset=0, key_valid=valid, causal=True,
+                           bias=bias, interpret=True)
+    ref = reference(cast(q).astype(jnp.float32), cast(k).astype(jnp.float32),
+                    cast(v).astype(jnp.float32), mask, bias)
+    rows = np.asarray(valid[:, :q.shape[1]])
+    got = np.asarray(got.astype(jnp.float32))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[rows], ref[rows], atol=tol, rtol=tol)
+    # and the bias matters: without it the outputs differ
+    plain = reference(cast(q).astype(jnp.float32), cast(k).astype(jnp.float32),
+                      cast(v).astype(jnp.float32), mask)
+    assert np.abs(plain[rows] - ref[rows]).max() > 10 * tol
+
+
+def test_splash_bias_columns_split_the_bias_exactly():
+    """bf16: hi + lo recovers the f32 bias to about 16 bits; f32 uses one column."""
+    from covipal_jax.models.attention_splash import bias_columns
+
+    q, k, _, bias, _ = inputs(t=8, s=12)
+    bias = 7.3 * bias
+    q2, k2 = bias_columns(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), bias)
+    assert q2.shape[-1] == q.shape[-1] + 2 and k2.shape[-1] == k.shape[-1] + 2
+    rec = k2[..., -2].astype(jnp.float32) + k2[..., -1].astype(jnp.float32)  # [B, S, K]
+    np.testing.assert_allclose(np.asarray(rec), np.asarray(bias)[:, :, None].repeat(2, -1),
+                               rtol=2e-5, atol=1e-6)
+    q1, k1 = bias_columns(q, k, bias)
+    assert q1.shape[-1] == q.shape[-1] + 1
+    np.testing.assert_array_equal(np.asarray(k1[..., -1]), np.asarray(bias)[:, :, None].repeat(2, -1))
+
+
 def test_resolve_impl_by_platform():
     q, k, _, bias, valid = inputs()
     long_q = jax.ShapeDtypeStruct((1, 2048, 32, 128), jnp.float32)
@@ -114,8 +153,9 @@ def test_resolve_impl_by_platform():
     assert A.resolve_impl("auto", one, long_k, plat="cpu")[0] == "xla"  # decode
     assert A.resolve_impl("auto", long_q, long_k, mask=mask, plat="tpu")[0] == "splash"
     assert A.resolve_impl("auto", q, k, plat="tpu")[0] == "xla"  # short: XLA
+    # a per-key bias rides in extra head-dim columns: no XLA fallback
     assert A.resolve_impl("splash", long_q, long_k, mask=mask, bias=bias, plat="tpu") == (
-        "xla", "splash takes no per-key bias")
+        "splash", "tpu")
     traced = A.Mask(mask.q_index, mask.key_valid, None)
     assert A.resolve_impl("splash", long_q, long_k, mask=traced, plat="tpu")[0] == "xla"
     assert A.resolve_impl("splash", long_q, long_k, plat="cpu")[0] == "xla"
@@ -200,19 +240,20 @@ def test_splash_compiles_for_tpu_ahead_of_time():
         from covipal_jax.models import attention as A
         devices, _ = aot.topology_devices("v5e:2x2")
         out = {}
-        def compile_(name, mesh, b, t, s, n, kh, h, dtype, causal):
+        def compile_(name, mesh, b, t, s, n, kh, h, dtype, causal, biased=False):
             sds = lambda shape, dt, spec: jax.ShapeDtypeStruct(
                 shape, dt, sharding=NamedSharding(mesh, spec))
             q = sds((b, t, n, h), dtype, P(("data", "fsdp")))
             k = sds((b, s, kh, h), dtype, P(("data", "fsdp")))
             valid = sds((b, s), jnp.bool_, P(("data", "fsdp")))
-            def f(q, k, v, valid):
+            bias = sds((b, s), jnp.float32, P(("data", "fsdp"))) if biased else None
+            def f(q, k, v, valid, bias):
                 m = A.Mask.causal(0, t, valid) if causal else A.Mask(key_valid=valid)
-                assert A.resolve_impl("auto", q, k, mask=m)[0] == (
+                assert A.resolve_impl("auto", q, k, mask=m, bias=bias)[0] == (
                     "splash" if t >= A.TPU_SPLASH_MIN_T else "xla")
-                return A.attention(q, k, v, mask=m, impl="splash")
+                return A.attention(q, k, v, mask=m, bias=bias, impl="splash")
             with sh.use_mesh(mesh, sh.LOGICAL_AXIS_RULES):
-                lowered = jax.jit(f).lower(q, k, k, valid)
+                lowered = jax.jit(f).lower(q, k, k, valid, bias)
                 compiled = lowered.compile()
             text = compiled.as_text()
             out[name] = dict(mosaic=("tpu_custom_call" in text) or ("mosaic" in text.lower()),
@@ -224,6 +265,7 @@ def test_splash_compiles_for_tpu_ahead_of_time():
         compile_("gqa_cache_bf16", one, 2, 1100, 1200, 8, 2, 16, jnp.bfloat16, True)
         compile_("vision_h64", one, 1, 577, 577, 4, 4, 64, jnp.float32, False)
         compile_("fsdp4", four, 4, 1024, 1024, 4, 4, 128, jnp.bfloat16, True)
+        compile_("fsdp4_bias", four, 4, 1024, 1024, 4, 4, 128, jnp.bfloat16, True, True)
         # The whole tiny model's prefill (decoder attention forced to splash) on 4 chips.
         from covipal_jax.configs import tiny
         from covipal_jax.models import attention_splash as S
@@ -244,7 +286,7 @@ def test_splash_compiles_for_tpu_ahead_of_time():
     import json
     line = next(x for x in res.stdout.splitlines() if x.startswith("JSON"))
     out = json.loads(line[4:])
-    assert set(out) == {"gqa_cache_bf16", "vision_h64", "fsdp4", "tiny_prefill"}
+    assert set(out) == {"gqa_cache_bf16", "vision_h64", "fsdp4", "fsdp4_bias", "tiny_prefill"}
     for name, r in out.items():
         assert r["mosaic"], name  # the Mosaic kernel is in the compiled program / was traced
     assert out["tiny_prefill"]["fits"]

@@ -9,7 +9,7 @@ Letters: B batch, T queries, S keys, N query heads, K kv heads, G = N / K, H hea
   - "chunked": blockwise online softmax in plain JAX (`attention_chunked`); never builds the
     full score matrix. "auto" uses it on CPU for long sequences (T * S >= `CPU_CHUNKED_MIN`).
   - "splash": the Pallas TPU splash (flash) kernel (`attention_splash`); "auto" uses it on TPU
-    for T >= `TPU_SPLASH_MIN_T`. It cannot take a per-key bias: biased calls use "xla".
+    for T >= `TPU_SPLASH_MIN_T`. A per-key bias rides in extra q/k head-dim columns.
   - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention(implementation=
     "cudnn")` on GPU for bf16/f16 prefill; anything it cannot take uses "xla".
   Decode (T = 1 against a cache) uses "xla" on every platform unless "chunked" is forced:
@@ -136,8 +136,6 @@ def resolve_impl(impl: str, q: Array, k: Array, *, mask: Mask | None = None,
     if impl == "splash":
         if plat != "tpu":
             return "xla", f"splash needs a TPU (platform {plat})"
-        if bias is not None:
-            return "xla", "splash takes no per-key bias"
         if t == 1:
             return "xla", "one query row (decode)"
         if mask is not None and mask.q_index is not None and mask.q_offset is None:
@@ -167,7 +165,7 @@ def attention(q: Array, k: Array, v: Array, *, mask: Mask | None = None,
     if name == "splash":
         from covipal_jax.models.attention_splash import splash_attention
         return splash_attention(q, k, v, q_offset=mask.q_offset, key_valid=mask.key_valid,
-                                causal=mask.q_index is not None)
+                                causal=mask.q_index is not None, bias=bias)
     b, t, _, _ = q.shape
     dense = mask.dense(b, t, k.shape[1])
     m = None if dense is None else dense[:, None, :, :]  # [B, 1, T, S]

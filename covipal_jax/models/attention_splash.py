@@ -14,9 +14,13 @@ Shapes are padded to the kernel's tiles: T, S to multiples of 128 (padded keys g
 real queries never see them), H to a multiple of 128 with zeros (q.k and the kept output
 columns are unchanged). Queries are pre-scaled by 1/sqrt(H) (the kernel does not scale).
 
-A per-key additive bias has no slot in the kernel (it has segment ids, sinks and a logit soft
-cap, no bias), so `attention.resolve_impl` sends biased calls (PPM stage-2 soft pruning) to
-XLA. Under a mesh with more than one device the kernel runs inside `jax.shard_map` over the
+A per-key additive bias f32[B, S] (PPM stage-2 soft pruning: `log p` on vision keys) has no
+slot in the kernel (segment ids, sinks and a logit soft cap, no bias), so it rides in extra
+head-dim columns: q' = [q / sqrt(H), 1, 1], k' = [k, hi, lo] with hi = bias in q's dtype and
+lo = bias - hi (the rounding error, so bf16 keeps about 16 bits of the bias; f32 needs only
+hi), hence q'.k' = q.k / sqrt(H) + bias. The kernel accepts a value head dim different from
+the query/key one, so only q and k grow (H + 2 padded to a multiple of 128: 128 -> 256 for
+the q.k product; the p.v product and the output keep Hp). Under a mesh with more than one device the kernel runs inside `jax.shard_map` over the
 batch (`act_batch`) and head (`act_heads`) axes of the logical rules: a Pallas call cannot be
 partitioned by the compiler.
 """
@@ -92,17 +96,36 @@ def _mesh_specs(q: Array, k: Array):
                   P(batch, heads, None, None), P(batch, None), P(batch, None))
 
 
+def bias_columns(q: Array, k: Array, bias: Array) -> tuple[Array, Array]:
+    """(q' [B, T, N, H + c], k' [B, S, K, H + c]) with q'.k' = q.k + bias[b, s].
+
+    q, k: in the kernel's dtype (q already scaled); bias: f32[B, S]. c = 1 column (f32) or 2
+    (hi + lo split for 16-bit dtypes). Biases are clipped to a quarter of the dtype's range
+    (finite logits: the kernel's running max must stay finite)."""
+    dt = q.dtype
+    big = float(jnp.finfo(dt).max) / 4
+    bias = jnp.clip(bias.astype(jnp.float32), -big, big)
+    hi = bias.astype(dt)
+    cols = [hi] if dt == jnp.float32 else [hi, (bias - hi.astype(jnp.float32)).astype(dt)]
+    kb = jnp.stack(cols, axis=-1)[:, :, None, :]                          # [B, S, 1, c]
+    kb = jnp.broadcast_to(kb, k.shape[:3] + (len(cols),))
+    qb = jnp.ones(q.shape[:3] + (len(cols),), dt)
+    return jnp.concatenate([q, qb], axis=-1), jnp.concatenate([k.astype(dt), kb], axis=-1)
+
+
 def splash_attention(q: Array, k: Array, v: Array, *, q_offset: int | None,
-                     key_valid: Array | None, causal: bool, interpret: bool = False) -> Array:
+                     key_valid: Array | None, causal: bool, bias: Array | None = None,
+                     interpret: bool = False) -> Array:
     """q: [B, T, N, H]; k, v: [B, S, K, H]; key_valid: bool[B, S] or None; causal: queries at
-    key indices q_offset + arange(T) (a Python int). Returns [B, T, N, H] in q's dtype.
+    key indices q_offset + arange(T) (a Python int); bias: f32[B, S] additive per-key bias or
+    None. Returns [B, T, N, H] in q's dtype.
     `interpret`: run the kernel in the Pallas interpreter (any platform: tests on CPU)."""
     b, t, n, h = q.shape
     s = k.shape[1]
     if causal and q_offset is None:
         raise ValueError("splash attention needs a static causal offset (Python int)")
     offset = int(q_offset or 0)
-    tp, sp, hp = _round_up(t, LANES), _round_up(s, LANES), _round_up(h, LANES)
+    tp, sp = _round_up(t, LANES), _round_up(s, LANES)
     valid = jnp.ones((b, s), bool) if key_valid is None else key_valid
     kv_seg = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, sp - s)))
     if causal:
@@ -114,12 +137,16 @@ def splash_attention(q: Array, k: Array, v: Array, *, q_offset: int | None,
     q_seg = jnp.pad(q_seg, ((0, 0), (0, tp - t)))
 
     def heads_first(x, length, pad_len):
-        x = jnp.swapaxes(x, 1, 2)  # [B, heads, len, H]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, pad_len - length), (0, hp - h)))
+        x = jnp.swapaxes(x, 1, 2)  # [B, heads, len, H(+c)]
+        width = _round_up(x.shape[-1], LANES)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, pad_len - length), (0, width - x.shape[-1])))
 
     scale = jnp.asarray(1.0 / np.sqrt(h), q.dtype)
-    qh = heads_first(q * scale, t, tp)
-    kh_, vh = heads_first(k.astype(q.dtype), s, sp), heads_first(v.astype(q.dtype), s, sp)
+    qs, ks = q * scale, k.astype(q.dtype)
+    if bias is not None:
+        qs, ks = bias_columns(qs, ks, bias)
+    qh = heads_first(qs, t, tp)
+    kh_, vh = heads_first(ks, s, sp), heads_first(v.astype(q.dtype), s, sp)
     fn = functools.partial(_splash_local, causal=causal, offset=offset, interpret=interpret)
     mesh, specs = _mesh_specs(qh, kh_)
     if mesh is not None:

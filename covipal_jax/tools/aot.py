@@ -44,7 +44,10 @@ import time
 from typing import Any
 
 from covipal_jax.tools.aot_report import (_oom_report, format_report,  # noqa: F401
-                                          table)
+                                          long_table, table)
+from covipal_jax.tools.aot_inputs import (_batch_sds, attention_paths,  # noqa: F401
+                                          decode_state_abstract, num_visual_tokens,
+                                          parse_visual, visual_sds)
 from covipal_jax.tools.topology import (ALIASES, CHIPS, libtpu_available,  # noqa: F401
                                         resolve_topology, setup_host, topology_devices,
                                         topology_mesh)
@@ -64,6 +67,7 @@ class Request:
     method: str
     max_new_tokens: int
     stage: int = 1
+    visual: str = ""    # "" (one base-resolution image), "anyres:VIEWS" or "video:FRAMES"
 
 
 def _with_train(config):
@@ -102,22 +106,10 @@ def model_config(config, scan: bool | None = None, vision_run: int | None = None
 # ----------------------------------------------------------------------------- abstract trees
 
 
-def _sds(x, sharding=None, dtype=None):
-    from covipal_jax.train import state as state_lib
-    return state_lib.sds(x, sharding, dtype)
-
-
 def abstract_params(init_fn, mesh, rules, dtype=None):
     """(abstract unboxed tree with NamedShardings, shardings) of a boxed init function."""
     from covipal_jax.train import state as state_lib
     return state_lib.abstract_params(init_fn, mesh, rules, dtype)
-
-
-def _batch_sds(shape, dtype, mesh):
-    from covipal_jax import sharding as sh
-    import jax
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=None if mesh is None
-                                else sh.batch_sharding(mesh, len(shape)))
 
 
 def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
@@ -125,6 +117,8 @@ def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
     from covipal_jax.pruning.ppm import PPM
 
     pcfg = ppm_io.ppm_config(config, cfg)
+    if n_v is not None and n_v != pcfg.n_v:
+        pcfg = dataclasses.replace(pcfg, n_v=n_v)
     variables, _ = abstract_params(lambda r: ppm_io.init_ppm(pcfg, r), mesh, rules)
     return PPM(pcfg), pcfg, variables
 
@@ -155,7 +149,6 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
     model = Llava(cfg)
     params, _ = abstract_params(lambda r: init_params(cfg, r), mesh, rules)
     b, t = req.batch, req.text_len
-    v = cfg.vision
     if req.mode in ("prefill", "decode"):
         import dataclasses as dc
 
@@ -165,10 +158,13 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
         spec = pruning.from_config(_pruning(config, req))
         ppm_vars, pcfg = None, None
         if spec.trainable:  # abstract PPM variables (the method value carries its config)
-            _, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules)
+            # A packed input: a PPM whose position table spans the packed length N (what a
+            # PPM trained for that bucket would be; the layout-aware PPM is not done).
+            _, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules,
+                                            n_v=num_visual_tokens(req.visual, cfg))
             spec = dc.replace(spec, ppm=pcfg)
         gen = Generator(model, spec, max_new_tokens=req.max_new_tokens, eos_id=2, pad_id=0)
-        pixels = _batch_sds((b, v.image_size, v.image_size, 3), jnp.float32, mesh)
+        pixels = visual_sds(req.visual, cfg, b, mesh)
         ids = _batch_sds((b, t), jnp.int32, mesh)
         mask = _batch_sds((b, t), jnp.bool_, mesh)
         key = jax.eval_shape(lambda: jax.random.key(0))
@@ -181,6 +177,8 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
         state = decode_state_abstract(state, b, mesh, rules)
         return Step(gen.decode_step_fn, (params, state), dict(donate_argnums=(1,)))
     if req.mode == "train_ppm":
+        if req.visual:
+            raise ValueError("--visual is for prefill / decode (PPM training takes one image)")
         return _train_step(req, config, cfg, model, params, mesh, rules)
     raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
 
@@ -191,30 +189,6 @@ def _pruning(config, req: Request):
         p.keep = req.keep
         p.method = req.method
     return p
-
-
-def decode_state_abstract(state, batch: int, mesh, rules):
-    """Shardings for a DecodeState: KV caches by their logical names, per-row leaves over the
-    batch axes, the rest replicated."""
-    import flax.linen as nn
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from covipal_jax import sharding as sh
-    from covipal_jax.models.decoder import CACHE_AXES
-
-    if mesh is None:
-        return jax.tree.map(lambda x: _sds(x), state)
-    cache_sh = nn.logical_to_mesh_sharding(P(*CACHE_AXES), mesh, sh.rules_tuple(rules))
-
-    def pick(path, x):
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        if "cache" in names and x.ndim == 5:
-            return _sds(x, cache_sh)
-        if x.ndim >= 1 and x.shape[0] == batch:
-            return _sds(x, sh.batch_sharding(mesh, x.ndim))
-        return _sds(x, NamedSharding(mesh, P()))
-    return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def _train_step(req: Request, config, cfg, model, params, mesh, rules) -> Step:
@@ -278,7 +252,10 @@ def ppm_block_cost(pcfg, batch: int, text_len: int, grad: bool) -> float:
 
 def hlo_flops(req: Request, config) -> float:
     """Global FLOPs of the step with unrolled layers (CPU lowering, no mesh), PPM-corrected."""
-    cfg = model_config(config, scan=False)
+    # Dense XLA attention on the CPU lowering (not "auto"'s chunked loop, which XLA's cost
+    # analysis would count once): for splash, whose causal blocks skip the masked half of the
+    # scores, this is an upper bound on the attention FLOPs.
+    cfg = model_config(config, scan=False).replace(attention="xla")
     step = build_step(req, config, cfg, None, config.logical_axis_rules)
     import jax
 
@@ -341,6 +318,8 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
     with sh.use_mesh(mesh, rules):
         lowered = jax.jit(step.fn, **step.jit_kw).lower(*step.args)
+        # Pallas kernels (splash attention) lower to Mosaic `tpu_custom_call`s.
+        header["attention"]["tpu_custom_calls"] = lowered.as_text().count("tpu_custom_call")
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
@@ -385,16 +364,18 @@ def _report_header(req, config, cfg, topology, gen, shape, n) -> dict:
         stage=req.stage if req.mode == "train_ppm" else None, batch=req.batch,
         text_len=req.text_len,
         method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
-        keep=req.keep, k=_kept(req, config, cfg), num_vision_tokens=cfg.num_vision_tokens,
+        keep=req.keep, k=_kept(req, config, cfg), visual=req.visual or "image",
+        num_vision_tokens=num_visual_tokens(req.visual, cfg),
         decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
-        remat_policy=cfg.remat_policy)
+        remat_policy=cfg.remat_policy,
+        attention=attention_paths(req, cfg, _kept(req, config, cfg)))
 
 
 def _kept(req, config, cfg) -> int:
     from covipal_jax.pruning.base import resolve_keep
     if req.mode == "train_ppm":
         return resolve_keep(_with_train(config).train.keep, cfg.num_vision_tokens)
-    return resolve_keep(req.keep, cfg.num_vision_tokens)
+    return resolve_keep(req.keep, num_visual_tokens(req.visual, cfg))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -413,7 +394,9 @@ def main(argv) -> None:
             r = paths.read_json(p)
             r.setdefault("name", p.name[:-5])
             reports.append(r)
-        print(table(reports))
+        if F.long_table:
+            reports = [r for r in reports if r.get("attention")]
+        print(long_table(reports) if F.long_table else table(reports))
         return
     if F.mode not in MODES:
         print(f"error: --mode must be one of {MODES}", file=sys.stderr)
@@ -424,6 +407,14 @@ def main(argv) -> None:
         sys.exit(2)
     setup_host()
     config = _CONFIG.value
+    if F.attention:
+        from covipal_jax.models.attention import IMPLS
+        if F.attention not in IMPLS:
+            print(f"error: --attention must be one of {IMPLS}", file=sys.stderr)
+            sys.exit(2)
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.model.attention = F.attention
     if F.mode == "train_ppm":
         config = _with_train(config)
     keep = F.keep if F.keep is not None else config.pruning.keep
@@ -442,8 +433,9 @@ def main(argv) -> None:
         batch = F.batch or int(config.batch_size)
         text_len = F.text_len or 64
     req = Request(F.mode, batch, text_len, keep, method,
-                  F.max_new_tokens or int(config.max_new_tokens), F.stage)
+                  F.max_new_tokens or int(config.max_new_tokens), F.stage, F.visual or "")
     try:
+        parse_visual(req.visual)
         rep = compile_step(req, config, F.topology, flops=F.flops, hbm_gib=F.hbm_gib,
                            batch_given=F.batch is not None)
     except ValueError as e:
@@ -474,10 +466,17 @@ def _define_flags():
     flags.DEFINE_integer("max_new_tokens", None, "KV cache room for decoding "
                          "(default config.max_new_tokens).")
     flags.DEFINE_integer("stage", 1, "train_ppm: stage 1 or 2.")
+    flags.DEFINE_string("attention", None, "Attention backend (model.attention: auto, xla, "
+                        "chunked, splash, cudnn; default: the config's, else auto).")
+    flags.DEFINE_string("visual", None, "prefill / decode visual input: one base-resolution "
+                        "image (default), anyres:VIEWS (a packed AnyRes image of the VIEWS "
+                        "crop bucket: base view + crops) or video:FRAMES (a packed video).")
     flags.DEFINE_bool("flops", True, "Count FLOPs (lowers an unrolled copy on CPU).")
     flags.DEFINE_string("json", None, "Write the report as JSON here.")
     flags.DEFINE_string("summarize", None, "Print a markdown table of the JSON reports in "
                         "this directory and exit.")
+    flags.DEFINE_bool("long_table", False, "--summarize: docs/aot_long.md's table (reports "
+                      "that name their attention path) instead of the README's.")
     flags.DEFINE_float("hbm_gib", None, "Override the HBM per chip (GiB) the fit is checked "
                        "against (default: the chip's).")
 

@@ -44,6 +44,14 @@ def format_report(r: dict) -> str:
         + ("" if r["hbm_fraction"] is None else f" ({r['hbm_fraction']:.0%})")
         + f": {'FITS' if r['fits'] else 'DOES NOT FIT'}",
     ]
+    att = r.get("attention")
+    if att:
+        d, v = att["decoder_prefill"], att["vision_tower"]
+        lines.append(
+            f"  input {r.get('visual', 'image')}; attention {att['config']}: decoder prefill "
+            f"{d['impl']} ({d['why']}; {d['queries']} queries x {d['keys']} keys), vision "
+            f"tower {v['impl']} ({v['why']}); Pallas tpu_custom_calls in the program: "
+            f"{att.get('tpu_custom_calls', '?')}")
     if r.get("compiler_error"):
         lines.append(f"  compiler: {r['compiler_error']}")
     if "flops_global" in r:
@@ -79,9 +87,37 @@ def table(reports: list[dict]) -> str:
             step = r["mode"]
         fl = (f"{r['flops_per_device'] / 1e12:.2f} | {r['est_step_s'] * 1e3:.0f}"
               if "flops_per_device" in r else "– | –")
+        att = r.get("attention")
+        if att:
+            step += f", {r.get('visual', 'image')}, attention {att['decoder_prefill']['impl']}"
         lines.append(
             f"| {r.get('name', '')} | {r['chip']} x{r['devices']} | {mesh} | {step} "
             f"| {r['batch']} | {r['k']}/{r['num_vision_tokens']} | {gib(b['argument'])} "
             f"| {gib(b['temp'])} | {gib(b['output'])} | {gib(b['total'])} / "
             f"{gib(r['hbm_bytes'])} | {'yes' if r['fits'] else 'NO'} | {fl} |")
+    return "\n".join(lines)
+
+
+def long_table(reports: list[dict]) -> str:
+    """docs/aot_long.md's table: one row per prefill report (packed input, attention path)."""
+    def gib(x):
+        return "?" if x is None else f"{x / 2 ** 30:.2f}"
+
+    lines = ["| config | input | vision tokens (kept / packed) | prefill tokens | batch | keep "
+             "| attention (decoder / tower; kernels) | args / temps / outputs GiB per chip "
+             "| total GiB | fits v5e 16 GiB? | est. ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        b, att = r["bytes"], r.get("attention") or {}
+        dec = att.get("decoder_prefill", {}).get("impl", "?")
+        tower = att.get("vision_tower", {}).get("impl", "?")
+        calls = att.get("tpu_custom_calls", "?")
+        est = f"{r['est_step_s'] * 1e3:.0f}" if "est_step_s" in r else "–"
+        fits = "yes" if r["fits"] else ("NO (compiler: RESOURCE_EXHAUSTED)"
+                                        if r.get("compiler_error") else "NO")
+        lines.append(
+            f"| {r.get('name', '')} | {r.get('visual', 'image')} | {r['k']} / "
+            f"{r['num_vision_tokens']} | {r['text_len'] + r['k']} | {r['batch']} | {r['keep']} "
+            f"| {dec} / {tower}; {calls} | {gib(b['argument'])} / {gib(b['temp'])} / "
+            f"{gib(b['output'])} | {gib(b['total'])} | {fits} | {est} |")
     return "\n".join(lines)
