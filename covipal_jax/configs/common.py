@@ -181,6 +181,7 @@ def llava15_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     if a.layers:
         text["num_layers"] = a.layers
     c.model = dict(vision=clip_vit_l_336(), text=text, image_token_id=32000,
-                   dtype=a.dtype, param_dtype=a.dtype, scan_layers=True, remat_policy="none")
+                   dtype=a.dtype, param_dtype=a.dtype, scan_layers=True, remat_policy="none",
+                   attention="auto")
     c.template = "llava15"
     return c

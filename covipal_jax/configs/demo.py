@@ -46,7 +46,7 @@ def get_config(arg=None):
                   rms_norm_eps=1e-6, qkv_bias=False, tie_word_embeddings=False,
                   max_position_embeddings=512),
         image_token_id=4, dtype="float32", param_dtype="float32", scan_layers=True,
-        remat_policy="none")
+        remat_policy="none", attention="auto")
     c.tokenizer = "builtin"
     c.template = "plain"
     c.text_buckets = (20,)      # evaluation prompts (the longest question + cue fits)

@@ -20,7 +20,8 @@ def get_config(arg=None):
                    image_newline=True, video_token_id=151647,
                    image_grid_pinpoints=ONEVISION_PINPOINTS if a.anyres else (),
                    anyres_max_crops=9 if a.anyres else 0, dtype=a.dtype, param_dtype=a.dtype,
-                   scan_layers=True, remat_policy="none")
+                   scan_layers=True, remat_policy="none",
+                   attention="auto")
     c.template = "qwen2"
     c.video_frames = a.frames
     return c

@@ -19,7 +19,8 @@ def get_config(arg=None):
                 rms_norm_eps=1e-6, qkv_bias=a.kind == "qwen2", tie_word_embeddings=False,
                 max_position_embeddings=512)
     c.model = dict(vision=vision, text=text, image_token_id=4, dtype="float32",
-                   param_dtype="float32", scan_layers=True, remat_policy="none")
+                   param_dtype="float32", scan_layers=True, remat_policy="none",
+                   attention="auto")
     c.tokenizer = "builtin"
     c.template = "plain"
     c.text_buckets = (16, 32, 64)

@@ -21,7 +21,8 @@ def get_config(arg=None):
                  ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)))
     c.model = dict(vision=vision, text=text, image_token_id=4, image_newline=True,
                    image_grid_pinpoints=pins, anyres_max_crops=0, dtype="float32",
-                   param_dtype="float32", scan_layers=True, remat_policy="none")
+                   param_dtype="float32", scan_layers=True, remat_policy="none",
+                   attention="auto")
     c.tokenizer = "builtin"
     c.template = "plain"
     c.text_buckets = (16, 32, 64)

@@ -21,7 +21,8 @@ def get_config(arg=None):
     pins = tuple((s * r, s * q) for r in range(1, a.grid + 1) for q in range(1, a.grid + 1))
     c.model = dict(vision=vision, text=text, image_token_id=4, video_token_id=5,
                    image_newline=True, image_grid_pinpoints=pins, anyres_max_crops=a.max_crops,
-                   dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none")
+                   dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none",
+                   attention="auto")
     c.tokenizer = "builtin"
     c.template = "plain"
     c.text_buckets = (16, 32, 64)

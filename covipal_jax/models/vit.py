@@ -152,6 +152,7 @@ class VisionTower(nn.Module):
         params = self.layers.layer_params(layer)
         q, k = VisionLayer(c, self.dtype, self.param_dtype, parent=None).apply(
             {"params": params}, x, method=VisionLayer.qk)
+        drop = 1 if c.has_cls else 0
         # Mean attention received over all queries and heads: [B, P] (one P x P map, one layer).
         probs = attn_lib.attention_rows(q, k, mask_rows=None)  # [B, N, P, P]
         received = probs.mean(axis=(1, 2))[:, drop:]
