@@ -22,6 +22,9 @@ from covipal_jax.inference import visual_inputs as vi
 from covipal_jax.models import anyres
 from covipal_jax.models.llava import Llava
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("transformers")
 NEW = 6
 

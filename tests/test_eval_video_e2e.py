@@ -24,6 +24,9 @@ from covipal_jax.eval import harness as hs
 from covipal_jax.eval import suite
 from covipal_jax.eval.benchmarks import video_common as vc
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 av = pytest.importorskip("av")
 
 FRAMES = 4

@@ -13,6 +13,9 @@ from covipal_jax.train import pretrain as P
 
 from tests import tiny
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 ARG = "image=32"          # 16 vision tokens, 4 decoder layers (PDrop stages at 1 / 2 / 3)
 
 

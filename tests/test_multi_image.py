@@ -29,6 +29,9 @@ from covipal_jax.models.llava import Llava, init_params
 from covipal_jax.pruning.select import group_quota
 from covipal_jax.weights import load_llava
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 ATOL = 1e-4
 

@@ -25,6 +25,9 @@ from covipal_jax.pruning.ppm import PPM, PPMConfig, PPMMethod, context_layout
 from covipal_jax.pruning.select import example_budget
 from covipal_jax.train import objectives as ob
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 
 def test_kinds_agree_with_the_models():
     assert (L.KIND_INVALID, L.KIND_BASE, L.KIND_GRID, L.KIND_NEWLINE) == (

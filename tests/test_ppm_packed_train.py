@@ -22,6 +22,9 @@ from covipal_jax.pruning.ppm import PPM, PPMConfig
 from covipal_jax.train import objectives as ob
 from covipal_jax.weights import ppm_io
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 
 @functools.lru_cache(maxsize=None)
 def _model():

@@ -28,6 +28,9 @@ from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava, init_params
 from covipal_jax.pruning.base import InLLMResult
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-5
 SHAPES = [(37, 91), (60, 50)]      # 68 and 106 real slots of a 139-slot bucket
 LAYERS = 6

@@ -21,6 +21,9 @@ from covipal_jax.models.llava import Llava, init_params
 from covipal_jax.pruning.select import example_budget
 from covipal_jax.pruning.simple import pool_indices, pool_member
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 SHAPES = [(37, 91), (60, 50), (200, 30)]
 
 

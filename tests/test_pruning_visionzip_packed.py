@@ -27,6 +27,9 @@ from covipal_jax.models import anyres
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava, init_params
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 ATOL = 1e-5
 SHAPES = [(37, 91), (60, 50)]          # a wide image (1 x 3 crops) and a near-square one
 

@@ -13,6 +13,9 @@ from covipal_jax.train import loop, state as state_lib
 from covipal_jax.weights import ppm_io
 from tests.test_pipeline_packed import _records
 
+# Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
+pytestmark = pytest.mark.slow
+
 
 def _config(kind: str):
     c = ppm_tiny.get_config("stages=12,steps=3")
