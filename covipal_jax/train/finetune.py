@@ -51,6 +51,7 @@ from covipal_jax.models import multimodal as mm
 from covipal_jax.models.llava import Llava
 from covipal_jax.pruning.pdrop import PyramidDrop
 from covipal_jax.pruning.select import topk_indices
+from covipal_jax.train import state as state_lib
 
 Array = jax.Array
 
@@ -205,14 +206,8 @@ def make_step(model: Llava, method: PyramidDrop, tx: optax.GradientTransformatio
         (loss, metrics), grads = jax.value_and_grad(
             lambda p: finetune_loss(model, p, frozen, method, batch, max_queries=max_queries),
             has_aux=True)(state["params"])
-        gnorm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        new = jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, state)
-        metrics.update(grad_norm=gnorm, param_norm=optax.tree.norm(new["params"]),
-                       ok=ok.astype(jnp.float32))
+        new, guard = state_lib.guarded_update(state, loss, grads, tx)
+        metrics.update(guard)
         return new, metrics
 
     return step

@@ -43,7 +43,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from covipal_jax import paths, sharding
@@ -74,14 +73,8 @@ def make_step(model, ppm_module, spec: objectives.ObjectiveSpec, tx, *, seed: in
                                     params=frozen, prep=prep, batch=batch, spec=spec,
                                     step=state["step"], rng=rng, deterministic=deterministic)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        gnorm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics.update(grad_norm=gnorm, param_norm=optax.tree.norm(new["params"]),
-                       ok=ok.astype(jnp.float32))
+        new, guard = state_lib.guarded_update(state, loss, grads, tx)
+        metrics.update(guard)
         return new, metrics
 
     return step

@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from covipal_jax import sharding
@@ -139,3 +140,17 @@ def fitting_batch(batch: int, mesh, hosts: int = 1) -> int:
 
     m = math.lcm(data_parallelism(mesh), int(hosts))
     return max(m, -(-int(batch) // m) * m)
+
+
+def guarded_update(state: dict, loss: Any, grads: Any, tx: Any) -> tuple[dict, dict]:
+    """One optimizer step on `state` ({"step", "params", "opt_state"}) that keeps the old state
+    when the loss or the gradient norm is not finite. Returns (new state, metrics: grad_norm,
+    param_norm, ok) for the trainers (the PPM step, PDrop* fine-tuning)."""
+    gnorm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    return new, dict(grad_norm=gnorm, param_norm=optax.tree.norm(new["params"]),
+                     ok=ok.astype(jnp.float32))
