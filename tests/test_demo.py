@@ -45,6 +45,7 @@ def quick_run(tmp_path_factory):
     return workdir, res
 
 
+@pytest.mark.slow   # the quick demo (~4 min): with the determinism test, in the slow step
 def test_quick_end_to_end(quick_run):
     workdir, res = quick_run
     results = _results(workdir)
@@ -86,6 +87,7 @@ def test_quick_end_to_end(quick_run):
     assert "| method |" in res.stdout
 
 
+@pytest.mark.slow   # the quick demo (~4 min): with the determinism test, in the slow step
 def test_rerun_reuses_stages(quick_run):
     workdir, _ = quick_run
     before = _results(workdir)
@@ -104,6 +106,7 @@ def test_quick_is_deterministic(quick_run, tmp_path):
         assert f.read() == g.read()
 
 
+@pytest.mark.slow   # the quick demo (~4 min): with the determinism test, in the slow step
 def test_real_checkpoint_path(quick_run, tmp_path):
     """Steps 3-4 on a given Hugging Face checkpoint and a TFDS set under --data_dir (the
     README's real-checkpoint command; here the quick run's exported LLaVA plays the real one)."""
