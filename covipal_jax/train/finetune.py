@@ -51,6 +51,7 @@ from covipal_jax.models import multimodal as mm
 from covipal_jax.models.llava import Llava
 from covipal_jax.pruning.pdrop import PyramidDrop
 from covipal_jax.pruning.select import topk_indices
+from covipal_jax.train import pretrain
 from covipal_jax.train import state as state_lib
 
 Array = jax.Array
@@ -184,16 +185,7 @@ def finetune_loss(model: Llava, trainable: Any, frozen: Any, method: PyramidDrop
     half gets no gradient."""
     params = merge_params(trainable, jax.lax.stop_gradient(frozen))
     logits, _ = pdrop_forward(model, params, method, batch, max_queries=max_queries)
-    ids = batch["ids"]
-    targets = ids[:, 1:]
-    w = (batch["loss_mask"][:, 1:] & batch["mask"][:, 1:]).astype(jnp.float32)
-    w = w * batch["weight"][:, None]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    denom = jnp.maximum(jnp.sum(w), 1.0)
-    loss = jnp.sum(nll * w) / denom
-    acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
-    return loss, {"loss": loss, "token_acc": acc}
+    return pretrain.answer_nll(logits, batch)
 
 
 def make_step(model: Llava, method: PyramidDrop, tx: optax.GradientTransformation, *,

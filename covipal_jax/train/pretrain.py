@@ -202,6 +202,13 @@ def answer_loss(model: Llava, params: Any, batch: Mapping[str, Array]) -> tuple[
     logits, _ = model.apply(params, batch["pixels"], ids, batch["mask"])
     n_v = logits.shape[1] - ids.shape[1] + 1
     logits = logits[:, n_v - 1:-1].astype(jnp.float32)                  # [B, T-1, V]
+    return answer_nll(logits, batch)
+
+
+def answer_nll(logits: Array, batch: Mapping[str, Array]) -> tuple[Array, dict]:
+    """logits f32[B, T-1, V] (row j predicts ids[:, j + 1]) -> (mean cross-entropy over the
+    answer tokens (`loss_mask` & `mask`, times the row `weight`), {"loss", "token_acc"})."""
+    ids = batch["ids"]
     targets = ids[:, 1:]
     w = (batch["loss_mask"][:, 1:] & batch["mask"][:, 1:]).astype(jnp.float32)
     w = w * batch["weight"][:, None]
