@@ -57,10 +57,11 @@ long_run() {  # name config visual batch keep attention [mesh flags]
   echo "rc=$? $(date +%T)"; grep -v "^WARNING\|^E0000\|^===\|learning/\|^$" $OUT/$name.log | tail -7
 }
 if [ "$ONLY" != base ]; then
-  for input in "llava_ov_7b:anyres10:anyres:10" "llava_ov_7b:video32:video:32" \
-               "llava_next_7b:anyres5:anyres:5"; do
-    model=${input%%:*}; rest=${input#*:}; tag=${rest%%:*}; visual=${rest#*:}
-    for attn in splash xla; do
+  # splash rows first (the path the README recommends on TPU), then the XLA comparison
+  for attn in splash xla; do
+    for input in "llava_ov_7b:anyres10:anyres:10" "llava_ov_7b:video32:video:32" \
+                 "llava_next_7b:anyres5:anyres:5"; do
+      model=${input%%:*}; rest=${input#*:}; tag=${rest%%:*}; visual=${rest#*:}
       for keep in full:1.0 pruned:0.25; do
         long_run ${model}_v5e-8_${tag}_b8_${keep%%:*}_${attn} configs/$model.py $visual 8 \
           ${keep#*:} $attn

@@ -17,6 +17,7 @@ import torch
 
 import hf_models as H
 from covipal_jax.data import anyres as data_anyres
+from covipal_jax.inference.counted_jit import CountedJit
 from covipal_jax.models import anyres
 from covipal_jax.models.llava import Llava
 from covipal_jax.weights import load_llava
@@ -271,8 +272,8 @@ def test_one_compilation_per_crop_bucket(tmp):
     model, cfg, params, proc, g, max_crops = _build("onevision", tmp, "anyres_max_2")
     cfg = cfg.replace(image_grid_pinpoints=proc.pinpoints, anyres_max_crops=max_crops)
     views = proc.buckets[-1]
-    fwd = jax.jit(functools.partial(Llava(cfg).apply, method=Llava.forward_anyres,
-                                    capacity=anyres.bucket_capacity(cfg, views)))
+    fwd = CountedJit(functools.partial(Llava(cfg).apply, method=Llava.forward_anyres,
+                                       capacity=anyres.bucket_capacity(cfg, views)))
     ids, mask, *_ = _prompts((9, 5), cfg.image_token_id, [1, 1], cfg.text.vocab_size)
     layouts = set()
     for shapes in ([(37, 91), (120, 100)], [(250, 9), (64, 64)], [(13, 200), (77, 53)]):
@@ -281,7 +282,7 @@ def test_one_compilation_per_crop_bucket(tmp):
         layouts |= {tuple(r) for r in plan[:, :2]}
         logits, seq_mask = fwd(params, x.pixels, plan, ids, mask)
         assert int(np.asarray(seq_mask).sum(1)[0]) == 8 + anyres.packed_lengths(plan, g)[0]
-    assert len(layouts) >= 4 and fwd._cache_size() == 1
+    assert len(layouts) >= 4 and fwd.traces == 1
     # a smaller bucket is a second (and smaller) program
     small = proc.bucket_for(3)
     assert anyres.bucket_capacity(cfg, small) < anyres.bucket_capacity(cfg, views)

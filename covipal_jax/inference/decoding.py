@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from covipal_jax.inference import visual_inputs as vi
+from covipal_jax.inference.counted_jit import CountedJit
 from covipal_jax.inference.prefill import PrefillOutput, Segment, prefill
 from covipal_jax.models.llava import Llava
 from covipal_jax.pruning.base import PruningMethod
@@ -123,9 +124,9 @@ class Generator:
         text = model.cfg.text
         # A one-layer twin of the model: runs one slice of the stacked decoder weights.
         self._one_layer = Llava(model.cfg.replace(text=dataclasses.replace(text, num_layers=1)))
-        self.prefill = jax.jit(self.prefill_fn)
-        self.decode_step = jax.jit(self.decode_step_fn, donate_argnums=(1,))
-        self._decode = jax.jit(self._loop, donate_argnums=(1,))
+        self.prefill = CountedJit(self.prefill_fn)
+        self.decode_step = CountedJit(self.decode_step_fn, donate_argnums=(1,))
+        self._decode = CountedJit(self._loop, donate_argnums=(1,))
         self._slice_layers = jax.jit(self._layer_stacks)
         self._sliced: tuple[list, tuple] | None = None  # (stacked leaves, per-layer slices)
 
@@ -273,7 +274,7 @@ class Generator:
 
     def compilations(self) -> dict[str, int]:
         fns = dict(prefill=self.prefill, decode=self._decode, decode_step=self.decode_step)
-        return {name: f._cache_size() for name, f in fns.items()}
+        return {name: f.traces for name, f in fns.items()}
 
 
 def _split_cache(cache: dict) -> tuple:

@@ -53,6 +53,7 @@ from covipal_jax.data import text as text_lib
 from covipal_jax.data import video as video_lib
 from covipal_jax.inference import decoding
 from covipal_jax.inference import visual_inputs as vi
+from covipal_jax.inference.counted_jit import CountedJit
 from covipal_jax.models import anyres as anyres_model
 from covipal_jax.inference.loading import Loaded
 from covipal_jax.inference.prefill import prefill
@@ -191,7 +192,7 @@ class Sampler:
         """The cached jitted `first_token_fn(model, method)`."""
         fn = self._first.get(method)
         if fn is None:
-            fn = self._first[method] = jax.jit(first_token_fn(self.loaded.model, method))
+            fn = self._first[method] = CountedJit(first_token_fn(self.loaded.model, method))
         return fn
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class Sampler:
 
     def compilations(self) -> dict[str, int]:
         """Programs compiled so far by every cached jitted entry point."""
-        out = {"first_token": sum(f._cache_size() for f in self._first.values())}
+        out = {"first_token": sum(f.traces for f in self._first.values())}
         for name in ("prefill", "decode", "decode_step"):
             out[name] = sum(g.compilations()[name] for g in self._generators.values())
         return out
