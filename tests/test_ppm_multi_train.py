@@ -5,42 +5,32 @@ only, both stages through `loop.train` on a tiny OneVision, the trained PPM prun
 `MultiImage` prompt through prefill, and records with more than P images counted."""
 from __future__ import annotations
 
-import functools
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
 
-from covipal_jax.configs import ppm_tiny, tiny_ov
 from covipal_jax.data import packed_rows
 from covipal_jax.data import pipeline as pl
 from covipal_jax.inference import loading
 from covipal_jax.inference import prefill as P
 from covipal_jax.inference import visual_inputs as vi
 from covipal_jax.models import anyres
-from covipal_jax.models.config import LlavaConfig
-from covipal_jax.models.llava import Llava, init_params
 from covipal_jax.pruning import select
 from covipal_jax.pruning.ppm import PPMMethod
 from covipal_jax.train import loop, objectives as ob, state as state_lib
 from covipal_jax.weights import ppm_io
+from tests.test_pipeline_packed import MAX_LEN, _model, _pipe as _packed_pipe
+from tests.test_train_packed_loop import _config as _packed_config
 
 # Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
 pytestmark = pytest.mark.slow
 
-MAX_LEN, P_IMG = 24, 2
+P_IMG = 2
 Q, A = "what color is the square", "red"
-
-
-@functools.lru_cache(maxsize=None)
-def _model():
-    cfg = LlavaConfig.from_config(tiny_ov.get_config().model)
-    params = nn.unbox(jax.jit(lambda r: init_params(cfg, r))(jax.random.key(0)))
-    return cfg, Llava(cfg), params
 
 
 def _img(r, h, w):
@@ -61,23 +51,11 @@ def _records():
 
 
 def _pipe(source, **kw):
-    cfg = _model()[0]
-    spec = packed_rows.PackedSpec.for_model(cfg, "multi", max_images=P_IMG, **kw)
-    return pl.Pipeline(source, tokenizer=loading.builtin_tokenizer(),
-                       processor=loading.default_processor(cfg), template="plain",
-                       max_len=MAX_LEN, global_batch=4, shuffle=False, packed=spec), spec
+    return _packed_pipe("multi", source, max_images=P_IMG, **kw)
 
 
 def _config(**data):
-    c = ppm_tiny.get_config("stages=12,steps=3")
-    c.model = tiny_ov.get_config().model
-    c.train.batch_size = 4
-    c.train.guide_layer = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 0
-    c.train.save_every = 100
-    c.data.max_len = MAX_LEN
-    c.data.packed = "multi"
+    c = _packed_config("multi")
     c.data.max_images = P_IMG
     for k, v in data.items():
         c.data[k] = v
