@@ -233,3 +233,44 @@ def test_config_validation():
         ppm_lib.PPMConfig(n_v=4, d_model=8, width=10, num_heads=4)
     with pytest.raises(ValueError):
         ppm_lib.PPMConfig(n_v=0, d_model=8)
+
+
+def test_long_inputs_take_blockwise_attention_with_the_same_scores():
+    """A long (AnyRes-sized) input runs the PPM's attention blockwise ("auto" on CPU: never
+    the [B, N, n_v, T + n_v] scores); scores equal the explicit softmax path's, padding slots
+    and padded text included."""
+    from covipal_jax.models import attention as attention_lib
+
+    n_v, t_len = 1100, 24
+    cfg = ppm_lib.PPMConfig(n_v=n_v, d_model=32, width=32, num_layers=2, num_heads=4,
+                            mlp_ratio=2, position="layout")
+    rng = np.random.default_rng(0)
+    v = jnp.asarray(rng.standard_normal((2, n_v, 32)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((2, t_len, 32)), jnp.float32)
+    tm = jnp.asarray(np.arange(t_len)[None] >= np.array([[0], [7]]))   # row 1: left padding
+    valid = jnp.asarray(np.arange(n_v)[None] < np.array([[n_v], [900]]))
+    model = ppm_lib.PPM(cfg)
+    coords = jnp.where(valid[..., None], jnp.stack(
+        [jnp.zeros((2, n_v), jnp.int32), jnp.broadcast_to(jnp.arange(n_v) // 40, (2, n_v)),
+         jnp.broadcast_to(jnp.arange(n_v) % 40, (2, n_v))], -1), -1)
+    params = model.init(jax.random.key(0), v, t, tm, coords=coords, valid=valid)
+    q = jnp.zeros((2, n_v, 4, 8))
+    k = jnp.zeros((2, n_v + t_len, 4, 8))
+    assert attention_lib.resolve_impl("auto", q, k, plat="cpu")[0] == "chunked"
+
+    def scores(impl):
+        with ppm_lib.attention_backend(impl):
+            return np.asarray(jax.jit(lambda p: model.apply(p, v, t, tm, coords=coords,
+                                                            valid=valid))(params))
+
+    auto, dense = scores("auto"), scores("xla")
+    np.testing.assert_array_equal(np.isinf(auto), ~np.asarray(valid))
+    np.testing.assert_allclose(auto[np.asarray(valid)], dense[np.asarray(valid)],
+                               rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(lambda p: model.apply(p, v, t, tm, coords=coords, valid=valid)).lower(
+        params).as_text()
+    assert f"{n_v}x{n_v + t_len}" not in hlo      # no full score matrix in the program
+    with ppm_lib.attention_backend("xla"):
+        dense_hlo = jax.jit(lambda p: model.apply(p, v, t, tm, coords=coords,
+                                                  valid=valid)).lower(params).as_text()
+    assert f"{n_v}x{n_v + t_len}" in dense_hlo

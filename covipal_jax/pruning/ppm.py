@@ -32,6 +32,7 @@ prefill at r=0.25); see `ppm_param_count`, `ppm_flops`, `llm_prefill_flops`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covipal_jax.models import attention as attention_lib
 from covipal_jax.models.layers import dense, kernel_init, layer_norm, zeros_init
 from covipal_jax.pruning import ppm_layout
 from covipal_jax.pruning.base import PreLLMMethod, PruneContext, PruneResult
@@ -47,6 +49,20 @@ from covipal_jax.pruning.select import gather_tokens, masked_select
 
 Array = jax.Array
 POSITIONS = ("layout", "table")
+# The PPM's attention backend (`models.attention.IMPLS`); "auto" picks by platform and length.
+ATTENTION = "auto"
+
+
+@contextlib.contextmanager
+def attention_backend(impl: str):
+    """Trace the PPM's attention with `impl` in this block. The FLOP counters use "xla": XLA's
+    cost analysis counts a blockwise loop's body once."""
+    global ATTENTION
+    old, ATTENTION = ATTENTION, impl
+    try:
+        yield
+    finally:
+        ATTENTION = old
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +130,13 @@ class PPMBlock(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, v: Array, t: Array, key_bias: Array):
-        """v: f32[B, n_v, d]; t: f32[B, T, d]; key_bias: f32[B, 1, 1, T + n_v] (0 / -inf)."""
+    def __call__(self, v: Array, t: Array, key_valid: Array):
+        """v: f32[B, n_v, d]; t: f32[B, T, d]; key_valid: bool[B, T + n_v] (False: padding).
+
+        The attention goes through `models.attention` where it would be long (an AnyRes image
+        or a video: n_v in the thousands): blockwise on CPU, the splash kernel on TPU, never
+        the [B, N, n_v, T + n_v] scores. Short inputs (and dropout on the probabilities in
+        training) take the explicit softmax below, the same numbers as always."""
         c = self.cfg
         deterministic = self.deterministic
         ln1 = _ln(c.ln_eps, "ppm_embed", "ln1")
@@ -125,10 +146,16 @@ class PPMBlock(nn.Module):
         q = _dense((c.num_heads, c.head_dim), qkv_names, "q")(hv)          # [B, n_v, N, H]
         k = _dense((c.num_heads, c.head_dim), qkv_names, "k")(kv_in)       # [B, S, N, H]
         val = _dense((c.num_heads, c.head_dim), qkv_names, "v")(kv_in)
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
-        probs = jax.nn.softmax(logits + key_bias, axis=-1)
-        probs = nn.Dropout(c.dropout)(probs, deterministic=deterministic)
-        att = jnp.einsum("bnts,bsnh->btnh", probs, val)
+        impl, _ = attention_lib.resolve_impl(ATTENTION, q, k)
+        if impl == "xla" or (c.dropout > 0 and not deterministic):
+            key_bias = jnp.where(key_valid, 0.0, -jnp.inf)[:, None, None, :].astype(jnp.float32)
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
+            probs = jax.nn.softmax(logits + key_bias, axis=-1)
+            probs = nn.Dropout(c.dropout)(probs, deterministic=deterministic)
+            att = jnp.einsum("bnts,bsnh->btnh", probs, val)
+        else:
+            att = attention_lib.attention(q, k, val, mask=attention_lib.Mask(key_valid=key_valid),
+                                          impl=impl)
         att = _dense(c.width, ("ppm_heads", "head_dim", "ppm_embed"), "o", axis=(-2, -1))(att)
         v = v + nn.Dropout(c.dropout)(att, deterministic=deterministic)
 
@@ -209,13 +236,12 @@ class PPM(nn.Module):
         t = nn.with_logical_constraint(t + typ, ("act_batch", "act_length", "ppm_embed"))
 
         key_valid = jnp.concatenate([text_mask, vmask], axis=1)
-        key_bias = jnp.where(key_valid, 0.0, -jnp.inf)[:, None, None, :].astype(jnp.float32)
 
         blocks = nn.scan(
             PPMBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"})(c, deterministic, name="blocks")
-        v, _ = blocks(v, t, key_bias)
+        v, _ = blocks(v, t, key_valid)
 
         v = _ln(c.ln_eps, "ppm_embed", "final_norm")(v)
         s = _dense(1, ("ppm_embed", None), "head")(v)[..., 0].astype(jnp.float32)

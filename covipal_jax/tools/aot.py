@@ -236,18 +236,19 @@ def ppm_block_cost(pcfg, batch: int, text_len: int, grad: bool) -> float:
     import jax
     import jax.numpy as jnp
 
-    from covipal_jax.pruning.ppm import PPMBlock
+    from covipal_jax.pruning.ppm import PPMBlock, attention_backend
 
     block = PPMBlock(pcfg)
     v = jnp.zeros((batch, pcfg.n_v, pcfg.width))
     t = jnp.zeros((batch, text_len, pcfg.width))
-    kb = jnp.zeros((batch, 1, 1, text_len + pcfg.n_v))
-    params = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), v, t, kb)))
-    fwd = lambda p, a: block.apply(p, a, t, kb)[0]
-    fn = (lambda p, a: jax.grad(lambda p, a: fwd(p, a).sum(), argnums=(0, 1))(p, a)) if grad \
-        else fwd
-    return float(_cost(jax.jit(fn).lower(params, jax.ShapeDtypeStruct(v.shape, v.dtype)))
-                 .get("flops", 0.0))
+    kv = jnp.ones((batch, text_len + pcfg.n_v), bool)
+    with attention_backend("xla"):
+        params = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), v, t, kv)))
+        fwd = lambda p, a: block.apply(p, a, t, kv)[0]
+        fn = (lambda p, a: jax.grad(lambda p, a: fwd(p, a).sum(), argnums=(0, 1))(p, a)) \
+            if grad else fwd
+        return float(_cost(jax.jit(fn).lower(params, jax.ShapeDtypeStruct(v.shape, v.dtype)))
+                     .get("flops", 0.0))
 
 
 def hlo_flops(req: Request, config) -> float:
@@ -259,7 +260,10 @@ def hlo_flops(req: Request, config) -> float:
     step = build_step(req, config, cfg, None, config.logical_axis_rules)
     import jax
 
-    flops = float(_cost(jax.jit(step.fn).lower(*step.args)).get("flops", 0.0))
+    from covipal_jax.pruning.ppm import attention_backend
+
+    with attention_backend("xla"):   # dense like the decoder's (see above)
+        flops = float(_cost(jax.jit(step.fn).lower(*step.args)).get("flops", 0.0))
     if step.ppm_cfg is not None and step.ppm_cfg.num_layers > 1:
         flops += (step.ppm_cfg.num_layers - 1) * ppm_block_cost(
             step.ppm_cfg, req.batch, step.ppm_text_len, step.ppm_grad)

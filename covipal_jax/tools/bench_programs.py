@@ -119,12 +119,13 @@ def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int,
     block = ppm_lib.PPMBlock(pcfg)
     v = jax.ShapeDtypeStruct((batch, pcfg.n_v, pcfg.width), jnp.float32)
     t = jax.ShapeDtypeStruct((batch, text_len, pcfg.width), jnp.float32)
-    kb = jax.ShapeDtypeStruct((batch, 1, 1, text_len + pcfg.n_v), jnp.float32)
-    bp = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), jnp.zeros(v.shape),
-                                                    jnp.zeros(t.shape),
-                                                    jnp.zeros(kb.shape))))
-    return compiled_flops(lambda p, a, b, c: block.apply(p, a, b, c)[0], bp, v, t, kb,
-                          compile=compile)
+    kv = jax.ShapeDtypeStruct((batch, text_len + pcfg.n_v), jnp.bool_)
+    with ppm_lib.attention_backend("xla"):
+        bp = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), jnp.zeros(v.shape),
+                                                        jnp.zeros(t.shape),
+                                                        jnp.ones(kv.shape, bool))))
+        return compiled_flops(lambda p, a, b, c: block.apply(p, a, b, c)[0], bp, v, t, kv,
+                              compile=compile)
 
 
 class FlopCounter:
@@ -146,8 +147,9 @@ class FlopCounter:
         return compiled_flops(self.progs.vision(), params, pixels, compile=self.compile)
 
     def ppm(self, pcfg, k, params, pv, tokens, ids, mask):
-        raw = compiled_flops(self.progs.ppm(pcfg, k), params, pv, tokens, ids, mask,
-                             compile=self.compile)
+        with ppm_lib.attention_backend("xla"):   # dense: cost analysis sees every block
+            raw = compiled_flops(self.progs.ppm(pcfg, k), params, pv, tokens, ids, mask,
+                                 compile=self.compile)
         return raw + self._ppm_fix(pcfg, ids.shape[1])
 
     def llm(self, n_v, params, tokens, idx, ids, mask):
@@ -155,8 +157,9 @@ class FlopCounter:
                               compile=self.compile)
 
     def e2e(self, spec, pcfg, params, pv, px, ids, mask):
-        raw = compiled_flops(self.progs.e2e(spec, pcfg), params, pv, px, ids, mask,
-                             compile=self.compile)
+        with ppm_lib.attention_backend("xla"):
+            raw = compiled_flops(self.progs.e2e(spec, pcfg), params, pv, px, ids, mask,
+                                 compile=self.compile)
         return raw + (0.0 if pcfg is None else self._ppm_fix(pcfg, ids.shape[1]))
 
 
