@@ -82,9 +82,13 @@ def test_report_names_the_attention_path(packed_reports):
     att = packed_reports["anyres_splash_pruned"]["attention"]
     assert att["config"] == "splash"
     assert att["decoder_prefill"]["impl"] == "splash", att
-    assert att["tpu_custom_calls"] > 0  # the Pallas kernel was lowered
+    # the Pallas kernel was lowered for the decoder, the tower and the PPM (its scanned block)
+    assert att["ppm"]["impl"] == "splash" and att["ppm"]["queries"] == \
+        packed_reports["anyres_splash_pruned"]["num_vision_tokens"], att
+    assert att["tpu_custom_calls"] == 3, att
     att = packed_reports["video_xla_full"]["attention"]
     assert att["decoder_prefill"]["impl"] == "xla" and att["tpu_custom_calls"] == 0
+    assert "ppm" not in att     # unpruned: no PPM in the step
 
 
 @needs_libtpu

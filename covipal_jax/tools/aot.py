@@ -304,6 +304,7 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     import jax
 
     from covipal_jax import sharding as sh
+    from covipal_jax.pruning.ppm import attention_backend
 
     mesh, gen = topology_mesh(config, topology)
     shape = tuple(mesh.shape[a] for a in sh.MESH_AXES)
@@ -320,7 +321,7 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
         header["batch_note"] = note
     chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
-    with sh.use_mesh(mesh, rules):
+    with sh.use_mesh(mesh, rules), attention_backend(cfg.attention):   # the PPM's too
         lowered = jax.jit(step.fn, **step.jit_kw).lower(*step.args)
         # Pallas kernels (splash attention) lower to Mosaic `tpu_custom_call`s.
         header["attention"]["tpu_custom_calls"] = lowered.as_text().count("tpu_custom_call")
@@ -362,17 +363,20 @@ def _report_header(req, config, cfg, topology, gen, shape, n) -> dict:
     """The fields of a report that describe the step (not its compiled sizes)."""
     from covipal_jax import sharding as sh
 
+    k = _kept(req, config, cfg)
+    with_ppm = req.mode == "train_ppm" or (_pruning(config, req).method == "ppm"
+                                           and k < num_visual_tokens(req.visual, cfg))
     return dict(
         topology=resolve_topology(topology)[0], chip=gen, devices=n,
         mesh=dict(zip(sh.MESH_AXES, shape)), mode=req.mode,
         stage=req.stage if req.mode == "train_ppm" else None, batch=req.batch,
         text_len=req.text_len,
         method=_pruning(config, req).method if req.mode != "train_ppm" else "ppm",
-        keep=req.keep, k=_kept(req, config, cfg), visual=req.visual or "image",
+        keep=req.keep, k=k, visual=req.visual or "image",
         num_vision_tokens=num_visual_tokens(req.visual, cfg),
         decoder_layers=cfg.text.num_layers, param_dtype=str(cfg.weight_dtype),
         remat_policy=cfg.remat_policy,
-        attention=attention_paths(req, cfg, _kept(req, config, cfg)))
+        attention=attention_paths(req, cfg, k, ppm=config.ppm if with_ppm else None))
 
 
 def _kept(req, config, cfg) -> int:

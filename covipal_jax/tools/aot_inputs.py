@@ -65,9 +65,11 @@ def num_visual_tokens(spec: str, cfg) -> int:
     return visual_sds(spec, cfg, 1, None).num_slots(cfg)
 
 
-def attention_paths(req, cfg, k: int, plat: str = "tpu") -> dict:
-    """Which attention backend the decoder's prefill and the vision tower resolve to
-    (`models.attention.resolve_impl` at their shapes on `plat`)."""
+def attention_paths(req, cfg, k: int, plat: str = "tpu", ppm=None) -> dict:
+    """Which attention backend the decoder's prefill, the vision tower and (`ppm`: the
+    `config.ppm` section of a step with a PPM) the PPM over all N candidate tokens resolve to
+    (`models.attention.resolve_impl` at their shapes on `plat`; the PPM follows
+    `cfg.attention` too)."""
     import jax
     import jax.numpy as jnp
 
@@ -83,11 +85,15 @@ def attention_paths(req, cfg, k: int, plat: str = "tpu") -> dict:
     tx, vs = cfg.text, cfg.vision
     t = req.text_len + k
     n_v = vs.grid[0] * vs.grid[1]
-    return dict(config=cfg.attention,
-                decoder_prefill=one(t, t + req.max_new_tokens, tx.num_heads,
-                                    tx.num_kv_heads, tx.head_dim, True),
-                vision_tower=one(n_v, n_v, vs.num_heads, vs.num_heads,
-                                 vs.head_dim, False))
+    paths = dict(config=cfg.attention,
+                 decoder_prefill=one(t, t + req.max_new_tokens, tx.num_heads,
+                                     tx.num_kv_heads, tx.head_dim, True),
+                 vision_tower=one(n_v, n_v, vs.num_heads, vs.num_heads,
+                                  vs.head_dim, False))
+    if ppm is not None:
+        n, heads = num_visual_tokens(req.visual, cfg), ppm.num_heads
+        paths["ppm"] = one(n, n + req.text_len, heads, heads, ppm.width // heads, False)
+    return paths
 
 
 def decode_state_abstract(state, batch: int, mesh, rules):

@@ -50,8 +50,10 @@ def format_report(r: dict) -> str:
         lines.append(
             f"  input {r.get('visual', 'image')}; attention {att['config']}: decoder prefill "
             f"{d['impl']} ({d['why']}; {d['queries']} queries x {d['keys']} keys), vision "
-            f"tower {v['impl']} ({v['why']}); Pallas tpu_custom_calls in the program: "
-            f"{att.get('tpu_custom_calls', '?')}")
+            f"tower {v['impl']} ({v['why']})"
+            + (f", PPM {att['ppm']['impl']} ({att['ppm']['queries']} queries x "
+               f"{att['ppm']['keys']} keys)" if "ppm" in att else "")
+            + f"; Pallas tpu_custom_calls in the program: {att.get('tpu_custom_calls', '?')}")
     if r.get("compiler_error"):
         lines.append(f"  compiler: {r['compiler_error']}")
     if "flops_global" in r:
@@ -104,13 +106,14 @@ def long_table(reports: list[dict]) -> str:
         return "?" if x is None else f"{x / 2 ** 30:.2f}"
 
     lines = ["| config | input | vision tokens (kept / packed) | prefill tokens | batch | keep "
-             "| attention (decoder / tower; kernels) | args / temps / outputs GiB per chip "
+             "| attention (decoder / tower / PPM; kernels) | args / temps / outputs GiB per chip "
              "| total GiB | fits v5e 16 GiB? | est. ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         b, att = r["bytes"], r.get("attention") or {}
         dec = att.get("decoder_prefill", {}).get("impl", "?")
         tower = att.get("vision_tower", {}).get("impl", "?")
+        ppm = att.get("ppm", {}).get("impl", "–" if r.get("method") != "ppm" else "?")
         calls = att.get("tpu_custom_calls", "?")
         est = f"{r['est_step_s'] * 1e3:.0f}" if "est_step_s" in r else "–"
         fits = "yes" if r["fits"] else ("NO (compiler: RESOURCE_EXHAUSTED)"
@@ -118,6 +121,6 @@ def long_table(reports: list[dict]) -> str:
         lines.append(
             f"| {r.get('name', '')} | {r.get('visual', 'image')} | {r['k']} / "
             f"{r['num_vision_tokens']} | {r['text_len'] + r['k']} | {r['batch']} | {r['keep']} "
-            f"| {dec} / {tower}; {calls} | {gib(b['argument'])} / {gib(b['temp'])} / "
+            f"| {dec} / {tower} / {ppm}; {calls} | {gib(b['argument'])} / {gib(b['temp'])} / "
             f"{gib(b['output'])} | {gib(b['total'])} | {fits} | {est} |")
     return "\n".join(lines)
