@@ -241,10 +241,14 @@ def test_cached_prefill_and_decode_equal_masked_reference(name):
     vis, (ids, mask) = _multi(), _prompt()
     method = REFERENCE[name]()
     rec, log = _recording(method)
-    out = jax.jit(lambda p, v, i, m: P.prefill(model, p, v, i, m, rec, extra=2))(
-        params, vis, ids, mask)
-    log = [(k, dict(kept=r.kept, ok=r.valid, merged=None, mpos=None)) for k, r in log]
-    log = jax.tree.map(np.asarray, log)
+
+    def f(p, v, i, m):
+        out = P.prefill(model, p, v, i, m, rec, extra=2)
+        return out, [(r.kept, r.valid) for _, r in log]
+
+    out, stages = jax.jit(f)(params, vis, ids, mask)
+    log = [(k, dict(kept=np.asarray(kept), ok=None if ok is None else np.asarray(ok),
+                    merged=None, mpos=None)) for (k, _), (kept, ok) in zip(log, stages)]
     ref = _masked_reference(method, log, jnp.zeros((2, 0), jnp.int32))
     assert float(np.max(np.abs(np.asarray(out.last_logits) - ref))) <= 1e-4
     if name in ("fastv", "pdrop"):      # keep-positions and renumbering: decode steps too

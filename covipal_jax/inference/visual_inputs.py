@@ -261,7 +261,9 @@ def encode_packed_views(model: Llava, params: Any, visual: Any
 def unsupported_reason(method: PruningMethod) -> str | None:
     """Why `method` cannot prune a packed input (AnyRes image, several images, video), or None:
     it reads tower statistics of one view (CLS attention, keys, ...) and does not prune per
-    view (`per_view = True`, VisionZip)."""
+    view (`per_view = True`, VisionZip: per view, per image of a multi-image prompt). In-LLM
+    methods run on every packed input (one selection over all images / crops / frames;
+    `prefill.prefill_packed`)."""
     missing = sorted(method.needs & _UNSUPPORTED_NEEDS)
     if missing and not getattr(method, "per_view", False):
         return (f"pruning method {method.name!r} reads {missing} of a single view; not "
