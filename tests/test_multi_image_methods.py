@@ -345,3 +345,25 @@ def test_visionzip_multi_image_prefill_equals_forward_and_compiles_once():
 def test_unsupported_reason_accepts_in_llm_and_visionzip():
     for name in ("fastv", "dart", "pdrop", "sparsevlm", "visionzip"):
         assert vi.unsupported_reason(pruning.get(name)()) is None
+
+
+# ----------------------------------------------------------------------------- pool
+
+def test_pool_keeps_a_sub_grid_per_image():
+    """pool (stride) on several images: each image's base view keeps its own uniform sub-grid,
+    the images sharing the example's budget in proportion to their sizes (was: image 0 got
+    every pick)."""
+    from covipal_jax.pruning.simple import pool_indices
+
+    cfg, model, params = _model()
+    vis, (ids, mask) = _multi(), _prompt()
+    method = pruning.get("pool")(keep=0.25)
+    ctx, _, _ = vi.packed_context(model, params, vis, ids, mask, method)
+    res = method.select(ctx, method.k(ctx.n_v))
+    g, n1 = cfg.vision.grid[0], vis.image_slots(cfg)
+    kept = np.asarray(res.indices)[0][np.asarray(res.valid)[0]]
+    budget = int(np.round(0.25 * vis.num_real_tokens(cfg)[0]))
+    m = budget - 2                                   # less the two newlines
+    for i, share in enumerate([m // 2, m - m // 2]):
+        mine = np.sort(kept[kept // n1 == i] - i * n1)
+        np.testing.assert_array_equal(mine, np.append(np.sort(pool_indices(g, g, share)), g * g))
