@@ -367,3 +367,26 @@ def test_pool_keeps_a_sub_grid_per_image():
     for i, share in enumerate([m // 2, m - m // 2]):
         mine = np.sort(kept[kept // n1 == i] - i * n1)
         np.testing.assert_array_equal(mine, np.append(np.sort(pool_indices(g, g, share)), g * g))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_generate_cli_two_images_in_llm(tmp_path):
+    from PIL import Image
+
+    from covipal_jax import generate
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, (h, w) in enumerate([(37, 91), (60, 50)]):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    c = tiny_ov.get_config()
+    c.max_new_tokens = 2
+    c.pruning.method, c.pruning.keep, c.pruning.layer = "fastv", 0.5, 1
+    r = generate.run(c, paths, "<image> what is <image> it ?")
+    per_image = _model()[0].vision.grid[0] ** 2 + 1
+    assert r["input"] == "multi_image" and r["vision_tokens_total"] == 2 * per_image
+    assert r["vision_tokens_kept"] == round(0.5 * 2 * per_image)
+    kept = np.asarray(r["kept_indices"])
+    assert set(np.unique(kept // per_image).tolist()) <= {0, 1} and isinstance(r["answer"], str)
