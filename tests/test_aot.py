@@ -62,6 +62,7 @@ def tiny_reports():
     return json.loads(line[4:])
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tiny_steps_compile_for_v5e(tiny_reports):
     for name, r in tiny_reports.items():
@@ -75,6 +76,7 @@ def test_tiny_steps_compile_for_v5e(tiny_reports):
     assert tiny_reports["train"]["mode"] == "train_ppm" and tiny_reports["train"]["stage"] == 1
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_pruning_cuts_flops_and_cache(tiny_reports):
     full, pruned = tiny_reports["prefill"], tiny_reports["prefill_pruned"]
@@ -83,6 +85,7 @@ def test_pruning_cuts_flops_and_cache(tiny_reports):
     assert pruned["bytes"]["output"] < full["bytes"]["output"]  # the KV cache is an output
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_fsdp_shards_the_parameters(tiny_reports):
     """FSDP over 4 chips holds less per chip than replicated parameters. (Not a quarter:
@@ -92,6 +95,7 @@ def test_fsdp_shards_the_parameters(tiny_reports):
     assert fsdp < 0.8 * replicated
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_decode_and_train_donate_their_state(tiny_reports):
     assert tiny_reports["decode"]["bytes"]["alias"] > 0

@@ -191,6 +191,7 @@ def test_legacy_attention_impl_still_selects():
     assert "attention" not in cfg.architecture_dict()
 
 
+@pytest.mark.slow
 def test_full_model_logits_chunked_equal_xla():
     """The tiny LLaVA's logits (prefill) and a cached decode step agree across backends."""
     model, params = tiny.model_and_params()
@@ -226,6 +227,7 @@ def _env():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None,
                     reason="libtpu is not installed: pip install -r requirements-dev.txt")
+@pytest.mark.slow
 def test_splash_compiles_for_tpu_ahead_of_time():
     """The splash path lowers and compiles for v5e: one chip (GQA, causal with a cache, bf16,
     head dim padded 16 -> 128; bidirectional head dim 64) and under a 4-chip FSDP mesh

@@ -22,6 +22,7 @@ def quick_run(tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_file(quick_run):
     out, _ = quick_run
     for name in ("bench.json", "bench.md", "bench.png"):
@@ -33,6 +34,7 @@ def test_quick_run_writes_every_file(quick_run):
         assert heading in md
 
 
+@pytest.mark.slow
 def test_quick_run_json_has_every_measurement(quick_run):
     _, r = quick_run
     meta = r["meta"]
@@ -74,6 +76,7 @@ def test_quick_run_json_has_every_measurement(quick_run):
     assert "decode_b8_vs_generate" not in r["targets"]  # quick decodes at batch 2 only
 
 
+@pytest.mark.slow
 def test_peer_computes_our_logits(quick_run):
     """Same weights, same inputs: transformers' prefill logits match ours (unpruned and
     pruned, the peer given our kept tokens), and greedy decoding agrees at batch 1."""
@@ -84,6 +87,7 @@ def test_peer_computes_our_logits(quick_run):
     assert all(row["token_agreement"] == 1.0 for row in r["decode"])
 
 
+@pytest.mark.slow
 def test_ov_suite_runs_the_packed_anyres_path(quick_run):
     """tiny_ov, 10 views (base + 3 x 3 crops of 16 tokens): 16 + 12 x 13 = 172 packed tokens;
     ours `prefill` on the AnyResImage matches transformers' OneVision (HF packing + our kept
@@ -103,6 +107,7 @@ def test_ov_suite_runs_the_packed_anyres_path(quick_run):
     assert s["settings"][1]["derived"]["flop_ratio_e2e"] > 1
 
 
+@pytest.mark.slow
 def test_suites_selector_runs_one_suite(tmp_path):
     """`--suites ov` runs the ov suite alone (no LLaVA-1.5 suite, no decode); a feed of
     projected tokens (`--ov_tokens` other than the image's) estimates the tower per view."""
@@ -141,6 +146,7 @@ def test_ov_image_geometry():
         bench_ov.anyres_image(cfg, 1, 50, 0)  # 7 x 7 crops: beyond the 6 x 6 pinpoints
 
 
+@pytest.mark.slow
 def test_flop_counts_scale_with_kept_tokens(quick_run):
     _, r = quick_run
     rows = r["suites"][0]["settings"]

@@ -126,6 +126,7 @@ def test_tfds_local_build_message(tmp_path, capsys):
     assert "Building dataset covipal_synthetic_vqa/tiny locally in" in out
 
 
+@pytest.mark.slow
 def test_generate_and_eval_without_tensorflow_quiet_and_cached(tmp_path):
     """No TensorFlow/TFDS, JAX_PLATFORMS unset: generate and a tiny eval run, print no INFO
     or TPU lines, and fill the compilation cache."""

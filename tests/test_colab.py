@@ -53,6 +53,7 @@ def test_notebook_says_what_to_do_without_code(tmp_path):
     assert "COVIPAL_REPO_URL" in r.stderr and ".zip" in r.stderr
 
 
+@pytest.mark.slow
 def test_notebook_runs_tiny_on_cpu(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)

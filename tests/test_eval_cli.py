@@ -117,6 +117,7 @@ def test_summarize_relative_average():
     assert "| 16 | ppm | 76.00 (95.0%) | 1350.0 (90.0%) | 92.50% |" in s["markdown"]
 
 
+@pytest.mark.slow
 def test_sweep_writes_jsonl_tables_and_resumes(data, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "covipal_jax.eval", "--config", "configs/tiny.py",
@@ -218,6 +219,7 @@ PREDICTOR_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_predictor_matches_forward(data):
     """2 CPU devices (batch sharded over `data`), 3 items in batches of 2 (the last padded),
     prompts in the smallest bucket: option scores equal the log-softmax of an unsharded forward

@@ -23,6 +23,7 @@ def _config(**pruning):
     return c
 
 
+@pytest.mark.slow
 def test_run_tiny_with_pruning(tmp_path):
     img = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)).save(img)

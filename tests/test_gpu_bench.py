@@ -19,6 +19,7 @@ def quick_run(tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_file(quick_run):
     out, r = quick_run
     for name in ("gpu_bench.json", "gpu_bench.md", "gpu_bench.png"):
@@ -30,6 +31,7 @@ def test_quick_run_writes_every_file(quick_run):
     assert {"jax", "torch", "transformers"} <= set(r["meta"]["versions"])
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_setting(quick_run):
     _, r = quick_run
     assert not r["skipped"]

@@ -49,9 +49,10 @@ def _records():
             one(2, 28, 28), video(2, 5), video(3, 6)]
 
 
-def _pipe(kind, source, **kw):
+def _pipe(kind, source, *, max_images=0, num_views=0, **kw):
     cfg = _model()[0]
-    spec = packed_rows.PackedSpec.for_model(cfg, kind, num_frames=4)
+    spec = packed_rows.PackedSpec.for_model(cfg, kind, num_frames=4, max_images=max_images,
+                                            num_views=num_views)
     return pl.Pipeline(source, tokenizer=loading.builtin_tokenizer(),
                        processor=loading.default_processor(cfg), template="plain",
                        max_len=MAX_LEN, global_batch=4, shuffle=False, packed=spec, **kw), spec

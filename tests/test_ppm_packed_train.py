@@ -1,5 +1,6 @@
-"""PPM training on packed inputs (issue 12): stage-1 / stage-2 objectives on AnyRes images and
-videos of a tiny OneVision (targets on real slots only, loss finite and moving), then the
+"""PPM training on packed inputs (issue 12): stage-1 / stage-2 objectives on AnyRes images,
+videos and several images per prompt (a two-image row next to a tiled one-image row) of a tiny
+OneVision (targets on real slots only, loss finite and moving), then the
 trained PPM exported and loaded back."""
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def _batch(cfg, kind, t=12):
     r = np.random.default_rng(0)
     if kind == "video":
         vis = vi.Video(jnp.asarray(r.standard_normal((2, 4, 28, 28, 3)), jnp.float32))
+    elif kind == "multi":
+        imgs = [r.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(37, 91), (60, 50)]]
+        x = data_anyres.preprocess_multi([imgs, imgs[:1]], data_anyres.AnyResConfig.for_model(cfg))
+        vis = vi.MultiImage.from_layout(cfg, jnp.asarray(x.pixels), x.layout, x.image_valid)
     else:
         imgs = [r.integers(0, 256, s + (3,), dtype=np.uint8) for s in [(37, 91), (60, 50)]]
         x = data_anyres.preprocess(imgs, data_anyres.AnyResConfig.for_model(cfg))
@@ -47,6 +52,8 @@ def _batch(cfg, kind, t=12):
     mask = np.ones((2, t), bool)
     mask[0, :2], ids[0, :2] = False, 0
     ids[:, 3] = vi.placeholder_id(cfg, vis)
+    if kind == "multi":
+        ids[0, 6] = vi.placeholder_id(cfg, vis)   # row 0: two images, row 1: one (tiled)
     loss_mask = np.zeros((2, t), bool)
     loss_mask[:, -3:] = True
     return dict(visual=vis, ids=jnp.asarray(ids), mask=jnp.asarray(mask),
@@ -83,7 +90,7 @@ def _train(kind, stage, steps):
     return pcfg, p, losses, prep, batch
 
 
-@pytest.mark.parametrize("kind", ["anyres", "video"])
+@pytest.mark.parametrize("kind", ["anyres", "video", "multi"])
 def test_stage1_on_packed_input_trains_and_exports(kind, tmp_path):
     pcfg, p, losses, prep, batch = _train(kind, 1, 4)
     cfg = _model()[0]
@@ -95,7 +102,9 @@ def test_stage1_on_packed_input_trains_and_exports(kind, tmp_path):
     np.testing.assert_allclose(labels.sum(-1), 1.0, rtol=1e-5)
     assert valid.shape[1] == batch["visual"].num_slots(cfg) != pcfg.n_v
     # the LLM sees HF's compact sequence: as many visible slots as real ones
-    assert int(prep.enc.seq_mask.sum()) == int(valid.sum() + np.asarray(batch["mask"]).sum() - 2)
+    n_ph = int((np.asarray(batch["ids"]) == vi.placeholder_id(cfg, batch["visual"])).sum())
+    assert int(prep.enc.seq_mask.sum()) == int(valid.sum() + np.asarray(batch["mask"]).sum()
+                                               - n_ph)
     out = ppm_io.save_ppm(tmp_path / "ppm", {"params": p}, pcfg, cfg, {"trained_steps": 4})
     module, variables, meta = ppm_io.load_ppm(out, cfg)
     assert module.cfg == pcfg and meta["format_version"] == 2
@@ -104,7 +113,7 @@ def test_stage1_on_packed_input_trains_and_exports(kind, tmp_path):
     assert np.isneginf(np.asarray(s)[~valid]).all() and np.isfinite(np.asarray(s)[valid]).all()
 
 
-@pytest.mark.parametrize("kind", ["anyres", "video"])
+@pytest.mark.parametrize("kind", ["anyres", "video", "multi"])
 def test_stage2_on_packed_input_is_finite_and_moves(kind):
     _, _, losses, _, _ = _train(kind, 2, 3)
     assert np.isfinite(losses).all() and losses[-1] != losses[0], losses

@@ -83,6 +83,7 @@ def test_batches_are_deterministic_and_cover_an_epoch():
     assert len(rows) == len({tuple(r) for r in data.ids})
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_stops_at_the_target():
     model, _ = tiny.model_and_params()
     params = nn.unbox(init_params(model.cfg, jax.random.key(1)))

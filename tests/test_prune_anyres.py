@@ -102,6 +102,7 @@ def _packed_ctx(seed=0):
 
 @pytest.mark.parametrize("name,keep", [("random", 0.25), ("random", 40), ("divprune", 0.25),
                                        ("divprune", 0.9), ("none", 1.0), ("ppm", 0.5)])
+@pytest.mark.slow
 def test_methods_never_keep_padding_and_always_keep_newlines(name, keep):
     ctx = _packed_ctx()
     n = ctx.n_v
@@ -146,6 +147,7 @@ def test_in_llm_and_tower_stat_methods_refused_clearly():
 
 # ----------------------------------------------------------------------------- parity
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ov", "next"])
 def test_unpruned_anyres_prefill_equals_forward_anyres(name):
     cfg, model, params = _model(name)
@@ -164,6 +166,7 @@ def test_unpruned_anyres_prefill_equals_forward_anyres(name):
     np.testing.assert_array_equal((np.asarray(kept) >= 0).sum(1), lengths)
 
 
+@pytest.mark.slow
 def test_unpruned_video_prefill_equals_forward_video():
     cfg, model, params = _model("ov")
     vis = _video()
@@ -176,6 +179,7 @@ def test_unpruned_video_prefill_equals_forward_video():
     assert out.kept.shape == (2, 4 * 2 * 2 + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["anyres", "video"])
 def test_pruned_prefill_equals_pruned_forward(kind):
     """The cached prefill's last logits equal the cache-free pruned forward's."""
@@ -195,6 +199,7 @@ def test_pruned_prefill_equals_pruned_forward(kind):
 
 # ----------------------------------------------------------------------------- generation
 
+@pytest.mark.slow
 def test_generation_compiles_once_per_bucket_text_bucket_and_k():
     cfg, model, params = _model("ov")
     gen = decoding.Generator(model, pruning.get("random")(keep=0.25), max_new_tokens=3,
@@ -225,6 +230,7 @@ def test_generation_compiles_once_per_bucket_text_bucket_and_k():
     assert gen2.compilations()["prefill"] == 1
 
 
+@pytest.mark.slow
 def test_video_generation_greedy_matches_unpruned_forward_first_token():
     cfg, model, params = _model("ov")
     vis = _video()
@@ -277,6 +283,7 @@ def _ov_config(**pruning_kw):
     return c
 
 
+@pytest.mark.slow
 def test_generate_cli_video_and_anyres(tmp_path):
     pytest.importorskip("av")
     from PIL import Image

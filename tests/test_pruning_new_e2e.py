@@ -146,6 +146,7 @@ def _reference_logits(model, params, pixels, ids, mask, spec, stage_kept, genera
     return np.asarray(model.apply(params, h[:, -1:], method=Llava.logits)[:, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
 def test_pdrop_generation_matches_hand_pruned_reference(positions, monkeypatch):
     """Prefill + cached decode of PyramidDrop == the model run without cache on the sequence

@@ -148,6 +148,7 @@ def _official_for_example(probe, i, prefix, n_v, n, count):
 
 # -------------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_same_kept_and_merged_as_official(seed):
     """Every stage of the 192 and 64 tables on 576 tokens and of the scaled table on 64

@@ -86,6 +86,7 @@ def _unwritable_dir(root: str) -> str:
     raise RuntimeError("no read-only directory found for the failed-write test")
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_exits_with_an_error(base):
     w = tu.workdir("fail_write")     # (after `base`: the data and the compilation cache exist)
     os.makedirs(w)
@@ -101,6 +102,7 @@ def test_failed_checkpoint_write_exits_with_an_error(base):
     print(f"\nfailed checkpoint write: exit 4 after {secs:.0f} s: {err[:160]}")
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_resumes_from_the_previous(base):
     w = _copy(base, "fail_corrupt")
     state = os.path.join(w, "checkpoints", "4", "state")
@@ -129,6 +131,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous(base):
     assert info["stage_steps"] == [6]
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_refused_with_the_fix(base):
     w = _copy(base, "fail_corrupt_all")
     for s in ("2", "4"):
@@ -142,6 +145,7 @@ def test_no_readable_checkpoint_is_refused_with_the_fix(base):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_metrics_do_not_repeat_after_resume(base):
     w = _copy(base, "fail_metrics")
     with open(os.path.join(w, "metrics.jsonl"), "a") as f:   # steps after the checkpoint,
@@ -153,6 +157,7 @@ def test_metrics_do_not_repeat_after_resume(base):
     assert _steps(w) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_stage_change_on_resume_is_refused(base):
     w = _copy(base, "fail_stages")
     before = open(os.path.join(w, "config.json")).read()
@@ -165,6 +170,7 @@ def test_stage_change_on_resume_is_refused(base):
     assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_workdir_lock_refuses_a_second_run_and_a_dead_owner_is_taken_over():
     tu.build_data()
     w = tu.workdir("fail_lock")

@@ -25,6 +25,7 @@ def runs():
     return {"reference": tu.reference_run(), "nan": (nan, nan_dir)}
 
 
+@pytest.mark.slow
 def test_tiny_stage1_recall_rises_then_stage2(runs):
     ref = runs["reference"]
     records = tu.metrics(ref)
@@ -52,6 +53,7 @@ def test_tiny_stage1_recall_rises_then_stage2(runs):
         assert r["kl"] >= -1e-6 and 0 < r["keep_prob"] < 1
 
 
+@pytest.mark.slow
 def test_checkpoints_and_export(runs):
     from covipal_jax.weights import ppm_io
     from covipal_jax.models.config import LlavaConfig
@@ -82,6 +84,7 @@ def test_checkpoints_and_export(runs):
         np.testing.assert_array_equal(exported[k], last[k])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(runs):
     proc, nan_dir = runs["nan"]
     rc = proc.wait(timeout=600)
@@ -102,6 +105,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(runs):
     assert not os.path.exists(os.path.join(nan_dir, "ppm"))
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_ppm_is_refused(runs):
     w = tu.workdir("mismatch")
     tu.copy_checkpoint(runs["reference"], 2, w)

@@ -20,12 +20,14 @@ the 1e-6 quantile at once). Parameters with an identically zero stage-1 gradient
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import train_util as tu
 
 RTOL, ATOL = 1e-4, 2e-4
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
     ref = tu.reference_run()
     s1 = tu.STEPS[0]

@@ -20,7 +20,9 @@ As far as the paper is known (shared/reference/covipal_paper.md):
 
 Input: the trainer's pipeline feeds one base-resolution view per example (384 x 384, 729 vision
 tokens; the `covipal_llava` source keeps single-image records, multi-image and video records are
-counted and skipped). The PPM's positional input describes any layout (crop / frame, row,
+counted and skipped). Packed rows train on the other kinds (`--config.data.packed=anyres`
+with `data.num_views`, `=video` with `data.num_frames`, `=multi` with `data.max_images`; the
+README's "AnyRes images, several images, video"). The PPM's positional input describes any layout (crop / frame, row,
 column), so the PPM trained here runs on AnyRes images and video at inference; the model config
 itself is LLaVA-OneVision's AnyRes-Max-9 (configs/llava_ov_7b.py).
 

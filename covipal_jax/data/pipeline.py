@@ -26,9 +26,12 @@ source is built with `max_images=1, num_frames=0`: multi-image and video records
 (`too_many_images`, `video_not_enabled`) and skipped.
 
 Packed rows (`packed=data.packed_rows.PackedSpec`, issue 12): one OneVision AnyRes image
-(`anyres_pixels f32[C, S, S, 3]`, `anyres_plan i32[8]`) or one video (`frames f32[F, S, S, 3]`)
-per row instead of `pixels`, static per bucket (C views / F frames); records of the other kind
-are weight-0 rows counted in `stats.wrong_kind`.
+(`anyres_pixels f32[C, S, S, 3]`, `anyres_plan i32[8]`), one video (`frames f32[F, S, S, 3]`)
+or up to P images (`multi_pixels f32[P, C, S, S, 3]`, `multi_plan i32[P, 8]`, `image_valid
+bool[P]`, the placeholders where the record's text puts them) per row instead of `pixels`,
+static per bucket (C views / F frames / P images); records of the other kind are weight-0 rows
+counted in `stats.wrong_kind`, records with more than P images in `stats.too_many_images` (a
+LLaVA source for packed="multi" is built with `max_images=P`: the builder already skips them).
 """
 from __future__ import annotations
 
@@ -46,12 +49,7 @@ from covipal_jax.data import packed_rows
 from covipal_jax.data import text as text_lib
 
 
-def _str(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.ndarray) and v.shape == ():
-        return _str(v.item())
-    return str(v)
+_str = packed_rows.as_text
 
 
 def qa_from_record(record: Mapping[str, Any]) -> tuple[np.ndarray, str, str]:
@@ -70,14 +68,11 @@ def qa_from_record(record: Mapping[str, Any]) -> tuple[np.ndarray, str, str]:
     return np.asarray(images[0]), _str(record["question"]), _str(record["answer"])
 
 
-def _question_answer(record: Mapping[str, Any]) -> tuple[str, str]:
-    return _str(record["question"]), _str(record["answer"])
-
-
 @dataclasses.dataclass
 class PipelineStats:
     too_long: int = 0          # examples that did not fit `max_len` (weight 0)
     wrong_kind: int = 0        # packed pipelines: records of another media kind (weight 0)
+    too_many_images: int = 0   # packed multi-image pipelines: more than P images (weight 0)
     examples: int = 0          # real examples read by this host
     skipped_at_build: dict = dataclasses.field(default_factory=dict)  # llava: reason -> count
 
@@ -160,16 +155,20 @@ class Pipeline:
     def encode(self, record: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
         """One record -> a row (None when it does not fit `max_len`; a packed pipeline raises
         `packed_rows.WrongKind` for a record of another media kind)."""
+        n_img = 1
         if self.packed is not None:
-            question, answer = _question_answer(record)
+            question, answer = packed_rows.question(self.packed, record), _str(record["answer"])
             visual = packed_rows.visual_row(self.packed, record)
+            n_img = self.packed.placeholders
         else:
             image, question, answer = self.record_fn(record)
         row = text_lib.encode_example(self.tokenizer, question, answer, template=self.template,
-                                      max_len=self.max_len)
+                                      max_len=self.max_len, max_images=n_img)
         if row is None:
             return None
         if self.packed is not None:
+            packed_rows.check_placeholders(self.packed, row, visual,
+                                           self.tokenizer.image_token_id)
             row["ids"] = packed_rows.fix_placeholder(self.packed, row["ids"],
                                                      self.tokenizer.image_token_id)
             row.update(visual)
@@ -204,7 +203,7 @@ class Pipeline:
     def batch(self, position: int) -> dict[str, np.ndarray]:
         """This host's rows of the global batch at `position`, stacked: fixed shapes."""
         rows = []
-        too_long = real = wrong = 0
+        too_long = real = wrong = many = 0
         for i in self.local_indices(position):
             row = None
             if i >= 0:
@@ -212,6 +211,8 @@ class Pipeline:
                 try:
                     row = self.encode(self.source[int(i)])
                     too_long += row is None
+                except packed_rows.TooManyImages:
+                    many += 1
                 except packed_rows.WrongKind:
                     wrong += 1
             if row is None:
@@ -221,6 +222,7 @@ class Pipeline:
         with self._lock:
             self.stats.too_long += too_long
             self.stats.wrong_kind += wrong
+            self.stats.too_many_images += many
             self.stats.examples += real
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -285,10 +287,13 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
             raise ValueError("data.kind='llava' needs config.data.json (LLaVA-format .json/.jsonl)")
         if not d.images:
             raise ValueError("data.kind='llava' needs config.data.images (the image folder)")
-        # packed video training keeps the video records (`data.num_frames` frames each)
+        # packed video training keeps the video records (`data.num_frames` frames each),
+        # packed multi-image training the records of up to `data.max_images` images
         frames = int(d.get("num_frames", 8)) if d.get("packed", "") == "video" else 0
+        n_img = int(d.get("max_images", 0)) if d.get("packed", "") == "multi" else 1
         b = tfds_llava.llava_builder(directory, d.name, {d.split: absolute(d.json)},
-                                     absolute(d.images), max_images=1, num_frames=frames)
+                                     absolute(d.images), max_images=max(n_img, 1),
+                                     num_frames=frames)
         if prepare:
             b.download_and_prepare()
         skipped = dict(b.skipped.get(d.split, {}))
@@ -297,22 +302,27 @@ def build_source(config: Any, directory: str, *, prepare: bool = True
 
 
 def packed_spec(config: Any, model_cfg: Any = None) -> packed_rows.PackedSpec | None:
-    """The `PackedSpec` of `config.data.packed` ("anyres" | "video"), or None (single image)."""
+    """The `PackedSpec` of `config.data.packed` ("anyres" | "video" with `data.num_frames` |
+    "multi" with `data.max_images` P; `data.num_views` the crop bucket C, 0: the kind's
+    default), or None (single image)."""
     d = config.data
     if not d.get("packed", ""):
         return None
     if model_cfg is None:
         raise ValueError("config.data.packed needs the model config (model_cfg=)")
     return packed_rows.PackedSpec.for_model(model_cfg, d.packed,
-                                            num_frames=int(d.get("num_frames", 0)))
+                                            num_frames=int(d.get("num_frames", 0)),
+                                            num_views=int(d.get("num_views", 0)),
+                                            max_images=int(d.get("max_images", 0)))
 
 
 def from_config(config: Any, source: Sequence[Mapping[str, Any]], *, tokenizer,
                 processor, global_batch: int, process_index: int = 0, process_count: int = 1,
                 seed_offset: int = 0, skipped: dict | None = None,
                 model_cfg: Any = None) -> Pipeline:
-    """`config.data.packed` = "anyres" | "video" (with `data.num_frames`) builds packed rows
-    for the LLaVA `model_cfg` (`data.packed_rows`); "" (default) single-image rows."""
+    """`config.data.packed` = "anyres" | "video" (with `data.num_frames`) | "multi" (with
+    `data.max_images`) builds packed rows for the LLaVA `model_cfg` (`data.packed_rows`);
+    "" (default) single-image rows."""
     d = config.data
     packed = packed_spec(config, model_cfg)
     p = Pipeline(source, tokenizer=tokenizer, processor=processor, template=config.template,

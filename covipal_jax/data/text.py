@@ -399,8 +399,8 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *,
 
 def encode_example(tokenizer: Tokenizer, question: str, answer: str, *,
                    template: str | ChatTemplate = "plain", max_len: int,
-                   add_bos: bool | None = None,
-                   require_image: bool = True) -> dict[str, np.ndarray] | None:
+                   add_bos: bool | None = None, require_image: bool = True,
+                   max_images: int = 1) -> dict[str, np.ndarray] | None:
     """One training example: prompt + answer, left-padded to exactly `max_len`.
 
     Returns {"ids": i32[max_len], "mask": bool[max_len], "loss_mask": bool[max_len]} where
@@ -418,7 +418,7 @@ def encode_example(tokenizer: Tokenizer, question: str, answer: str, *,
     prompt = tmpl.prompt(question, image=require_image)
     p_ids = tokenizer.encode(prompt, add_bos=bos)
     f_ids = tokenizer.encode(prompt + tmpl.answer(answer), add_bos=bos)
-    _check_image(f_ids, tokenizer.image_token_id, require_image, "example")
+    _check_image(f_ids, tokenizer.image_token_id, require_image, "example", max_images)
     n = 0
     for a, b in zip(p_ids, f_ids):
         if a != b:

@@ -46,8 +46,9 @@ from covipal_jax.models.llava import init_params
 from covipal_jax.pruning import NoneMethod, PPMMethod
 from covipal_jax.pruning import ppm as ppm_lib
 from covipal_jax.pruning.base import resolve_keep
-from covipal_jax.tools.bench_programs import FlopCounter, Programs, kv_bytes, make_inputs
-from covipal_jax.tools.bench_report import _derive, label
+from covipal_jax.tools.bench_programs import FlopCounter, Programs, make_inputs
+from covipal_jax.tools.bench_report import _derive
+from covipal_jax.tools.bench_rows import LlmRows, finish_rows
 from covipal_jax.tools.bench_timing import clocked, interleaved
 from covipal_jax.weights.ppm_io import init_ppm
 
@@ -159,63 +160,23 @@ class OvSuite:
         if self.counter:
             px1 = make_inputs(cfg, 1, o.text_len, o.image_pos, o.seed)[0]
             vis_flops = self.counter.vision(P, jnp.asarray(px1)) * self.crops * batch
+        rows = LlmRows(cfg, self.progs, self.counter, self.peer, P, pv, pcfg, n_v, o.text_len,
+                       o.image_pos, tokens, ids, ids_j, mask_j, self.full_depth, vis_flops,
+                       lambda x: x)
         settings = []
         for i, keep in enumerate(o.ov_keeps):
-            k = resolve_keep(keep, n_v)
-            pruned = k < n_v
-            self.log(f"[bench] ov B={batch}: prepare keep={keep} (k={k})")
-            llm = self.progs.llm(n_v)
-            if pruned:
-                ppm_fn = self.progs.ppm(pcfg, k)
-                kept_tokens, idx = ppm_fn(P, pv, tokens, ids_j, mask_j)
-                thunks[f"{i}/ours_ppm"] = clocked(
-                    lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
-            else:
-                kept_tokens = tokens
-                idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (batch, n_v))
-            thunks[f"{i}/ours_llm"] = clocked(
-                lambda t_=kept_tokens, i_=idx: llm(P, t_, i_, ids_j, mask_j))
-            spec = PPMMethod(keep=k, ppm=pcfg) if pruned else NoneMethod()
-            row: dict[str, Any] = dict(keep=keep, k=k, label=label(keep, k, n_v),
-                                       method=spec.name, seq_len=o.text_len - 1 + k)
-            if self.peer:
-                import torch
-                emb = self.peer.embeds(ids, o.image_pos, torch.from_numpy(np.array(kept_tokens)))
-                thunks[f"{i}/peer_llm"] = clocked(lambda e=emb: self.peer.prefill(e),
-                                                  lambda x: x)
+            self.log(f"[bench] ov B={batch}: prepare keep={keep} (k={resolve_keep(keep, n_v)})")
+            row, _, pruned = rows.prepare_row(i, keep, thunks)
             if o.ov_vision:
+                spec = PPMMethod(keep=row["k"], ppm=pcfg) if pruned else NoneMethod()
                 self._e2e(thunks, row, i, spec, ids, ids_j, mask_j, vis, pruned)
-            row["kv_bytes"] = kv_bytes(cfg, batch, row["seq_len"])
-            row["kv_bytes_full_depth"] = kv_bytes(cfg, batch, row["seq_len"], self.full_depth)
-            if self.counter:
-                c = self.counter
-                fl = dict(llm=c.llm(n_v, P, kept_tokens[:1], idx[:1], ids_j[:1],
-                                    mask_j[:1]) * batch, vision=vis_flops)
-                fl["ppm"] = (c.ppm(pcfg, k, P, pv, tokens[:1], ids_j[:1], mask_j[:1]) * batch
-                             if pruned else 0.0)
-                fl["ppm_analytic"] = (ppm_lib.ppm_flops(pcfg, n_v, o.text_len) * batch
-                                      if pruned else 0.0)
-                fl["e2e"] = vis_flops + fl["ppm"] + fl["llm"]
-                row["flops"] = fl
             settings.append(row)
         self.log(f"[bench] ov B={batch}: timing {len(thunks)} programs, interleaved")
         t = interleaved(thunks, o.reps, o.warmup)
-        med = lambda key: t[key]["median_s"] if key in t else None  # noqa: E731
         scale = 1 if o.ov_vision else self.crops
-        vis_s = {side: med(f"vision/{side}") * scale for side in ("ours", "peer")
+        vis_s = {side: t[f"vision/{side}"]["median_s"] * scale for side in ("ours", "peer")
                  if f"vision/{side}" in t}
-        for i, row in enumerate(settings):
-            ours = dict(vision_s=vis_s["ours"], ppm_s=med(f"{i}/ours_ppm") or 0.0,
-                        llm_s=med(f"{i}/ours_llm"))
-            ours["e2e_s"] = med(f"{i}/ours_e2e") or ours["vision_s"] + ours["ppm_s"] \
-                + ours["llm_s"]
-            row["ours"] = ours
-            if self.peer:
-                peer = dict(vision_s=vis_s["peer"], llm_s=med(f"{i}/peer_llm"))
-                peer["e2e_s"] = med(f"{i}/peer_e2e") or peer["vision_s"] + peer["llm_s"]
-                row["peer"] = peer
-            row["times_s"] = {k_.split("/", 1)[1]: v["times_s"] for k_, v in t.items()
-                              if k_.startswith(f"{i}/")}
+        finish_rows(settings, t, vis_s, bool(self.peer))
         suite = dict(name="ov", batch=batch, n_v=n_v, crops=self.crops,
                      vision_source="measured" if o.ov_vision else "estimated",
                      full_depth=self.full_depth, model=self.cfg.to_dict(),

@@ -22,8 +22,9 @@ from covipal_jax.pruning import NoneMethod, PPMMethod
 from covipal_jax.pruning import ppm as ppm_lib
 from covipal_jax.pruning import select
 from covipal_jax.pruning.base import resolve_keep
-from covipal_jax.tools.bench_programs import FlopCounter, Programs, kv_bytes, make_inputs
+from covipal_jax.tools.bench_programs import FlopCounter, Programs, make_inputs
 from covipal_jax.tools.bench_report import _derive, _jsonable, _versions, label, targets
+from covipal_jax.tools.bench_rows import LlmRows, finish_rows
 from covipal_jax.tools.bench_timing import clocked, interleaved, matmul_peak
 from covipal_jax.weights.ppm_io import init_ppm
 
@@ -190,69 +191,37 @@ class Bench:
         if self.peer:
             thunks["vision/peer"] = clocked(lambda: self.peer.vision(px), self._torch_sync)
         vis_flops = self.counter.vision(P, px_j[:1]) * batch if self.counter else None
+        rows = LlmRows(cfg, self.progs, self.counter, self.peer, P, pv, pcfg, n_v, o.text_len,
+                       o.image_pos, tokens, ids, ids_j, mask_j, o.full_depth, vis_flops,
+                       self._torch_sync)
         settings = []
         for i, keep in enumerate(o.keeps):
-            k = _keep_count(keep, n_v)
-            pruned = k < n_v
-            self.log(f"[bench] llava15 B={batch}: prepare keep={keep} (k={k})")
-            spec = PPMMethod(keep=k, ppm=pcfg) if pruned else NoneMethod()
+            self.log(f"[bench] llava15 B={batch}: prepare keep={keep} "
+                     f"(k={_keep_count(keep, n_v)})")
+            row, _, pruned = rows.prepare_row(i, keep, thunks)
+            # end to end: the jitted prefill on pixels (tower + PPM + splice + LLM)
+            spec = PPMMethod(keep=row["k"], ppm=pcfg) if pruned else NoneMethod()
             e2e = self.progs.e2e(spec, pcfg if pruned else None)
             pv_arg = pv if pruned else None
             out = e2e(P, pv_arg, px_j, ids_j, mask_j)
-            kept = np.asarray(out.kept)
-            if pruned:
-                ppm_fn = self.progs.ppm(pcfg, k)
-                kept_tokens, idx = ppm_fn(P, pv, tokens, ids_j, mask_j)
-            else:
-                ppm_fn, kept_tokens = None, tokens
-                idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (batch, n_v))
-            llm = self.progs.llm(n_v)
             thunks[f"{i}/ours_e2e"] = clocked(
                 lambda e2e=e2e, pv_arg=pv_arg: e2e(P, pv_arg, px_j, ids_j, mask_j))
-            thunks[f"{i}/ours_llm"] = clocked(
-                lambda t_=kept_tokens, i_=idx: llm(P, t_, i_, ids_j, mask_j))
-            if pruned:
-                thunks[f"{i}/ours_ppm"] = clocked(
-                    lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
-            row: dict[str, Any] = dict(keep=keep, k=k, label=_label(keep, k, n_v),
-                                       method=spec.name, seq_len=o.text_len - 1 + k)
             if self.peer:
-                import torch
-                emb = self.peer.embeds(ids, o.image_pos,
-                                       torch.from_numpy(np.array(kept_tokens)))
-                kept_arg = kept if pruned else None
+                kept_arg = np.asarray(out.kept) if pruned else None
                 thunks[f"{i}/peer_e2e"] = clocked(
                     lambda a=kept_arg: self.peer.e2e(px, ids, o.image_pos, a), self._torch_sync)
-                thunks[f"{i}/peer_llm"] = clocked(lambda e=emb: self.peer.prefill(e),
-                                                  self._torch_sync)
                 row["parity_rel"] = self._parity(
                     out.last_logits, self.peer.e2e(px, ids, o.image_pos, kept_arg))
-            row["kv_bytes"] = kv_bytes(cfg, batch, row["seq_len"])
-            row["kv_bytes_full_depth"] = kv_bytes(cfg, batch, row["seq_len"], o.full_depth)
             if self.counter:
-                c = self.counter
                 one = (P, pv_arg, px_j[:1], ids_j[:1], mask_j[:1])
-                fl = dict(e2e=c.e2e(spec, pcfg if pruned else None, *one) * batch,
-                          llm=c.llm(n_v, P, kept_tokens[:1], idx[:1], ids_j[:1],
-                                    mask_j[:1]) * batch,
-                          vision=vis_flops)
-                fl["ppm"] = (c.ppm(pcfg, k, P, pv, tokens[:1], ids_j[:1], mask_j[:1]) * batch
-                             if pruned else 0.0)
-                fl["ppm_analytic"] = (ppm_lib.ppm_flops(pcfg, n_v, o.text_len) * batch
-                                      if pruned else 0.0)
-                row["flops"] = fl
+                row["flops"]["e2e"] = self.counter.e2e(spec, pcfg if pruned else None,
+                                                       *one) * batch
             settings.append(row)
         self.log(f"[bench] llava15 B={batch}: timing {len(thunks)} programs, interleaved")
         t = self._run(thunks)
-        med = lambda key: t[key]["median_s"] if key in t else None  # noqa: E731
-        for i, row in enumerate(settings):
-            row["ours"] = dict(vision_s=med("vision/ours"), ppm_s=med(f"{i}/ours_ppm") or 0.0,
-                               llm_s=med(f"{i}/ours_llm"), e2e_s=med(f"{i}/ours_e2e"))
-            if self.peer:
-                row["peer"] = dict(vision_s=med("vision/peer"), llm_s=med(f"{i}/peer_llm"),
-                                   e2e_s=med(f"{i}/peer_e2e"))
-            row["times_s"] = {k_.split("/", 1)[1]: v["times_s"] for k_, v in t.items()
-                              if k_.startswith(f"{i}/")}
+        finish_rows(settings, t, {side: t[f"vision/{side}"]["median_s"]
+                                  for side in ("ours", "peer") if f"vision/{side}" in t},
+                    bool(self.peer))
         vis_t = {k_.split("/", 1)[1]: v for k_, v in t.items() if k_.startswith("vision/")}
         suite = dict(name="llava15", batch=batch, n_v=n_v, vision_source="measured",
                      vision_times_s={k_: v["times_s"] for k_, v in vis_t.items()},
@@ -294,61 +263,16 @@ class Bench:
         if self.counter and single_crop is not None:
             vis_flops = single_crop["settings"][0]["flops"]["vision"] / single_crop["batch"] \
                 * crops * batch
-        settings = []
-        thunks = {}
+        rows = LlmRows(cfg, self.progs, self.counter, self.peer, P, pv, pcfg, n_v, o.text_len,
+                       o.image_pos, tokens, ids, ids_j, mask_j, o.full_depth, vis_flops,
+                       self._torch_sync)
+        settings, thunks = [], {}
         for i, keep in enumerate(o.next_keeps):
-            k = _keep_count(keep, n_v)
-            pruned = k < n_v
-            self.log(f"[bench] next B={batch}: prepare keep={keep} (k={k})")
-            llm = self.progs.llm(n_v)
-            if pruned:
-                ppm_fn = self.progs.ppm(pcfg, k)
-                kept_tokens, idx = ppm_fn(P, pv, tokens, ids_j, mask_j)
-                thunks[f"{i}/ours_ppm"] = clocked(
-                    lambda f=ppm_fn: f(P, pv, tokens, ids_j, mask_j))
-            else:
-                kept_tokens = tokens
-                idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (batch, n_v))
-            thunks[f"{i}/ours_llm"] = clocked(
-                lambda t_=kept_tokens, i_=idx: llm(P, t_, i_, ids_j, mask_j))
-            row: dict[str, Any] = dict(keep=keep, k=k, label=_label(keep, k, n_v),
-                                       method="ppm" if pruned else "none",
-                                       seq_len=o.text_len - 1 + k)
-            if self.peer:
-                import torch
-                emb = self.peer.embeds(ids, o.image_pos,
-                                       torch.from_numpy(np.array(kept_tokens)))
-                thunks[f"{i}/peer_llm"] = clocked(lambda e=emb: self.peer.prefill(e),
-                                                  self._torch_sync)
-            row["kv_bytes"] = kv_bytes(cfg, batch, row["seq_len"])
-            row["kv_bytes_full_depth"] = kv_bytes(cfg, batch, row["seq_len"], o.full_depth)
-            if self.counter:
-                c = self.counter
-                fl = dict(llm=c.llm(n_v, P, kept_tokens[:1], idx[:1], ids_j[:1],
-                                    mask_j[:1]) * batch, vision=vis_flops)
-                fl["ppm"] = (c.ppm(pcfg, k, P, pv, tokens[:1], ids_j[:1], mask_j[:1]) * batch
-                             if pruned else 0.0)
-                fl["ppm_analytic"] = (ppm_lib.ppm_flops(pcfg, n_v, o.text_len) * batch
-                                      if pruned else 0.0)
-                fl["e2e"] = None if vis_flops is None else vis_flops + fl["ppm"] + fl["llm"]
-                row["flops"] = fl
-            settings.append(row)
+            self.log(f"[bench] next B={batch}: prepare keep={keep} "
+                     f"(k={_keep_count(keep, n_v)})")
+            settings.append(rows.prepare_row(i, keep, thunks)[0])
         self.log(f"[bench] next B={batch}: timing {len(thunks)} programs, interleaved")
-        t = self._run(thunks)
-        med = lambda key: t[key]["median_s"] if key in t else None  # noqa: E731
-        for i, row in enumerate(settings):
-            ours = dict(vision_s=vis.get("ours"), ppm_s=med(f"{i}/ours_ppm") or 0.0,
-                        llm_s=med(f"{i}/ours_llm"))
-            ours["e2e_s"] = (None if ours["vision_s"] is None
-                             else ours["vision_s"] + ours["ppm_s"] + ours["llm_s"])
-            row["ours"] = ours
-            if self.peer:
-                peer = dict(vision_s=vis.get("peer"), llm_s=med(f"{i}/peer_llm"))
-                peer["e2e_s"] = (None if peer["vision_s"] is None
-                                 else peer["vision_s"] + peer["llm_s"])
-                row["peer"] = peer
-            row["times_s"] = {k_.split("/", 1)[1]: v["times_s"] for k_, v in t.items()
-                              if k_.startswith(f"{i}/")}
+        finish_rows(settings, self._run(thunks), vis, bool(self.peer))
         suite = dict(name="next", batch=batch, n_v=n_v, crops=crops, vision_source=source,
                      settings=settings)
         return _derive(suite, self.cfg, o)

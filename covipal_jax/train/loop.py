@@ -443,6 +443,9 @@ class Trainer:
             bar.close()
             it.close()
         stats["too_long"] = pipe.stats.too_long
+        if pipe.packed is not None:  # records of another kind / over max_images (weight 0)
+            stats["wrong_kind"] = pipe.stats.wrong_kind
+            stats["too_many_images"] = pipe.stats.too_many_images
         if global_step < plan.stop:
             stats["stopped_at"] = global_step
             self._log(f"stopped after step {global_step} (--stop_after); checkpoint saved")

@@ -15,6 +15,10 @@ invalid ones masked out of the sequence (`anyres.mask_invalid_slots`, the LLM se
 sequence), the PPM scores the slots with their layout, and every loss, target and budget counts
 the real slots only (n_v below is then N; the stage-1 MSE scale is the example's real count).
 The static k of a packed bucket is `ObjectiveSpec.k_for(N)` (the keep ratio of k / n_v).
+A `MultiImage` (several images per prompt) splices image p's slots at the row's p-th
+placeholder (`models.multimodal.splice_packed`, L = T - 1 + N whatever the image count): the
+vision slots are then several spans (`Encoded.vis_index`), absent images' slots are invalid
+(never a target, never kept), and every text token after an image is a stage-1 query row.
 
 The PPM always sees what it sees at inference: the projected vision tokens H_v and the prompt's
 text embeddings (`mask & ids != image & ~loss_mask`: the answer is hidden from it).
@@ -74,7 +78,7 @@ import jax.numpy as jnp
 from covipal_jax.inference import visual_inputs as vi
 from covipal_jax.models import anyres
 from covipal_jax.models.llava import Llava
-from covipal_jax.models.multimodal import image_positions, splice
+from covipal_jax.models.multimodal import image_positions, splice, splice_packed
 from covipal_jax.pruning import select
 from covipal_jax.pruning.base import parse_keep, resolve_keep
 
@@ -144,8 +148,10 @@ class Encoded:
     """The frozen model's inputs for one batch.
 
     vision f32[B, n_v, D] (H_v); text f32[B, T, D] (H_t); ppm_text_mask bool[B, T];
-    seq f32[B, L, D]; seq_mask, is_vis, answer bool[B, L]; positions i32[B, L]; image_pos i32[B];
-    packed inputs only (else None): valid bool[B, n_v], coords i32[B, n_v, 3].
+    seq f32[B, L, D]; seq_mask, is_vis, answer bool[B, L]; positions i32[B, L]; image_pos i32[B]
+    (the first vision index); packed inputs only (else None): valid bool[B, n_v], coords
+    i32[B, n_v, 3]; several images per prompt only (else None: one span from image_pos):
+    vis_index i32[B, n_v] the sequence index of each vision slot.
     """
 
     vision: Array
@@ -159,6 +165,7 @@ class Encoded:
     answer: Array
     valid: Array | None = None
     coords: Array | None = None
+    vis_index: Array | None = None
 
     @property
     def n_v(self) -> int:
@@ -169,12 +176,17 @@ def visual_from_batch(cfg: Any, batch: dict) -> Any:
     """The packed visual input of a batch (None for single images): `batch["visual"]`, or the
     pipeline's flat keys (`data.packed_rows`): `anyres_pixels f32[B, C, S, S, 3]` +
     `anyres_plan i32[B, 8]` -> `AnyResImage` (capacity of the C-view bucket), `frames
-    f32[B, F, S, S, 3]` -> `Video`."""
+    f32[B, F, S, S, 3]` -> `Video`, `multi_pixels f32[B, P, C, S, S, 3]` + `multi_plan
+    i32[B, P, 8]` + `image_valid bool[B, P]` -> `MultiImage`."""
     if batch.get("visual") is not None:
         return batch["visual"]
     if "anyres_pixels" in batch:
         px = batch["anyres_pixels"]
         return vi.AnyResImage(px, batch["anyres_plan"], anyres.bucket_capacity(cfg, px.shape[1]))
+    if "multi_pixels" in batch:
+        px = batch["multi_pixels"]
+        return vi.MultiImage(px, batch["multi_plan"], batch["image_valid"],
+                             anyres.bucket_capacity(cfg, px.shape[2]))
     if "frames" in batch:
         return vi.Video(batch["frames"])
     return None
@@ -185,7 +197,7 @@ def encode(model: Llava, params: Any, batch: dict) -> Encoded:
     (all N slots of a packed `batch["visual"]`, the invalid ones masked)."""
     cfg = model.cfg
     ids, mask, loss_mask = batch["ids"], batch["mask"], batch["loss_mask"]
-    valid = coords = None
+    valid = coords = vis_index = None
     visual = visual_from_batch(cfg, batch)
     if visual is not None:
         token = vi.placeholder_id(cfg, visual)
@@ -193,24 +205,34 @@ def encode(model: Llava, params: Any, batch: dict) -> Encoded:
         text = model.apply(params, jnp.where(ids == token, cfg.image_token_id, ids),
                            method=Llava.embed_text)
         image_pos = jnp.argmax(ids == token, axis=-1).astype(jnp.int32)
+        if isinstance(visual, vi.MultiImage):  # image p's slots at the p-th placeholder
+            n = vision.shape[1]
+            img = jnp.broadcast_to(vi.slot_images(cfg, visual, n)[None], valid.shape)
+            seq, seq_mask, positions, is_vis = splice_packed(
+                text, mask, image_positions(ids, token, visual.max_images),
+                vi.image_counts(visual), vision, img, valid)
+            vis_index = jnp.argsort(~is_vis, axis=-1, stable=True)[:, :n].astype(jnp.int32)
+            image_pos = vis_index[:, 0]
     else:
         token = cfg.image_token_id
         _, vision = model.apply(params, batch["pixels"], False, method=Llava.encode_image)
         text = model.apply(params, ids, method=Llava.embed_text)
         image_pos = image_positions(ids, cfg.image_token_id)
     n_v = vision.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), vision.shape[:2])
-    seq, seq_mask, positions, is_vis = splice(text, mask, image_pos, vision, idx,
-                                              "contiguous", n_v)
-    if valid is not None:
-        seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, image_pos, valid)
-    # Answer tokens all sit after the image: text index t > p lands at sequence index
-    # t + n_v - 1, so a shifted copy of loss_mask marks them (loss_mask is False up to p).
+    if vis_index is None:
+        idx = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), vision.shape[:2])
+        seq, seq_mask, positions, is_vis = splice(text, mask, image_pos, vision, idx,
+                                                  "contiguous", n_v)
+        if valid is not None:
+            seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, image_pos, valid)
+    # Answer tokens all sit after the image(s): text index t > p lands at sequence index
+    # t + n_v - 1 (several images: `splice_packed` keeps L = T - 1 + n_v), so a shifted copy
+    # of loss_mask marks them (loss_mask is False up to the last placeholder).
     b = ids.shape[0]
     answer = jnp.concatenate([jnp.zeros((b, n_v - 1), bool), loss_mask.astype(bool)], axis=1)
     ppm_text_mask = mask & (ids != token) & ~loss_mask.astype(bool)
     return Encoded(vision, text, ppm_text_mask, seq, seq_mask, positions, is_vis, image_pos,
-                   answer & seq_mask, valid, coords)
+                   answer & seq_mask, valid, coords, vis_index)
 
 
 def query_rows(enc: Encoded, n_v: int, label_queries: str,
@@ -218,7 +240,11 @@ def query_rows(enc: Encoded, n_v: int, label_queries: str,
     """The query rows Q of the stage-1 target: (rows i32[B, R], valid bool[B, R])."""
     b, length = enc.seq_mask.shape
     allowed = enc.seq_mask & (include_answer | ~enc.answer)
-    if label_queries == "text_after_image":
+    if label_queries == "text_after_image" and enc.vis_index is not None:
+        # several image spans: the T - 1 text rows, those after the first image
+        rows = jnp.argsort(enc.is_vis, axis=-1, stable=True)[:, :length - n_v]
+        valid = (rows > enc.image_pos[:, None]) & jnp.take_along_axis(allowed, rows, 1)
+    elif label_queries == "text_after_image":
         r = length - n_v                     # = T - 1: all text after the image when p = 0
         rows = jnp.broadcast_to(n_v + jnp.arange(r, dtype=jnp.int32), (b, r))
         valid = (rows >= (enc.image_pos + n_v)[:, None]) & jnp.take_along_axis(allowed, rows, 1)
@@ -245,7 +271,10 @@ def labels_from_rows(model: Llava, params: Any, h: Array, enc: Encoded,
     rows, valid = query_rows(enc, n_v, spec.label_queries, spec.label_answer_queries)
     probs = model.apply(params, h, method=Llava.attention_rows, layer=spec.guide_layer,
                         positions=enc.positions, key_valid=enc.seq_mask, rows=rows)
-    vis = select.slice_span(probs, enc.image_pos, n_v, axis=3)         # [B, N, R, n_v]
+    if enc.vis_index is None:
+        vis = select.slice_span(probs, enc.image_pos, n_v, axis=3)     # [B, N, R, n_v]
+    else:
+        vis = jnp.take_along_axis(probs, enc.vis_index[:, None, None, :], axis=3)
     received = jnp.einsum("bnri,br->bi", vis, valid.astype(vis.dtype))
     total = jnp.sum(received, axis=-1, keepdims=True)
     ok = total[:, 0] > 0
@@ -323,8 +352,11 @@ def topk_recall(scores: Array, labels: Array, k: int) -> Array:
 def vision_key_bias(values: Array, enc: Encoded) -> Array:
     """Scatter per-vision-token values f32[B, n_v] onto the sequence keys: f32[B, L], 0 on text."""
     n_v = values.shape[-1]
-    j = jnp.arange(enc.seq.shape[1], dtype=jnp.int32)[None]
-    src = jnp.clip(j - enc.image_pos[:, None], 0, n_v - 1)
+    if enc.vis_index is None:
+        j = jnp.arange(enc.seq.shape[1], dtype=jnp.int32)[None]
+        src = jnp.clip(j - enc.image_pos[:, None], 0, n_v - 1)
+    else:  # the m-th vision key of the sequence is slot m
+        src = jnp.clip(jnp.cumsum(enc.is_vis, axis=1) - 1, 0, n_v - 1).astype(jnp.int32)
     return jnp.where(enc.is_vis, jnp.take_along_axis(values, src, axis=1), 0.0)
 
 

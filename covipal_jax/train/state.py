@@ -23,21 +23,23 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from covipal_jax import sharding
+from covipal_jax.data.packed_rows import VISUAL_KEYS as _PACKED_KEYS
 
-BATCH_KEYS = ("pixels", "anyres_pixels", "anyres_plan", "frames", "ids", "mask", "loss_mask",
-              "weight")
 # rank of each batch entry (leading axis: the batch, sharded over (data, fsdp))
-_BATCH_NDIM = {"pixels": 4, "anyres_pixels": 5, "anyres_plan": 2, "frames": 5, "ids": 2,
+_BATCH_NDIM = {"pixels": 4, "anyres_pixels": 5, "anyres_plan": 2, "frames": 5,
+               "multi_pixels": 6, "multi_plan": 3, "image_valid": 2, "ids": 2,
                "mask": 2, "loss_mask": 2, "weight": 1}
-_VISUAL_KEYS = {None: ("pixels",), "": ("pixels",), "anyres": ("anyres_pixels", "anyres_plan"),
-                "video": ("frames",)}
+BATCH_KEYS = tuple(_BATCH_NDIM)
+_VISUAL_KEYS = {None: ("pixels",), "": ("pixels",), **_PACKED_KEYS}
 
 
 def batch_keys(packed: str | None = None) -> tuple[str, ...]:
     """The keys of a train batch: one base view per example (`pixels`), or the packed
-    AnyRes (`anyres_pixels`, `anyres_plan`) / video (`frames`) rows of `config.data.packed`."""
+    AnyRes (`anyres_pixels`, `anyres_plan`) / video (`frames`) / multi-image (`multi_pixels`,
+    `multi_plan`, `image_valid`) rows of `config.data.packed` (`data.packed_rows`)."""
     if packed not in _VISUAL_KEYS:
-        raise ValueError(f'data.packed must be "anyres" | "video" | unset, got {packed!r}')
+        raise ValueError(f'data.packed must be "anyres" | "video" | "multi" | unset, '
+                         f'got {packed!r}')
     return _VISUAL_KEYS[packed] + ("ids", "mask", "loss_mask", "weight")
 
 
