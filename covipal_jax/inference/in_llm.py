@@ -7,8 +7,8 @@ Packed AnyRes / video / multi-image input (`PruneContext.valid` / `coords` set,
 `visual_inputs`): the whole packed buffer of N = n_v slots is the candidate set (several
 images: all images' slots, in P spans separated by text that is never pruned; one top-k over
 all of them, per-example budgets of the example's real tokens). Its padding slots are masked
-out of attention and positions (`visual_inputs.splice_all`, the sequence HF sees) and the probe tells
-the method which slots it may keep (`vision_valid`), which are `image_newline` slots
+out of attention and positions (`visual_inputs.splice_all`, the sequence HF sees) and the
+probe tells the method which slots it may keep (`vision_valid`), which are `image_newline` slots
 (`vision_forced`: kept and counted in k, the house rule of `select.masked_select`) and how
 many of the stage's static k_s the example keeps (`vision_budget`, `stage_budgets`). Kept
 slots a method marks unseen (`InLLMResult.valid`) stay in the static sequence, masked out, so
