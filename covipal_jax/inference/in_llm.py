@@ -3,10 +3,12 @@
 Letters: B batch, S current sequence length, D width, n_v vision tokens, n current vision
 tokens, k kept at a stage. See `prefill` for the contract between prefill and the methods.
 
-Packed AnyRes / video input (`PruneContext.valid` / `coords` set, `visual_inputs`): the whole
-packed buffer of N = n_v slots is the visual span. Its padding slots are masked out of
-attention and positions (`anyres.mask_invalid_slots`, the sequence HF sees) and the probe tells
-the method which slots it may keep (`vision_valid`), which are `image_newline` slots
+Packed AnyRes / video / multi-image input (`PruneContext.valid` / `coords` set,
+`visual_inputs`): the whole packed buffer of N = n_v slots is the candidate set (several
+images: all images' slots, in P spans separated by text that is never pruned; one top-k over
+all of them, per-example budgets of the example's real tokens). Its padding slots are masked
+out of attention and positions (`visual_inputs.splice_all`, the sequence HF sees) and the
+probe tells the method which slots it may keep (`vision_valid`), which are `image_newline` slots
 (`vision_forced`: kept and counted in k, the house rule of `select.masked_select`) and how
 many of the stage's static k_s the example keeps (`vision_budget`, `stage_budgets`). Kept
 slots a method marks unseen (`InLLMResult.valid`) stay in the static sequence, masked out, so
@@ -118,16 +120,20 @@ def stage_budgets(method: PruningMethod, stages, n_v: int, valid: Array) -> list
     return [example_budget(method.keep if single else k / n_v, k, valid) for _, k in stages]
 
 
-def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, extra):
+def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, extra,
+               spliced=None):
     """In-LLM pruning, stage by stage: returns (h of the last layer, segments, next decode
     position i32[B] in the unpruned numbering, kept source patch indices i32[B, k_last]).
 
     With `renumbers_stages(method)` every stage's sequence is renumbered `cumsum(mask) - 1`
     and its KV segment carries the decode offset n_v - k_s (tokens dropped before it).
 
-    A packed context (`ctx.packed`: AnyRes image / video, one placeholder at image_pos i32[B])
-    runs over the whole packed buffer (module docstring); `kept` is then -1 where the LLM sees
-    no token (padding, beyond the example's budget, or an empty merged slot).
+    A packed context (`ctx.packed`: AnyRes image, video or several images) runs over the whole
+    packed buffer (module docstring); `spliced` is then its unpruned sequence
+    (`visual_inputs.splice_all`: seq, seq_mask, positions, is_vision, vision_index i32[B, N]
+    the sequence index of each slot, ascending; with several images P spans separated by text,
+    which is never a candidate) and `kept` is -1 where the LLM sees no token (padding, beyond
+    the example's budget, or an empty merged slot).
     """
     n_layers = model.cfg.text.num_layers
     b, n_v = ctx.batch, ctx.n_v
@@ -135,10 +141,11 @@ def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, 
     src = jnp.broadcast_to(jnp.arange(n_v, dtype=jnp.int32), (b, n_v))
     packed = ctx.packed
     if packed:
+        if spliced is None:
+            raise ValueError("a packed context needs its spliced sequence "
+                             "(`visual_inputs.splice_all`)")
         valid0 = (jnp.ones((b, n_v), bool) if ctx.valid is None else ctx.valid.astype(bool))
-        h, seq_mask, _, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens, None,
-                                           "contiguous")
-        seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, image_pos, valid0)
+        h, seq_mask, positions, is_vis, vision_index = spliced
         vis_valid = valid0
         vis_forced = (jnp.zeros_like(valid0) if ctx.coords is None
                       else (ctx.coords[..., 0] == anyres.KIND_NEWLINE) & valid0)
@@ -147,8 +154,8 @@ def run_in_llm(model, params, ctx: PruneContext, text, mask, image_pos, method, 
         h, seq_mask, positions, is_vis = mm.splice(text, mask, image_pos, ctx.vision_tokens,
                                                    src, "contiguous", n_v)
         valid0 = vis_valid = vis_forced = budgets = None
+        vision_index = image_pos[:, None] + jnp.arange(n_v, dtype=jnp.int32)[None, :]
     seen0 = jnp.sum(seq_mask, axis=1).astype(jnp.int32)          # tokens of the unpruned prompt
-    vision_index = image_pos[:, None] + jnp.arange(n_v, dtype=jnp.int32)[None, :]
     text_mask = seq_mask & ~is_vis
     h0, vision_index0 = h, vision_index
     next_position = positions[:, -1] + 1

@@ -149,14 +149,17 @@ def prefill_packed(model: Llava, params: Any, visual: Any, ids: Array, mask: Arr
                    rng: Array | None = None) -> PrefillOutput:
     """`prefill` for a packed visual input (`packed_sequence`); `kept` i32[B, k] is -1 where
     the LLM sees no token (padding or beyond the example's budget). In-LLM methods run over
-    the whole packed buffer (`in_llm.run_in_llm` with the packed context)."""
+    the whole packed buffer, all images of a `MultiImage` together (`in_llm.run_in_llm` with
+    the packed context and `visual_inputs.splice_all`); they take the global budget only."""
     if method.where == "in_llm":
-        if isinstance(visual, vi.MultiImage):
-            raise ValueError(f"in-LLM method {method.name!r} on several images per prompt is "
-                             "not supported (one AnyRes image or one video per prompt)")
         ctx, text, pos = vi.packed_context(model, params, visual, ids, mask, method, rng)
-        h, segments, next_position, kept = run_in_llm(model, params, ctx, text, mask, pos,
-                                                      method, extra)
+        if ctx.num_groups > 1:
+            raise ValueError(f"in-LLM method {method.name!r}: budget={visual.budget!r} is not "
+                             'supported inside the LLM; use budget="global" (one top-k over '
+                             "all images / frames)")
+        h, segments, next_position, kept = run_in_llm(
+            model, params, ctx, text, mask, pos, method, extra,
+            spliced=vi.splice_all(model.cfg, visual, ctx, text, mask, pos))
         last = model.apply(params, h[:, -1:], method=Llava.logits)[:, 0]
         return PrefillOutput(last, segments, next_position, kept, None)
     seq, seq_mask, positions, kept, res = packed_sequence(

@@ -173,6 +173,26 @@ def video_coords(batch: int, frames: int, p: int) -> Array:
                             (batch, frames * p * p + 1, 3))
 
 
+def _image_rows(visual: MultiImage) -> tuple[Array, Array]:
+    """A `MultiImage` as B*P AnyRes rows: (pixels f32[B*P, C, H, W, 3], plan i32[B*P, 8])."""
+    b, n_img, c = visual.pixels.shape[:3]
+    return (visual.pixels.reshape(b * n_img, c, *visual.pixels.shape[3:]),
+            jnp.asarray(visual.plan, jnp.int32).reshape(b * n_img, -1))
+
+
+def _join_images(visual: MultiImage, tokens: Array, valid: Array, coords: Array
+                 ) -> tuple[Array, Array, Array]:
+    """Per-image packed buffers (f32[B*P, n1, D], bool[B*P, n1], i32[B*P, n1, 3]) -> one row
+    buffer of N = P*n1 slots; absent images' slots invalid."""
+    b, n_img = visual.image_valid.shape
+    n1 = tokens.shape[1]
+    valid = valid.reshape(b, n_img, n1) & visual.image_valid[:, :, None]
+    valid = valid.reshape(b, n_img * n1)
+    coords = jnp.where(valid[..., None], coords.reshape(b, n_img * n1, 3),
+                       jnp.asarray([anyres.KIND_INVALID, -1, -1], jnp.int32))
+    return tokens.reshape(b, n_img * n1, -1), valid, coords
+
+
 def encode_packed(model: Llava, params: Any, visual: Any) -> tuple[Array, Array, Array]:
     """visual -> (tokens f32[B, N, D], valid bool[B, N], coords i32[B, N, 3])."""
     cfg = model.cfg
@@ -188,17 +208,9 @@ def encode_packed(model: Llava, params: Any, visual: Any) -> tuple[Array, Array,
         p = -(-cfg.vision.grid[0] // 2)
         return vis, jnp.ones((b, n), bool), video_coords(b, visual.frames.shape[1], p)
     if isinstance(visual, MultiImage):
-        b, n_img, c = visual.pixels.shape[:3]
-        tokens, valid, coords = model.apply(
-            params, visual.pixels.reshape(b * n_img, c, *visual.pixels.shape[3:]),
-            visual.plan.reshape(b * n_img, -1), capacity=visual.capacity,
-            method=Llava.encode_anyres)
-        n1 = tokens.shape[1]
-        valid = valid.reshape(b, n_img, n1) & visual.image_valid[:, :, None]
-        valid = valid.reshape(b, n_img * n1)
-        coords = jnp.where(valid[..., None], coords.reshape(b, n_img * n1, 3),
-                           jnp.asarray([anyres.KIND_INVALID, -1, -1], jnp.int32))
-        return tokens.reshape(b, n_img * n1, -1), valid, coords
+        return _join_images(visual, *model.apply(
+            params, *_image_rows(visual), capacity=visual.capacity,
+            method=Llava.encode_anyres))
     raise TypeError(f"not a packed visual input: {type(visual).__name__}")
 
 
@@ -225,9 +237,15 @@ def encode_packed_views(model: Llava, params: Any, visual: Any
         valid, coords = jnp.ones((b, n), bool), video_coords(b, visual.frames.shape[1], p)
         plan, view_valid = None, jnp.ones(visual.frames.shape[:2], bool)
         kind = views_lib.KIND_VIDEO
-    elif isinstance(visual, MultiImage):
-        raise ValueError("per-view pruning (VisionZip) on several images per prompt is not "
-                         "supported; use one image per prompt or another method")
+    elif isinstance(visual, MultiImage):   # every image as an AnyRes row, then joined
+        pixels, plan = _image_rows(visual)
+        tokens, valid, coords, out = model.apply(params, pixels, plan, capacity=visual.capacity,
+                                                 method=Llava.encode_anyres_stats)
+        tokens, valid, coords = _join_images(visual, tokens, valid, coords)
+        n_views = jnp.where(plan[:, 0] > 0, 1 + plan[:, 0] * plan[:, 1], 1)
+        view_valid = jnp.arange(pixels.shape[1])[None, :] < n_views[:, None]
+        view_valid = view_valid & visual.image_valid.reshape(-1)[:, None]
+        kind = views_lib.KIND_ANYRES
     else:
         raise TypeError(f"not a packed visual input: {type(visual).__name__}")
     cls_att = None if out.cls_attention is None else out.cls_attention.sum(axis=2)
@@ -235,13 +253,17 @@ def encode_packed_views(model: Llava, params: Any, visual: Any
                       cls=out.cls, cls_attention=cls_att,
                       attention_received=out.attention_received, plan=plan, kind=kind,
                       grid=cfg.vision.grid[0])
+    if isinstance(visual, MultiImage):
+        stats = views_lib.join_images(stats, visual.max_images)
     return tokens, valid, coords, stats
 
 
 def unsupported_reason(method: PruningMethod) -> str | None:
     """Why `method` cannot prune a packed input (AnyRes image, several images, video), or None:
     it reads tower statistics of one view (CLS attention, keys, ...) and does not prune per
-    view (`per_view = True`, VisionZip)."""
+    view (`per_view = True`, VisionZip: per view, per image of a multi-image prompt). In-LLM
+    methods run on every packed input (one selection over all images / crops / frames;
+    `prefill.prefill_packed`)."""
     missing = sorted(method.needs & _UNSUPPORTED_NEEDS)
     if missing and not getattr(method, "per_view", False):
         return (f"pruning method {method.name!r} reads {missing} of a single view; not "
@@ -307,6 +329,27 @@ def budget_groups(cfg, visual: Any, coords: Array) -> tuple[Array | None, int]:
     f = visual.frames.shape[1]
     p = -(-cfg.vision.grid[0] // 2)
     return jnp.clip(coords[..., 1] // p, 0, f - 1).astype(jnp.int32), f
+
+
+def splice_all(cfg, visual: Any, ctx: PruneContext, text: Array, mask: Array, pos: Array
+               ) -> tuple[Array, Array, Array, Array, Array]:
+    """Every slot of the packed buffer at its placeholder: the unpruned sequence an in-LLM
+    method starts from (`in_llm.run_in_llm`).
+
+    text f32[B, T, D], mask bool[B, T], pos i32[B] or i32[B, P] (`packed_context`). Returns
+    (seq f32[B, L, D], seq_mask bool[B, L] (invalid slots masked out), positions i32[B, L]
+    contiguous over what the LLM sees (HF's sequence), is_vision bool[B, L], vision_index
+    i32[B, N] the sequence index of each slot, ascending), L = T - 1 + N. With several images
+    the slots sit in P spans separated by text (an absent image's slots, all invalid, follow
+    the row's last image).
+    """
+    n = ctx.n_v
+    valid = jnp.ones((ctx.batch, n), bool) if ctx.valid is None else ctx.valid
+    img = jnp.broadcast_to(slot_images(cfg, visual, n)[None], (ctx.batch, n))
+    seq, seq_mask, positions, is_vis = mm.splice_packed(
+        text, mask, pos, image_counts(visual), ctx.vision_tokens, img, valid, "contiguous")
+    vision_index = jnp.argsort(~is_vis, axis=1, stable=True)[:, :n].astype(jnp.int32)
+    return seq, seq_mask, positions, is_vis, vision_index
 
 
 def splice_selected(cfg, visual: Any, ctx: PruneContext, text: Array, mask: Array, pos: Array,

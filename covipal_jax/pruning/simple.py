@@ -139,6 +139,8 @@ def pool_packed(ctx: PruneContext, k: int, keep: float | int) -> PruneResult:
     Views (from `ctx.coords`): the AnyRes base view (g x g), the unpadded (and, for
     OneVision's anyres_max, downsampled) crop map as the LLM sees it (out_h x out_w; crops are
     cut by the unpadding, so the map is pooled as one grid), and each video frame (p x p).
+    Several images per prompt: each image's views on their own, the images sharing the budget
+    in proportion to their sizes.
     The example's budget is the packed one (`select.example_budget(keep, k, valid)`, as
     random / divprune): the newlines are kept, the rest (budget - newlines) is split over the
     views in proportion to their sizes (video: evenly over the frames, the remainder to the
@@ -154,19 +156,31 @@ def pool_packed(ctx: PruneContext, k: int, keep: float | int) -> PruneResult:
     nl = valid & (kind == KIND_NEWLINE)
     m_total = jnp.maximum(budget - jnp.sum(nl, axis=1), 0)[:, None]          # [B, 1]
 
-    def extent(sel):  # (h, w) [B, 1] of the cells where sel
-        h = jnp.max(jnp.where(sel, row, -1), axis=1, keepdims=True) + 1
-        w = jnp.max(jnp.where(sel, col, -1), axis=1, keepdims=True) + 1
-        return h, w
-
     base, grid, frame = (valid & (kind == x) for x in (0, 1, 3))   # anyres / video kinds
-    n_base = jnp.sum(base, axis=1, keepdims=True)
-    n_grid = jnp.sum(grid, axis=1, keepdims=True)
-    m_base = jnp.round(m_total * n_base / jnp.maximum(n_base + n_grid, 1)).astype(jnp.int32)
+    # several images per prompt: image i's base view starts at (0, 0, 0); each image's share
+    # of m_total is in proportion to its size (cumulative rounding: the shares sum to m_total)
+    b, n = valid.shape
+    img = jnp.maximum(jnp.cumsum(base & (row == 0) & (col == 0), axis=1) - 1, 0)
+    rows_b = jnp.arange(b)[:, None]
+
+    def per_image(x, op="add", init=0):  # [B, N] -> per slot: op over the slot's image
+        acc = getattr(jnp.full((b, n), init, jnp.int32).at[rows_b, img], op)(x)
+        return jnp.take_along_axis(acc, img, axis=1)
+
+    def extent(sel):  # (h, w) [B, N] of the cells where sel, in the slot's image
+        return (per_image(jnp.where(sel, row, -1), "max", -1) + 1,
+                per_image(jnp.where(sel, col, -1), "max", -1) + 1)
+
+    size = jnp.zeros((b, n), jnp.int32).at[rows_b, img].add((base | grid).astype(jnp.int32))
+    cum = jnp.cumsum(size, axis=1)
+    share = m_total * cum // jnp.maximum(cum[:, -1:], 1)
+    m_img = jnp.take_along_axis(share - jnp.pad(share[:, :-1], ((0, 0), (1, 0))), img, axis=1)
+    n_base, n_grid = per_image(base.astype(jnp.int32)), per_image(grid.astype(jnp.int32))
+    m_base = jnp.round(m_img * n_base / jnp.maximum(n_base + n_grid, 1)).astype(jnp.int32)
     hb, wb = extent(base)
     hg, wg = extent(grid)
     member = base & pool_member(row, col, hb, wb, m_base)
-    member |= grid & pool_member(row, col, hg, wg, m_total - m_base)
+    member |= grid & pool_member(row, col, hg, wg, m_img - m_base)
     p = jnp.max(jnp.where(frame, col, -1), axis=1, keepdims=True) + 1        # frame side
     p1 = jnp.maximum(p, 1)
     n_frames = jnp.maximum(jnp.sum(frame, axis=1, keepdims=True) // (p1 * p1), 1)

@@ -180,6 +180,9 @@ def visionzip_packed(ctx: PruneContext, keep: float | int, *,
     if views is None:
         raise ValueError("visionzip on AnyRes / video input needs PruneContext.views (the "
                          "per-view tower statistics: `visual_inputs.packed_context`)")
+    if views.images > 1:  # several images per prompt: each image on its own (`per_image`)
+        return vzp.per_image(ctx, lambda c: visionzip_packed(
+            c, keep, project=project, dominant=dominant, contextual=contextual))
     b, c, n, _ = views.features.shape
     k_v = resolve_keep(keep, vzp.view_tokens(views))
     has_cls = views.cls is not None and views.cls_attention is not None

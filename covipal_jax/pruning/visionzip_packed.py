@@ -37,14 +37,23 @@ token points at a real slot: base-view patches their slot, CLS tokens slot 0 (Vi
 and scaled to OneVision's downsampled grid when it is downsampled; a patch in the padding area
 has no slot of its own and takes the nearest), contextual tokens their target patch's slot,
 video patches the pooled cell that holds them.
+
+Several images per prompt (`visual_inputs.MultiImage`, `ViewStats.images` = P > 1): each image
+is one AnyRes input of its own (OneVision: untiled, one view + its newline, when a prompt has
+several), so VisionZip runs per image exactly as above (`per_image`: the B*P images as rows)
+and the images' outputs follow each other in image order, indices into image p's slots
+[p*n1, (p+1)*n1); absent (padding) images contribute nothing (all their tokens invalid).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from covipal_jax.pruning.base import PruneContext, PruneResult
 from covipal_jax.pruning.select import gather_tokens
-from covipal_jax.pruning.views import KIND_ANYRES, ViewStats
+from covipal_jax.pruning.views import KIND_ANYRES, ViewStats, repeat_rows, split_images
 
 Array = jax.Array
 
@@ -136,3 +145,30 @@ def view_tokens(views: ViewStats) -> int:
         return views.grid * views.grid
     p = -(-views.grid // 2)
     return p * p
+
+
+def per_image(ctx: PruneContext, fn: Callable[[PruneContext], PruneResult]) -> PruneResult:
+    """A single-image per-view VisionZip `fn` on several images per row (ctx.views.images =
+    P): every image as its own row (vision tokens f32[B*P, n1, D], `views.split_images`),
+    then the P results side by side: tokens f32[B, P*k1, D], indices i32[B, P*k1] into the
+    row's N = P*n1 slots (image p's offset by p*n1), valid bool[B, P*k1] (False for every
+    token of an absent image); k1 = one image's static output length."""
+    views = ctx.views
+    p, b, n = views.images, ctx.batch, ctx.n_v
+    n1 = n // p
+
+    def rows(x):  # [B, P*m, ...] -> [B*P, m, ...]
+        return None if x is None else x.reshape(b * p, x.shape[1] // p, *x.shape[2:])
+
+    sub = ctx.replace(vision_tokens=rows(ctx.vision_tokens), valid=rows(ctx.valid),
+                      coords=rows(ctx.coords), views=split_images(views), groups=None,
+                      num_groups=0, text_embeds=repeat_rows(ctx.text_embeds, p),
+                      text_mask=repeat_rows(ctx.text_mask, p), rng=None)
+    res = fn(sub)
+    k1 = res.indices.shape[1]
+    offset = (jnp.arange(p, dtype=jnp.int32) * n1)[None, :, None]
+    idx = (res.indices.reshape(b, p, k1) + offset).reshape(b, p * k1)
+    valid = jnp.ones((b * p, k1), bool) if res.valid is None else res.valid
+    valid = (valid.reshape(b, p, k1) & views.image_valid[:, :, None]).reshape(b, p * k1)
+    return PruneResult(tokens=res.tokens.reshape(b, p * k1, res.tokens.shape[-1]),
+                       indices=idx.astype(jnp.int32), scores=None, valid=valid)
