@@ -63,7 +63,7 @@ def test_layer_slices_cached_per_params():
                              unstack_layers=True)
     a = gen.layer_slices(params)
     assert gen.layer_slices(params) is a                        # sliced once
-    assert len(a) == model.cfg.text.num_layers
+    assert len(a.layers) == model.cfg.text.num_layers
     out1 = gen(params, pixels, ids, mask).tokens
     assert gen.layer_slices(params) is a                        # decode reused them
     # New weights (a new stacked array) are sliced again and change the output.
@@ -77,5 +77,14 @@ def test_layer_slices_cached_per_params():
                               unstack_layers=False)(p2, pixels, ids, mask).tokens
     np.testing.assert_array_equal(out2, ref2)
     assert not np.array_equal(out1, out2)
+    # A new LM head alone (same decoder stack) is prepared again too.
+    p3 = jax.tree.map(lambda x: x, p2)
+    lm3 = p3["params"]["language_model"]
+    if "lm_head" in lm3:
+        lm3["lm_head"] = jax.tree.map(lambda x: -x, lm3["lm_head"])
+        assert gen.layer_slices(p3) is not gen.layer_slices(p2)
+        ref3 = decoding.Generator(model, pruning.NoneMethod(), max_new_tokens=5, eos_id=-1,
+                                  unstack_layers=False)(p3, pixels, ids, mask).tokens
+        np.testing.assert_array_equal(gen(p3, pixels, ids, mask).tokens, ref3)
     gen.clear_layer_slices()
     assert gen._sliced is None
