@@ -56,6 +56,31 @@ def test_decode_step_hlo_has_no_cache_transpose():
     assert not bad, bad
 
 
+def test_decode_loop_hlo_has_no_kernel_transpose():
+    """The twin's kernels are stored [*out, *in] and every decoder matmul in the compiled loop
+    contracts the kernel's minor axis, with no per-step transposed copy of a kernel (3-D q/k/v/o
+    kernels given to one dot_general as is were transposed at every step; docs/decode_dots.md)."""
+    model, params = tiny.model_and_params()
+    pixels, ids, mask = tiny.batch()
+    gen = decoding.Generator(model, pruning.NoneMethod(), max_new_tokens=4, eos_id=-1,
+                             unstack_layers=True)
+    state, _ = gen.prefill(params, None, pixels, ids, mask, jax.random.key(0))
+    layers = gen.layer_slices(params)
+    stack = params["params"]["language_model"]["layers"]["stack"]
+    for name, mod in layers.layers[0].items():
+        if "kernel" in mod:   # [1, *out, *in] vs the checkpoint's [L, *in, *out]
+            k, ref = mod["kernel"][0], stack[name]["kernel"][0]
+            n_in = 2 if name == "o" else 1
+            assert k.shape == ref.shape[n_in:] + ref.shape[:n_in], name
+    hlo = gen._decode.lower(params, state, layers).compile().as_text()
+    sizes = {int(np.prod(mod["kernel"].shape)) for mod in layers.layers[0].values()
+             if "kernel" in mod}
+    dims = lambda ln: ln.split("= ")[1].split("{")[0].split("[")[1].split("]")[0]
+    bad = [ln for ln in hlo.splitlines() if (" transpose(" in ln or " copy(" in ln)
+           and int(np.prod([int(d) for d in dims(ln).split(",") if d])) in sizes]
+    assert not bad, bad
+
+
 def test_layer_slices_cached_per_params():
     model, params = tiny.model_and_params()
     pixels, ids, mask = tiny.batch()
