@@ -20,10 +20,11 @@ decoder layers while cached; `gen.clear_layer_slices()` frees it). In that path 
 split once before the loop and restacked once after it. TPU / GPU fuse the slice into the
 matmul, so they keep the stacked scan.
 The prepared weights (`DecodeWeights`) also store every decoder kernel and the LM head
-transposed, [*out, *in] (`LlavaConfig.decoder_kernels="out_in"`, the one-layer twin's layout):
-XLA:CPU's dot with few rows (batch-8 decode: [8, 4096] x [4096, 11008]) reads a kernel whose
-contracted axis is the minor one about 1.7x faster (measured 12.4 vs 20.7 ms for that dot on
-this 2-core CPU; PyTorch's `Linear` uses the same layout).
+transposed, [*out, *in] (`LlavaConfig.decoder_kernels="out_in"`, the one-layer twin's layout,
+`Generator.TWIN_KERNELS`), and the twin's `Dense` runs each as ONE 2-D dot
+[.., in] x [out, in]: XLA:CPU's dot with few rows (batch-8 decode) reads a kernel whose
+contracted axis is the minor one faster, and the 2-D form keeps XLA's dot decomposer from
+transposing the 3-D q/k/v/o kernels at every step (docs/decode_dots.md has the measurements).
 """
 from __future__ import annotations
 

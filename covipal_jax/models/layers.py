@@ -41,7 +41,8 @@ class Dense(nn.Module):
     names (`names`: input axes then output axes) are valid from the start.
     `out_first`: the kernel is stored [*out, *in] (torch's `Linear` layout), the layout of
     the CPU decode twin (`inference.decoding`): XLA:CPU runs a thin dot (few rows, e.g. batch-8
-    decode) about 1.7x faster when the contracted axes are the kernel's minor ones.
+    decode) faster when the contracted axes are the kernel's minor ones; it is run as one
+    2-D dot (a 3-D kernel given as is gets transposed by XLA at every call).
     """
 
     features: tuple[int, ...]
