@@ -113,3 +113,25 @@ def test_layer_slices_cached_per_params():
         np.testing.assert_array_equal(gen(p3, pixels, ids, mask).tokens, ref3)
     gen.clear_layer_slices()
     assert gen._sliced is None
+
+
+
+def test_dense_out_first_matches_in_out():
+    """`Dense(out_first=True)` on the transposed kernel == the checkpoint-layout `Dense`, for
+    one and two contracted axes and several output axes (q: D -> [N, H]; o: [N, H] -> D)."""
+    import flax.linen as nn
+    from covipal_jax.models.layers import dense, kernel_out_first
+    r = jax.random.split(jax.random.key(0), 3)
+    cases = (((3, 4), -1, ("d", "n", "h"), (2, 1, 5)),        # q-like: [D] -> [N, H]
+             (6, (-2, -1), ("n", "h", "d"), (2, 1, 3, 4)))    # o-like: [N, H] -> [D]
+    for feats, axis, names, x_shape in cases:
+        ref = dense(feats, names, axis=axis)
+        x = jax.random.normal(r[0], x_shape)
+        p = nn.unbox(ref.init(r[1], x))["params"]
+        p = {"kernel": p["kernel"], "bias": jax.random.normal(r[2], p["bias"].shape)}
+        n_in = len(axis) if isinstance(axis, tuple) else 1
+        p_of = {"kernel": kernel_out_first(p["kernel"], n_in), "bias": p["bias"]}
+        got = ref.clone(out_first=True).apply({"params": p_of}, x)
+        want = ref.apply({"params": p}, x)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
