@@ -56,6 +56,31 @@ def test_decode_step_hlo_has_no_cache_transpose():
     assert not bad, bad
 
 
+def test_decode_loop_hlo_has_no_kernel_transpose():
+    """The twin's kernels are stored [*out, *in] and every decoder matmul in the compiled loop
+    contracts the kernel's minor axis, with no per-step transposed copy of a kernel (3-D q/k/v/o
+    kernels given to one dot_general as is were transposed at every step; docs/decode_dots.md)."""
+    model, params = tiny.model_and_params()
+    pixels, ids, mask = tiny.batch()
+    gen = decoding.Generator(model, pruning.NoneMethod(), max_new_tokens=4, eos_id=-1,
+                             unstack_layers=True)
+    state, _ = gen.prefill(params, None, pixels, ids, mask, jax.random.key(0))
+    layers = gen.layer_slices(params)
+    stack = params["params"]["language_model"]["layers"]["stack"]
+    for name, mod in layers.layers[0].items():
+        if "kernel" in mod:   # [1, *out, *in] vs the checkpoint's [L, *in, *out]
+            k, ref = mod["kernel"][0], stack[name]["kernel"][0]
+            n_in = 2 if name == "o" else 1
+            assert k.shape == ref.shape[n_in:] + ref.shape[:n_in], name
+    hlo = gen._decode.lower(params, state, layers).compile().as_text()
+    sizes = {int(np.prod(mod["kernel"].shape)) for mod in layers.layers[0].values()
+             if "kernel" in mod}
+    dims = lambda ln: ln.split("= ")[1].split("{")[0].split("[")[1].split("]")[0]
+    bad = [ln for ln in hlo.splitlines() if (" transpose(" in ln or " copy(" in ln)
+           and int(np.prod([int(d) for d in dims(ln).split(",") if d])) in sizes]
+    assert not bad, bad
+
+
 def test_layer_slices_cached_per_params():
     model, params = tiny.model_and_params()
     pixels, ids, mask = tiny.batch()
@@ -63,7 +88,7 @@ def test_layer_slices_cached_per_params():
                              unstack_layers=True)
     a = gen.layer_slices(params)
     assert gen.layer_slices(params) is a                        # sliced once
-    assert len(a) == model.cfg.text.num_layers
+    assert len(a.layers) == model.cfg.text.num_layers
     out1 = gen(params, pixels, ids, mask).tokens
     assert gen.layer_slices(params) is a                        # decode reused them
     # New weights (a new stacked array) are sliced again and change the output.
@@ -77,5 +102,36 @@ def test_layer_slices_cached_per_params():
                               unstack_layers=False)(p2, pixels, ids, mask).tokens
     np.testing.assert_array_equal(out2, ref2)
     assert not np.array_equal(out1, out2)
+    # A new LM head alone (same decoder stack) is prepared again too.
+    p3 = jax.tree.map(lambda x: x, p2)
+    lm3 = p3["params"]["language_model"]
+    if "lm_head" in lm3:
+        lm3["lm_head"] = jax.tree.map(lambda x: -x, lm3["lm_head"])
+        assert gen.layer_slices(p3) is not gen.layer_slices(p2)
+        ref3 = decoding.Generator(model, pruning.NoneMethod(), max_new_tokens=5, eos_id=-1,
+                                  unstack_layers=False)(p3, pixels, ids, mask).tokens
+        np.testing.assert_array_equal(gen(p3, pixels, ids, mask).tokens, ref3)
     gen.clear_layer_slices()
     assert gen._sliced is None
+
+
+
+def test_dense_out_first_matches_in_out():
+    """`Dense(out_first=True)` on the transposed kernel == the checkpoint-layout `Dense`, for
+    one and two contracted axes and several output axes (q: D -> [N, H]; o: [N, H] -> D)."""
+    import flax.linen as nn
+    from covipal_jax.models.layers import dense, kernel_out_first
+    r = jax.random.split(jax.random.key(0), 3)
+    cases = (((3, 4), -1, ("d", "n", "h"), (2, 1, 5)),        # q-like: [D] -> [N, H]
+             (6, (-2, -1), ("n", "h", "d"), (2, 1, 3, 4)))    # o-like: [N, H] -> [D]
+    for feats, axis, names, x_shape in cases:
+        ref = dense(feats, names, axis=axis)
+        x = jax.random.normal(r[0], x_shape)
+        p = nn.unbox(ref.init(r[1], x))["params"]
+        p = {"kernel": p["kernel"], "bias": jax.random.normal(r[2], p["bias"].shape)}
+        n_in = len(axis) if isinstance(axis, tuple) else 1
+        p_of = {"kernel": kernel_out_first(p["kernel"], n_in), "bias": p["bias"]}
+        got = ref.clone(out_first=True).apply({"params": p_of}, x)
+        want = ref.apply({"params": p}, x)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -62,11 +62,12 @@ def test_check_config_ignores_only_runtime_and_input_packing_fields():
     ckpt = H.onevision_cfg()
     given = ckpt.replace(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
                          remat_policy="full", attention_impl=None, attention="chunked",
-                         image_grid_pinpoints=(),
+                         decoder_kernels="out_in", image_grid_pinpoints=(),
                          anyres_max_crops=0, video_token_id=-1)
     check_config(given, ckpt)
     assert set(hf_config.RUNTIME_FIELDS) == {"dtype", "param_dtype", "scan_layers",
-                                             "remat_policy", "attention_impl", "attention"}
+                                             "remat_policy", "attention_impl", "attention",
+                                             "decoder_kernels"}
     assert set(hf_config.INPUT_FIELDS) == {"image_grid_pinpoints", "anyres_max_crops",
                                            "video_token_id"}
     # Every other LlavaConfig field is compared (a new field is compared by default).

@@ -19,6 +19,12 @@ decoder layers while cached; `gen.clear_layer_slices()` frees it). In that path 
 [L, B, S, K, H] cache, so no step slices, rewrites and restacks the stacked cache; it is
 split once before the loop and restacked once after it. TPU / GPU fuse the slice into the
 matmul, so they keep the stacked scan.
+The prepared weights (`DecodeWeights`) also store every decoder kernel and the LM head
+transposed, [*out, *in] (`LlavaConfig.decoder_kernels="out_in"`, the one-layer twin's layout,
+`Generator.TWIN_KERNELS`), and the twin's `Dense` runs each as ONE 2-D dot
+[.., in] x [out, in]: XLA:CPU's dot with few rows (batch-8 decode) reads a kernel whose
+contracted axis is the minor one faster, and the 2-D form keeps XLA's dot decomposer from
+transposing the 3-D q/k/v/o kernels at every step (docs/decode_dots.md has the measurements).
 """
 from __future__ import annotations
 
@@ -33,10 +39,21 @@ import numpy as np
 from covipal_jax.inference import visual_inputs as vi
 from covipal_jax.inference.counted_jit import CountedJit
 from covipal_jax.inference.prefill import PrefillOutput, Segment, prefill
+from covipal_jax.models.layers import kernel_out_first
 from covipal_jax.models.llava import Llava
 from covipal_jax.pruning.base import PruningMethod
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class DecodeWeights:
+    """The CPU decode path's weights, prepared once per params (`Generator.layer_slices`):
+    layers: per decoder layer its `layers/stack` leaves cut to [1, ...], every kernel stored
+    [*out, *in]; lm_head f32[V, D] (the untied LM head kernel transposed) or None (tied)."""
+
+    layers: tuple
+    lm_head: Array | None = None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -106,6 +123,10 @@ class Generator:
     each has compiled.
     """
 
+    # The decode twin's kernel layout (`LlavaConfig.decoder_kernels`): "out_in" on the CPU
+    # decode path (see the module docstring); "in_out" keeps the checkpoint layout (A/B timing).
+    TWIN_KERNELS = "out_in"
+
     def __init__(self, model: Llava, method: PruningMethod, *, max_new_tokens: int,
                  eos_id: int, pad_id: int = 0, sampling: Sampling = Sampling(),
                  extra_stop_ids: tuple[int, ...] = (), unstack_layers: bool | None = None):
@@ -122,8 +143,10 @@ class Generator:
             unstack_layers = jax.default_backend() == "cpu"
         self.unstack_layers = bool(unstack_layers)
         text = model.cfg.text
-        # A one-layer twin of the model: runs one slice of the stacked decoder weights.
-        self._one_layer = Llava(model.cfg.replace(text=dataclasses.replace(text, num_layers=1)))
+        # A one-layer twin of the model: runs one slice of the stacked decoder weights, its
+        # kernels stored as `TWIN_KERNELS` says (`DecodeWeights`).
+        self._one_layer = Llava(model.cfg.replace(
+            text=dataclasses.replace(text, num_layers=1), decoder_kernels=self.TWIN_KERNELS))
         self.prefill = CountedJit(self.prefill_fn)
         self.decode_step = CountedJit(self.decode_step_fn, donate_argnums=(1,))
         self._decode = CountedJit(self._loop, donate_argnums=(1,))
@@ -166,24 +189,41 @@ class Generator:
                             out.next_position.astype(jnp.int32), out.segments, rng)
         return state, out.kept
 
-    def _layer_stacks(self, params) -> tuple:
-        """Per decoder layer: `language_model/layers/stack` cut to that layer ([1, ...] leaves,
-        the params of `self._one_layer`'s stack)."""
-        stack = params["params"]["language_model"]["layers"]["stack"]
-        return tuple(jax.tree.map(lambda a, i=i: a[i:i + 1], stack)
-                     for i in range(self.model.cfg.text.num_layers))
+    def _layer_stacks(self, params) -> DecodeWeights:
+        """`DecodeWeights` of `params`: per decoder layer `language_model/layers/stack` cut to
+        that layer ([1, ...] leaves, the params of `self._one_layer`'s stack) with its kernels
+        stored [*out, *in]; the untied LM head transposed."""
+        lm = params["params"]["language_model"]
+        transpose = self.TWIN_KERNELS == "out_in"
+
+        def out_first(path, a):
+            keys = [getattr(k, "key", None) for k in path]
+            if keys[-1] != "kernel" or not transpose:
+                return a
+            return kernel_out_first(a, 2 if keys[-2] == "o" else 1, lead=1)
+
+        stack = jax.tree_util.tree_map_with_path(out_first, lm["layers"]["stack"])
+        layers = tuple(jax.tree.map(lambda a, i=i: a[i:i + 1], stack)
+                       for i in range(self.model.cfg.text.num_layers))
+        head = lm["lm_head"]["kernel"].T if transpose and "lm_head" in lm else None
+        return DecodeWeights(layers, head)
 
     @staticmethod
-    def _with_layer(params, stack) -> dict:
-        """`params` with the stacked decoder weights replaced by one layer's `stack`."""
+    def _with_layer(params, stack, lm_head=None) -> dict:
+        """`params` with the stacked decoder weights replaced by one layer's `stack` (and the
+        LM head kernel by `lm_head` when given)."""
         inner = params["params"]
         lm = {**inner["language_model"], "layers": {"stack": stack}}
+        if lm_head is not None:
+            lm["lm_head"] = {**lm["lm_head"], "kernel": lm_head}
         return {**params, "params": {**inner, "language_model": lm}}
 
-    def layer_slices(self, params) -> tuple:
-        """The per-layer weight slices of `params` (see the module docstring), computed once
-        and cached while the stacked weight arrays are the same objects."""
-        leaves = jax.tree.leaves(params["params"]["language_model"]["layers"]["stack"])
+    def layer_slices(self, params) -> DecodeWeights:
+        """The prepared decode weights of `params` (per-layer slices, kernels [*out, *in]; see
+        the module docstring), computed once and cached while the stacked weight arrays (and
+        the LM head) are the same objects."""
+        lm = params["params"]["language_model"]
+        leaves = jax.tree.leaves((lm["layers"]["stack"], lm.get("lm_head")))
         if self._sliced is not None and len(self._sliced[0]) == len(leaves) and all(
                 a is b for a, b in zip(self._sliced[0], leaves)):
             return self._sliced[1]
@@ -193,7 +233,7 @@ class Generator:
         return slices
 
     def clear_layer_slices(self) -> None:
-        """Drop the cached per-layer weight slices (one copy of the decoder layers)."""
+        """Drop the cached decode weights (one copy of the decoder layers and LM head)."""
         self._sliced = None
 
     def _run_segment(self, params, layers, x, seg: Segment, **kw):
@@ -208,12 +248,12 @@ class Generator:
         caches = seg.cache if per_layer else _split_cache(seg.cache)
         out = []
         for i in range(seg.start, seg.stop):
-            x, c = self._one_layer.apply(self._with_layer(params, layers[i]), x,
+            x, c = self._one_layer.apply(self._with_layer(params, layers.layers[i]), x,
                                          method=Llava.run, cache=caches[i - seg.start], **kw)
             out.append(c)
         return x, (tuple(out) if per_layer else _stack_cache(out))
 
-    def decode_step_fn(self, params, state: DecodeState, layers: tuple | None = None
+    def decode_step_fn(self, params, state: DecodeState, layers: DecodeWeights | None = None
                        ) -> DecodeState:
         """Feed token step-1, emit token `step` (`layers`: per-layer weight slices, see
         `layer_slices`; the segments' caches may then be per-layer tuples, see `_loop`)."""
@@ -230,7 +270,12 @@ class Generator:
             x, cache = self._run_segment(params, layers, x, seg, positions=pos - seg.offset,
                                          key_valid=key_valid, cache_index=idx)
             segments.append(seg.replace(cache=cache, key_valid=key_valid))
-        logits = model.apply(params, x, method=Llava.logits)[:, 0]
+        if layers is None:
+            logits = model.apply(params, x, method=Llava.logits)[:, 0]
+        else:
+            logits = self._one_layer.apply(self._with_layer(params, layers.layers[0],
+                                                            layers.lm_head),
+                                           x, method=Llava.logits)[:, 0]
         rng, r = jax.random.split(state.rng)
         tok = sample(logits, r, self.sampling)
         tok = jnp.where(state.done, self.pad_id, tok)
@@ -238,7 +283,7 @@ class Generator:
         done = state.done | self._is_stop(tok)
         return DecodeState(tokens, done, t + 1, state.position + 1, tuple(segments), rng)
 
-    def _loop(self, params, state: DecodeState, layers: tuple | None = None) -> DecodeState:
+    def _loop(self, params, state: DecodeState, layers: DecodeWeights | None = None) -> DecodeState:
         """The on-device loop. With `layers` (per-layer weight slices) the loop carries one
         cache buffer per layer: split once here, restacked once after the loop."""
         cond = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
@@ -250,7 +295,7 @@ class Generator:
         return out.replace(segments=tuple(seg.replace(cache=_stack_cache(seg.cache))
                                           for seg in out.segments))
 
-    def decode(self, params, state: DecodeState, layers: tuple | None = None) -> DecodeState:
+    def decode(self, params, state: DecodeState, layers: DecodeWeights | None = None) -> DecodeState:
         """The jitted on-device loop until every row stopped or M tokens (`state` is donated).
         On the unstacked path the layer weight slices are `layers` or `layer_slices(params)`
         (cached: sliced once per params, not per call)."""

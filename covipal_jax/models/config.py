@@ -133,11 +133,17 @@ class LlavaConfig:
     # "xla" | "chunked" | "splash" | "cudnn". A non-default `attention_impl` ("cudnn" / None)
     # still applies while this is "auto".
     attention: str = "auto"
+    # Decoder kernel layout: "in_out" ([*in, *out], checkpoints and training) | "out_in" (the
+    # same parameters transposed, [*out, *in]: the CPU decode twin, `inference.decoding`).
+    decoder_kernels: str = "in_out"
 
     def __post_init__(self):
         from covipal_jax.models.attention import IMPLS
         if self.attention not in IMPLS:
             raise ValueError(f"model.attention must be one of {IMPLS}, got {self.attention!r}")
+        if self.decoder_kernels not in ("in_out", "out_in"):
+            raise ValueError(f'model.decoder_kernels must be "in_out" | "out_in", got '
+                             f'{self.decoder_kernels!r}')
         pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
         object.__setattr__(self, "image_grid_pinpoints", pins)  # hashable under jit
         s = self.vision.image_size
@@ -182,7 +188,7 @@ class LlavaConfig:
         d = self.to_dict()
         for k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
                   "image_grid_pinpoints", "anyres_max_crops", "video_token_id",  # no params
-                  "attention"):
+                  "attention", "decoder_kernels"):   # (a layout of the same parameters)
             d.pop(k)
         d["vision"].pop("layer_norm_eps")
         d["text"].pop("rms_norm_eps")

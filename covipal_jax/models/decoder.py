@@ -36,11 +36,14 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "auto"  # see `attention.IMPLS`
+    out_first: bool = False   # kernels stored [*out, *in] (`layers.Dense.out_first`)
 
     def setup(self):
-        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.input_norm = RMSNorm(c.rms_norm_eps, **kw)
-        self.post_attn_norm = RMSNorm(c.rms_norm_eps, **kw)
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, out_first=self.out_first)
+        self.input_norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.post_attn_norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype,
+                                      param_dtype=self.param_dtype)
         self.q = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"),
                        use_bias=c.qkv_bias, **kw)
         self.k = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
@@ -123,7 +126,9 @@ class Decoder(nn.Module):
         self.embed = nn.Embed(
             t.vocab_size, t.hidden_size, embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
-        layer = lambda: DecoderLayer(t, attention=attention_backend(c), **kw, parent=None)
+        out_first = c.decoder_kernels == "out_in"
+        layer = lambda: DecoderLayer(t, attention=attention_backend(c), out_first=out_first,
+                                     **kw, parent=None)
         self.layers = LayerStack(
             make_layer=layer, num_layers=t.num_layers,
             init_args=lambda: ((jnp.zeros((1, 1, t.hidden_size), c.compute_dtype), None),
@@ -132,7 +137,8 @@ class Decoder(nn.Module):
             scan=c.scan_layers, remat=c.remat_policy)
         self.final_norm = RMSNorm(t.rms_norm_eps, **kw)
         if not t.tie_word_embeddings:
-            self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+            self.lm_head = dense(t.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 out_first=out_first, **kw)
 
     # -- pieces -------------------------------------------------------------------------------
 

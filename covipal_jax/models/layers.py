@@ -11,6 +11,7 @@ stage-1 target (stop at the guide layer) need; the on-disk layout never changes.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -38,6 +39,10 @@ class Dense(nn.Module):
 
     Like `nn.DenseGeneral`, but the kernel is created in its real shape, so its logical axis
     names (`names`: input axes then output axes) are valid from the start.
+    `out_first`: the kernel is stored [*out, *in] (torch's `Linear` layout), the layout of
+    the CPU decode twin (`inference.decoding`): XLA:CPU runs a thin dot (few rows, e.g. batch-8
+    decode) faster when the contracted axes are the kernel's minor ones; it is run as one
+    2-D dot (a 3-D kernel given as is gets transposed by XLA at every call).
     """
 
     features: tuple[int, ...]
@@ -46,15 +51,31 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    out_first: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        in_shape = x.shape[x.ndim - self.n_in:]
-        kernel = self.param("kernel", kernel_init(self.names),
-                            tuple(in_shape) + tuple(self.features), self.param_dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                (contract, ((), ())))
+        in_shape = tuple(x.shape[x.ndim - self.n_in:])
+        n_out = len(self.features)
+        if self.out_first:
+            names = self.names[self.n_in:] + self.names[:self.n_in]
+            shape, k_axes = tuple(self.features) + in_shape, range(n_out, n_out + self.n_in)
+        else:
+            names, shape, k_axes = self.names, in_shape + tuple(self.features), range(self.n_in)
+        kernel = self.param("kernel", kernel_init(names), shape, self.param_dtype)
+        if self.out_first:
+            # One 2-D dot [.., in] x [out, in]: a kernel with 2+ out or in axes (q/k/v/o) given
+            # as is is canonicalized by XLA's dot decomposer to [in, out], a full transposed copy
+            # of the kernel at every call (every decode step; docs/decode_dots.md).
+            lead = x.shape[:x.ndim - self.n_in]
+            x2 = x.reshape(lead + (math.prod(in_shape),)).astype(self.dtype)
+            k2 = kernel.reshape(math.prod(self.features), math.prod(in_shape))
+            y = jax.lax.dot_general(x2, k2.astype(self.dtype), (((x2.ndim - 1,), (1,)), ((), ())))
+            y = y.reshape(lead + tuple(self.features))
+        else:
+            contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(k_axes))
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                    (contract, ((), ())))
         if self.use_bias:
             out_names = self.names[len(self.names) - len(self.features):]
             bias = self.param("bias", zeros_init(out_names), tuple(self.features),
@@ -64,12 +85,18 @@ class Dense(nn.Module):
 
 
 def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32,
-          param_dtype=jnp.float32, name=None) -> Dense:
+          param_dtype=jnp.float32, name=None, out_first=False) -> Dense:
     """A `Dense` with logical names; `axis=(-2, -1)` contracts two input axes (heads, dim)."""
     out = tuple(features) if isinstance(features, tuple) else (features,)
     n_in = len(axis) if isinstance(axis, tuple) else 1
     return Dense(out, tuple(names), n_in=n_in, use_bias=use_bias, dtype=dtype,
-                 param_dtype=param_dtype, name=name)
+                 param_dtype=param_dtype, name=name, out_first=out_first)
+
+
+def kernel_out_first(kernel: Array, n_in: int, lead: int = 0) -> Array:
+    """A `Dense` kernel [*lead, *in, *out] -> [*lead, *out, *in] (`Dense.out_first`)."""
+    axes = tuple(range(kernel.ndim))
+    return jnp.transpose(kernel, axes[:lead] + axes[lead + n_in:] + axes[lead:lead + n_in])
 
 
 # ----------------------------------------------------------------------------- norms, acts

@@ -29,7 +29,7 @@ from covipal_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 CONFIG_FILE = "config.json"
 # LlavaConfig fields that choose how (not what) the model computes: never checked.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                  "attention")
+                  "attention", "decoder_kernels")
 # How images and videos are packed into the sequence (AnyRes tiling, `anyres_max_N`, the video
 # placeholder): read from config.json (`models.anyres.hf_fields`) when no config is given, else
 # the given config's choice (e.g. `configs/llava_ov_7b.py:anyres=0`, one base crop). Not part
