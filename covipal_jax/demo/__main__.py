@@ -42,10 +42,11 @@ _STOP_AFTER = flags.DEFINE_enum("stop_after", None, ["data", "pretrain", "ppm", 
 
 
 # The demo compiles ~60 small programs (pretraining step, PPM stages, PDrop* step, the sweep's
-# 46 prefill programs): without XLA:CPU's fusion emitters they compile ~2x faster and run as fast
-# (measured on the pretraining step, both compiled in one process and timed interleaved: 1.90 vs
-# 1.89 s/step on the loaded 2-core machine; compile 28 vs 70 s). `--xla_backend_optimization_level=0`
-# compiles faster still but makes the pretraining steps 2x slower. A caller's XLA_FLAGS win.
+# 46 prefill programs): without XLA:CPU's fusion emitters they compile ~2x faster and run as
+# fast (measured on the pretraining step, both compiled in one process and timed interleaved:
+# 1.90 vs 1.89 s/step on the loaded 2-core machine; compile 28 vs 70 s).
+# `--xla_backend_optimization_level=0` compiles faster still but makes the pretraining steps 2x
+# slower. A caller's XLA_FLAGS win.
 DEMO_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 QUICK_XLA_FLAGS = DEMO_XLA_FLAGS  # the name earlier callers import
 
