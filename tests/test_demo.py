@@ -23,7 +23,7 @@ STAR = "pdrop_star"        # PDrop*: the LLaVA fine-tuned with PyramidDrop on, s
 
 def _run_quick(workdir, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    # The demo's own --quick XLA flags, not conftest's (whose optimization level 0 makes the
+    # The demo's own XLA flags (`__main__.DEMO_XLA_FLAGS`), not conftest's (whose optimization level 0 makes the
     # pretraining steps 2x slower).
     env.pop("XLA_FLAGS", None)
     res = subprocess.run([sys.executable, "-m", "covipal_jax.demo", "--workdir", str(workdir),

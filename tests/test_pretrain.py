@@ -104,3 +104,17 @@ def test_short_run_lowers_the_loss_and_stops_at_the_target():
     assert last < first
     # The caller's params are not donated away.
     jax.tree.map(np.asarray, params)
+
+
+def test_trim_padding_keeps_the_loss():
+    model, params = tiny.model_and_params()
+    data, _ = _data(8, max_len=40)       # every row left-padded well below 40 tokens
+    trimmed = data.trim_padding()
+    n = int(data.mask.sum(axis=1).max())
+    assert trimmed.ids.shape == (8, n) and trimmed.mask[:, 0].any()
+    np.testing.assert_array_equal(trimmed.ids, data.ids[:, -n:])
+    assert trimmed.trim_padding() is trimmed
+    proc = loading.default_processor(model.cfg)
+    full, short = P.batch_at(data, 0, 4, 0, proc), P.batch_at(trimmed, 0, 4, 0, proc)
+    assert float(P.answer_loss(model, params, short)[0]) == pytest.approx(
+        float(P.answer_loss(model, params, full)[0]), rel=1e-5)

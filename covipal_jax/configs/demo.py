@@ -1,8 +1,9 @@
 """The main job (`python -m covipal_jax.demo --workdir DIR`): a tiny LLaVA trained from scratch on
 the synthetic VQA set, its PPM (stages 1 and 2), and the pruning sweep on the held-out split.
 
-Sizes are chosen for 2 CPU cores and 15 minutes in all; `--quick` merges `config.quick` (per-section
-overrides) for a reduced run (tests). See `covipal_jax/demo/lib.py` for what each stage does.
+Sizes are chosen for 2 CPU cores (target: 20 minutes in all; the README states the measured
+time); `--quick` merges `config.quick` (per-section overrides) for a reduced run (tests). See
+`covipal_jax/demo/lib.py` for what each stage does.
 Args: `image=64` (or 96: 144 vision tokens), `patch=8`.
 """
 from covipal_jax.configs import common

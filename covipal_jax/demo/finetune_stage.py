@@ -30,7 +30,9 @@ LABEL = "pdrop*"      # its display name in the table and the plot
 
 
 def train_set(config: Any, data_dir: str, tok) -> Any:
-    """The multi-turn training sequences of step 2 (`pretrain.EncodedSet`)."""
+    """The multi-turn training sequences of step 2 (`pretrain.EncodedSet`), without the
+    columns that are padding in every row (`EncodedSet.trim_padding`: same loss, shorter
+    step)."""
     from covipal_jax.data.synthetic import scene_qa
     from covipal_jax.train import pretrain as pt
 
@@ -45,7 +47,7 @@ def train_set(config: Any, data_dir: str, tok) -> Any:
     return pt.EncodedSet(train["images"][keep], np.stack([r["ids"] for r in rows]),
                          np.stack([r["mask"] for r in rows]),
                          np.stack([r["loss_mask"] for r in rows]),
-                         np.ones(len(rows), np.float32))
+                         np.ones(len(rows), np.float32)).trim_padding()
 
 
 def star_method(config: Any):

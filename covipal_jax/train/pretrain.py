@@ -78,6 +78,21 @@ class EncodedSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def trim_padding(self) -> "EncodedSet":
+        """The same set without the leading columns that are padding in every row.
+
+        Rows are left-padded and positions come from `cumsum(mask)` (`multimodal.splice`), so
+        dropping all-padding columns leaves every loss term unchanged (up to float summation
+        order) while the step runs on a shorter sequence: the demo's multi-turn rows fill at
+        most 68 of `train_max_len` = 84 tokens (L = 131 instead of 147, ~9% per step).
+        """
+        used = self.mask.any(axis=0)
+        first = int(np.argmax(used)) if used.any() else self.ids.shape[1] - 1
+        if first == 0:
+            return self
+        return EncodedSet(self.images, self.ids[:, first:], self.mask[:, first:],
+                          self.loss_mask[:, first:], self.weight)
+
 
 def encode_set(images: np.ndarray, questions: Sequence[str], answers: Sequence[str], *,
                tokenizer: text_lib.Tokenizer, template: str, max_len: int) -> EncodedSet:
