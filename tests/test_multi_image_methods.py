@@ -10,7 +10,6 @@ bucket, text bucket, k). VisionZip: the official LLaVA-NeXT rule applied to each
 own (the torch port of tests/test_pruning_visionzip_packed.py)."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import types
 
@@ -31,7 +30,8 @@ from covipal_jax.models import multimodal as mm
 from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava, init_params
 from covipal_jax.pruning import views as views_lib
-from covipal_jax.pruning.base import InLLMResult
+from test_multi_image import _prompt as multi_prompt
+from test_prune_packed_inllm import _recording   # log: (probe, k, result) per stage
 from test_pruning_visionzip_packed import official_sequence
 
 # Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
@@ -60,14 +60,7 @@ def _multi(name="ov", rows=ROWS, seed=0, **kw):
 
 def _prompt(counts=(2, 1), t=16, seed=0, name="ov"):
     """Left-padded row 0; placeholders at 3, 5, ... with text between them."""
-    token = _model(name)[0].image_token_id
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(10, 100, (len(counts), t)).astype(np.int32)
-    mask = np.ones(ids.shape, bool)
-    mask[0, :2], ids[0, :2] = False, 0
-    for b, c in enumerate(counts):
-        ids[b, 3:3 + 2 * c:2] = token
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return multi_prompt(counts, t, _model(name)[0].image_token_id, seed)
 
 
 def _row(vis, ids, mask, b):
@@ -83,20 +76,6 @@ METHODS = {
 }
 
 
-def _recording(method):
-    """The method, recording (probe, k, result) per stage (trace prefill once with it)."""
-    log = []
-
-    @dataclasses.dataclass(frozen=True, kw_only=True)
-    class Rec(type(method)):
-        def select_in_llm(self, probe, k, stage):
-            res = super().select_in_llm(probe, k, stage)
-            log.append((k, res if isinstance(res, InLLMResult) else InLLMResult(res)))
-            return res
-
-    return Rec(**{f.name: getattr(method, f.name) for f in dataclasses.fields(method)}), log
-
-
 @functools.lru_cache(maxsize=None)
 def _traced(name):
     """(out, ctx, [(k, stage record)]) of the jitted prefill of METHODS[name] on the 2+1 batch."""
@@ -109,17 +88,17 @@ def _traced(name):
         ctx, _, _ = vi.packed_context(model, p, v, i, m, rec)
         stages = [dict(kept=r.kept, ok=r.valid,
                        merged=None if r.merged is None else r.merged_valid,
-                       mpos=r.merged_positions) for _, r in log]
+                       mpos=r.merged_positions) for *_, r in log]
         return out, ctx, stages
 
     out, ctx, stages = jax.jit(f)(params, vis, ids, mask)
-    return out, ctx, list(zip([k for k, _ in log], stages))
+    return out, ctx, list(zip([k for _, k, _ in log], stages))
 
 
 def _walk(log, n):
     """Per stage: (src i32[B, n_s] source slot of each current token, seen bool[B, n_s])."""
     src, seen, out = np.broadcast_to(np.arange(n), (2, n)), np.ones((2, n), bool), []
-    for _, rec in log:
+    for *_, rec in log:
         kept = np.asarray(rec["kept"])
         ok = np.ones(kept.shape, bool) if rec["ok"] is None else np.asarray(rec["ok"])
         nsrc = np.take_along_axis(src, kept, 1)
@@ -244,11 +223,11 @@ def test_cached_prefill_and_decode_equal_masked_reference(name):
 
     def f(p, v, i, m):
         out = P.prefill(model, p, v, i, m, rec, extra=2)
-        return out, [(r.kept, r.valid) for _, r in log]
+        return out, [(r.kept, r.valid) for *_, r in log]
 
     out, stages = jax.jit(f)(params, vis, ids, mask)
     log = [(k, dict(kept=np.asarray(kept), ok=None if ok is None else np.asarray(ok),
-                    merged=None, mpos=None)) for (k, _), (kept, ok) in zip(log, stages)]
+                    merged=None, mpos=None)) for (_, k, _), (kept, ok) in zip(log, stages)]
     ref = _masked_reference(method, log, jnp.zeros((2, 0), jnp.int32))
     assert float(np.max(np.abs(np.asarray(out.last_logits) - ref))) <= 1e-4
     if name in ("fastv", "pdrop"):      # keep-positions and renumbering: decode steps too
