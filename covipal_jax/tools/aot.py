@@ -158,8 +158,8 @@ def build_step(req: Request, config, cfg, mesh, rules) -> Step:
         spec = pruning.from_config(_pruning(config, req))
         ppm_vars, pcfg = None, None
         if spec.trainable:  # abstract PPM variables (the method value carries its config)
-            # A packed input: a PPM whose position table spans the packed length N (what a
-            # PPM trained for that bucket would be; the layout-aware PPM is not done).
+            # Over the packed length N (a layout PPM runs on any N; a table PPM's table
+            # spans N, what a PPM trained for that bucket would be).
             _, pcfg, ppm_vars = _ppm_pieces(config, cfg, mesh, rules,
                                             n_v=num_visual_tokens(req.visual, cfg))
             spec = dc.replace(spec, ppm=pcfg)
@@ -361,10 +361,10 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
 
 def _report_header(req, config, cfg, topology, gen, shape, n) -> dict:
     """The fields of a report that describe the step (not its compiled sizes)."""
-    from covipal_jax import sharding as sh
+    from covipal_jax import pruning, sharding as sh
 
     k = _kept(req, config, cfg)
-    with_ppm = req.mode == "train_ppm" or (_pruning(config, req).method == "ppm"
+    with_ppm = req.mode == "train_ppm" or (pruning.get(_pruning(config, req).method).trainable
                                            and k < num_visual_tokens(req.visual, cfg))
     return dict(
         topology=resolve_topology(topology)[0], chip=gen, devices=n,

@@ -51,8 +51,8 @@ def format_report(r: dict) -> str:
             f"  input {r.get('visual', 'image')}; attention {att['config']}: decoder prefill "
             f"{d['impl']} ({d['why']}; {d['queries']} queries x {d['keys']} keys), vision "
             f"tower {v['impl']} ({v['why']})"
-            + (f", PPM {att['ppm']['impl']} ({att['ppm']['queries']} queries x "
-               f"{att['ppm']['keys']} keys)" if "ppm" in att else "")
+            + (f", PPM {p['impl']} ({p['queries']} queries x {p['keys']} keys)"
+               if (p := att.get("ppm")) else "")
             + f"; Pallas tpu_custom_calls in the program: {att.get('tpu_custom_calls', '?')}")
     if r.get("compiler_error"):
         lines.append(f"  compiler: {r['compiler_error']}")
@@ -113,7 +113,7 @@ def long_table(reports: list[dict]) -> str:
         b, att = r["bytes"], r.get("attention") or {}
         dec = att.get("decoder_prefill", {}).get("impl", "?")
         tower = att.get("vision_tower", {}).get("impl", "?")
-        ppm = att.get("ppm", {}).get("impl", "–" if r.get("method") != "ppm" else "?")
+        ppm = (att.get("ppm") or {}).get("impl", "–")     # no PPM in the step (or an old report)
         calls = att.get("tpu_custom_calls", "?")
         est = f"{r['est_step_s'] * 1e3:.0f}" if "est_step_s" in r else "–"
         fits = "yes" if r["fits"] else ("NO (compiler: RESOURCE_EXHAUSTED)"
