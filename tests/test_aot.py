@@ -197,3 +197,8 @@ def test_fitting_batch():
     assert state_lib.data_parallelism(mesh) == 8
     assert [state_lib.fitting_batch(b, mesh) for b in (1, 8, 9, 16)] == [8, 8, 16, 16]
     assert state_lib.fitting_batch(8, mesh, hosts=3) == 24
+    # the trainers' batch check (PPM Trainer and PDrop* FinetuneTrainer share it)
+    assert state_lib.batch_geometry(mesh, 16, 2, max_len=20, n_v=64) == (16, 83)
+    for batch, hosts in ((12, 1), (8, 3)):
+        with pytest.raises(ValueError, match="must be divisible by the data x fsdp"):
+            state_lib.batch_geometry(mesh, batch, hosts, max_len=20, n_v=64)

@@ -26,6 +26,7 @@ from covipal_jax.inference import loading
 from covipal_jax.train import checkpoint as ckpt_lib
 from covipal_jax.train import finetune
 from covipal_jax.train import loop
+from covipal_jax.train import state as state_lib
 
 EXPORT_DIR = "llava"
 # Files of a checkpoint / tokenizer directory that are not the weights or the model config.
@@ -55,13 +56,8 @@ class FinetuneTrainer(loop.Trainer):
             self.frozen = cast(frozen, jnp.dtype(self.t.frozen_dtype), self.frozen_sh)
             self._trainable = cast(trainable, jnp.float32, self._trainable_sh)
         self.max_queries = int(self.t.get("max_queries", finetune.MAX_QUERIES))
-        data_axes = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        gb = int(self.t.batch_size)
-        if gb % data_axes or gb % self.pc:
-            raise ValueError(f"train.batch_size={gb} must be divisible by the data x fsdp mesh "
-                             f"axes ({data_axes}) and the number of hosts ({self.pc})")
-        self.global_batch = gb
-        self.seq_len = int(config.data.max_len) - 1 + self.cfg.num_vision_tokens
+        self.global_batch, self.seq_len = state_lib.batch_geometry(
+            self.mesh, self.t.batch_size, self.pc, config.data.max_len, self.cfg.num_vision_tokens)
         n_v, n_layers = self.cfg.num_vision_tokens, self.cfg.text.num_layers
         self.expected_meta = {
             "base_model": self.cfg.architecture_dict(),

@@ -153,13 +153,8 @@ class Trainer:
         self.pcfg = ppm_io.ppm_config(config, self.cfg)
         self.ppm = PPM(self.pcfg)
         self.deterministic = float(self.pcfg.dropout) == 0.0
-        data_axes = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        gb = int(self.t.batch_size)
-        if gb % data_axes or gb % self.pc:
-            raise ValueError(f"train.batch_size={gb} must be divisible by the data x fsdp mesh "
-                             f"axes ({data_axes}) and the number of hosts ({self.pc})")
-        self.global_batch = gb
-        self.seq_len = int(config.data.max_len) - 1 + self.cfg.num_vision_tokens
+        self.global_batch, self.seq_len = state_lib.batch_geometry(
+            self.mesh, self.t.batch_size, self.pc, config.data.max_len, self.cfg.num_vision_tokens)
         self.expected_meta = {"base_model": self.cfg.architecture_dict(),
                               "ppm": dataclasses.asdict(self.pcfg)}
         self.ckpt = ckpt_lib.Checkpointer(self._dir / "checkpoints",

@@ -136,6 +136,16 @@ def data_parallelism(mesh) -> int:
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
+def batch_geometry(mesh, batch_size: int, hosts: int, max_len: int, n_v: int) -> tuple[int, int]:
+    """(global batch, training sequence length = text max_len - 1 + n_v vision tokens); the
+    batch must split over the mesh's data x fsdp axes and over the hosts."""
+    dp, gb = data_parallelism(mesh), int(batch_size)
+    if gb % dp or gb % hosts:
+        raise ValueError(f"train.batch_size={gb} must be divisible by the data x fsdp mesh "
+                         f"axes ({dp}) and the number of hosts ({hosts})")
+    return gb, int(max_len) - 1 + n_v
+
+
 def fitting_batch(batch: int, mesh, hosts: int = 1) -> int:
     """The smallest batch >= `batch` divisible by the mesh's data x fsdp axes and `hosts`."""
     import math
