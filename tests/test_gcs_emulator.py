@@ -68,7 +68,11 @@ def _cmd(workdir: str) -> list[str]:
 def _fs(env: dict):
     import gcsfs
 
-    return gcsfs.GCSFileSystem(endpoint_url=env["STORAGE_EMULATOR_HOST"], token="anon")
+    # A request timeout (gcsfs retries a timed-out request): the emulator serves one
+    # connection at a time, and a request caught by the SIGKILL of the trainer once left this
+    # client waiting forever (a slow-step run hung here at `_checkpoints`).
+    return gcsfs.GCSFileSystem(endpoint_url=env["STORAGE_EMULATOR_HOST"], token="anon",
+                               requests_timeout=5, skip_instance_cache=True)
 
 
 def _checkpoints(fs) -> list[int]:
