@@ -31,7 +31,7 @@ from covipal_jax.models.config import LlavaConfig
 from covipal_jax.models.llava import Llava, init_params
 from covipal_jax.pruning import views as views_lib
 from test_multi_image import _prompt as multi_prompt
-from test_prune_packed_inllm import _recording   # log: (probe, k, result) per stage
+from test_prune_packed_inllm import _recording, run_masked  # log: (probe, k, result)
 from test_pruning_visionzip_packed import official_sequence
 
 # Compile-heavy (tiny models, many programs): run in the CI step for slow tests.
@@ -181,31 +181,19 @@ def _masked_reference(method, log, generated):
     cfg, model, params = _model()
     vis, (ids, mask) = _multi(), _prompt()
     ctx, text, pos = vi.packed_context(model, params, vis, ids, mask, method)
-    n, b, t = ctx.n_v, 2, generated.shape[1]
+    n, b = ctx.n_v, 2
     img = jnp.broadcast_to(jnp.arange(n) // vis.image_slots(cfg), (b, n))
     h, seq_mask, positions, is_vis = mm.splice_packed(text, mask, pos, vi.image_counts(vis),
                                                       ctx.vision_tokens, img, ctx.valid)
     rows = np.stack([np.flatnonzero(r) for r in np.asarray(is_vis)])      # slot -> sequence
     assert rows.shape == (b, n)
-    if t:
-        h = jnp.concatenate([h, model.apply(params, generated, method=Llava.embed_text)], 1)
-        seq_mask = jnp.concatenate([seq_mask, jnp.ones((b, t), bool)], axis=1)
-        positions = jnp.concatenate(
-            [positions, positions[:, -1:] + 1 + jnp.arange(t, dtype=jnp.int32)[None]], axis=1)
-    start = 0
-    for (kk, _), (src, seen) in zip(method.stages(n, LAYERS), _walk(log, n)):
-        h, _ = model.apply(params, h, method=Llava.run, positions=positions,
-                           key_valid=seq_mask, start=start, stop=kk)
-        slots = np.zeros((b, n), bool)
+    slots = []
+    for src, seen in _walk(log, n):
+        m = np.zeros((b, n), bool)
         for r in range(b):
-            slots[r, src[r][seen[r]]] = True
-        seq_mask = seq_mask.at[jnp.arange(b)[:, None], rows].set(jnp.asarray(slots))
-        if in_llm.renumbers_stages(method):
-            positions = mm.text_positions(seq_mask)
-        start = kk
-    h, _ = model.apply(params, h, method=Llava.run, positions=positions, key_valid=seq_mask,
-                       start=start)
-    return np.asarray(model.apply(params, h[:, -1:], method=Llava.logits)[:, 0])
+            m[r, src[r][seen[r]]] = True
+        slots.append(m)
+    return run_masked(model, params, h, seq_mask, positions, rows, slots, method, generated)
 
 
 REFERENCE = {   # SparseVLM without recycling: merged tokens have no masked realization

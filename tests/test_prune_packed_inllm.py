@@ -248,17 +248,28 @@ def _masked_reference(vis, ids, mask, method, log, generated):
     renumbering methods, the unpruned ones otherwise)."""
     cfg, model, params = _model()
     ctx, text, pos = vi.packed_context(model, params, vis, ids, mask, method)
-    n, b, t = ctx.n_v, 2, generated.shape[1]
+    n = ctx.n_v
     h, seq_mask, _, is_vis = mm.splice(text, mask, pos, ctx.vision_tokens, None, "contiguous")
     seq_mask, positions = anyres.mask_invalid_slots(seq_mask, is_vis, pos, ctx.valid)
+    rows = np.asarray(pos)[:, None] + np.arange(n)[None]
+    return run_masked(model, params, h, seq_mask, positions, rows, _seen_slots(log, n), method,
+                      generated)
+
+
+def run_masked(model, params, h, seq_mask, positions, rows, stage_slots, method, generated):
+    """f32[B, V]: next-token logits of the spliced prompt h [B, L, D] (+ generated i32[B, t])
+    through the decoder without a cache, each stage's drops realized by masking: before stage
+    s's layer the vision rows i32[B, n] of the sequence are masked to stage_slots[s] bool[B, n]
+    (positions renumbered over what is seen for renumbering methods)."""
+    b, t = h.shape[0], generated.shape[1]
     if t:
         h = jnp.concatenate([h, model.apply(params, generated, method=Llava.embed_text)], 1)
         seq_mask = jnp.concatenate([seq_mask, jnp.ones((b, t), bool)], axis=1)
         positions = jnp.concatenate(
             [positions, positions[:, -1:] + 1 + jnp.arange(t, dtype=jnp.int32)[None]], axis=1)
-    rows = np.asarray(pos)[:, None] + np.arange(n)[None]
     start = 0
-    for (kk, _), slots in zip(method.stages(n, LAYERS), _seen_slots(log, n)):
+    for (kk, _), slots in zip(method.stages(rows.shape[1], model.cfg.text.num_layers),
+                              stage_slots):
         h, _ = model.apply(params, h, method=Llava.run, positions=positions,
                            key_valid=seq_mask, start=start, stop=kk)
         seq_mask = seq_mask.at[jnp.arange(b)[:, None], rows].set(jnp.asarray(slots))
