@@ -259,18 +259,32 @@ def test_long_inputs_take_blockwise_attention_with_the_same_scores():
     assert attention_lib.resolve_impl("auto", q, k, plat="cpu")[0] == "chunked"
 
     def scores(impl):
-        with ppm_lib.attention_backend(impl):
-            return np.asarray(jax.jit(lambda p: model.apply(p, v, t, tm, coords=coords,
-                                                            valid=valid))(params))
+        m = ppm_lib.PPM(cfg.with_attention(impl))          # the same parameters
+        return np.asarray(jax.jit(lambda p: m.apply(p, v, t, tm, coords=coords,
+                                                    valid=valid))(params))
 
-    auto, dense = scores("auto"), scores("xla")
+    auto, dense_scores = scores("auto"), scores("xla")
     np.testing.assert_array_equal(np.isinf(auto), ~np.asarray(valid))
-    np.testing.assert_allclose(auto[np.asarray(valid)], dense[np.asarray(valid)],
+    np.testing.assert_allclose(auto[np.asarray(valid)], dense_scores[np.asarray(valid)],
                                rtol=1e-5, atol=1e-5)
     hlo = jax.jit(lambda p: model.apply(p, v, t, tm, coords=coords, valid=valid)).lower(
         params).as_text()
     assert f"{n_v}x{n_v + t_len}" not in hlo      # no full score matrix in the program
-    with ppm_lib.attention_backend("xla"):
-        dense_hlo = jax.jit(lambda p: model.apply(p, v, t, tm, coords=coords,
-                                                  valid=valid)).lower(params).as_text()
+    dense = ppm_lib.PPM(cfg.with_attention("xla"))
+    dense_hlo = jax.jit(lambda p: dense.apply(p, v, t, tm, coords=coords,
+                                              valid=valid)).lower(params).as_text()
     assert f"{n_v}x{n_v + t_len}" in dense_hlo
+
+
+def test_attention_backend_is_a_runtime_field():
+    """`PPMConfig.attention` picks the backend per PPM (no module-level switch: safe when the
+    evaluator traces two methods in two threads); exports and resume metadata leave it out, and
+    the FLOP counters' `dense()` method value uses "xla"."""
+    cfg = ppm_lib.PPMConfig(n_v=16, d_model=32, width=16, num_heads=2, attention="chunked")
+    assert "attention" not in cfg.to_dict()
+    assert ppm_lib.PPMConfig(**cfg.to_dict()) == cfg.with_attention("auto")
+    with pytest.raises(ValueError, match="attention"):
+        ppm_lib.PPMConfig(n_v=16, d_model=32, width=16, num_heads=2, attention="flash")
+    m = ppm_lib.PPMMethod(ppm=cfg, keep=0.5)
+    assert m.dense().ppm.attention == "xla" and m.dense().keep == 0.5
+    assert ppm_lib.PPMMethod().dense() == ppm_lib.PPMMethod()

@@ -280,6 +280,12 @@ class PruningMethod:
         """The same method at another budget."""
         return dataclasses.replace(self, keep=keep)
 
+    def dense(self) -> "PruningMethod":
+        """The method as a FLOP counter traces it: attention of its own (the PPM's) on the
+        dense "xla" backend (XLA's cost analysis counts a blockwise loop's body once). The
+        same selection; methods without attention of their own return self."""
+        return self
+
     def load_variables(self, model_cfg: Any) -> "tuple[PruningMethod, Any]":
         """(method, variables) ready for prefill: a trainable method reads its checkpoint (and
         may fill config fields from it); others return (self, None)."""

@@ -32,7 +32,6 @@ prefill at r=0.25); see `ppm_param_count`, `ppm_flops`, `llm_prefill_flops`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, ClassVar
 
@@ -49,27 +48,15 @@ from covipal_jax.pruning.select import gather_tokens, masked_select
 
 Array = jax.Array
 POSITIONS = ("layout", "table")
-# The PPM's attention backend (`models.attention.IMPLS`); "auto" picks by platform and length.
-ATTENTION = "auto"
-
-
-@contextlib.contextmanager
-def attention_backend(impl: str):
-    """Trace the PPM's attention with `impl` in this block. The FLOP counters use "xla": XLA's
-    cost analysis counts a blockwise loop's body once."""
-    global ATTENTION
-    old, ATTENTION = ATTENTION, impl
-    try:
-        yield
-    finally:
-        ATTENTION = old
-
-
 @dataclasses.dataclass(frozen=True)
 class PPMConfig:
     """PPM hyperparameters. `d_model` (LLM width D) is static; `n_v` is the base model's
     single-view token count (the only length a "table" PPM runs on; a "layout" PPM runs on any
-    N). `pos_freqs` / `index_freqs`: Fourier frequencies of the layout encoding."""
+    N). `pos_freqs` / `index_freqs`: Fourier frequencies of the layout encoding.
+    `attention`: the backend the blocks' attention is traced with (`models.attention.IMPLS`;
+    "auto" picks by platform and length, as the LLaVA's `attention`). A runtime choice, like
+    the LLaVA's: `to_dict` (what exports and resume metadata record) leaves it out. The FLOP
+    counters use "xla": XLA's cost analysis counts a blockwise loop's body once."""
 
     n_v: int
     d_model: int
@@ -82,8 +69,14 @@ class PPMConfig:
     position: str = "layout"
     pos_freqs: int = 6
     index_freqs: int = 4
+    attention: str = "auto"
+
+    RUNTIME: ClassVar[tuple[str, ...]] = ("attention",)
 
     def __post_init__(self):
+        if self.attention not in attention_lib.IMPLS:
+            raise ValueError(f"PPMConfig.attention must be one of {attention_lib.IMPLS}, "
+                             f"got {self.attention!r}")
         if self.position not in POSITIONS:
             raise ValueError(f"PPMConfig.position must be one of {POSITIONS}, "
                              f"got {self.position!r}")
@@ -93,6 +86,16 @@ class PPMConfig:
                   "pos_freqs"):
             if getattr(self, f) < 1:
                 raise ValueError(f"PPMConfig.{f} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The architecture fields (what an export or a resumed run must agree on)."""
+        d = dataclasses.asdict(self)
+        for f in self.RUNTIME:
+            d.pop(f)
+        return d
+
+    def with_attention(self, impl: str) -> "PPMConfig":
+        return dataclasses.replace(self, attention=impl)
 
     @property
     def head_dim(self) -> int:
@@ -146,7 +149,7 @@ class PPMBlock(nn.Module):
         q = _dense((c.num_heads, c.head_dim), qkv_names, "q")(hv)          # [B, n_v, N, H]
         k = _dense((c.num_heads, c.head_dim), qkv_names, "k")(kv_in)       # [B, S, N, H]
         val = _dense((c.num_heads, c.head_dim), qkv_names, "v")(kv_in)
-        impl, _ = attention_lib.resolve_impl(ATTENTION, q, k)
+        impl, _ = attention_lib.resolve_impl(c.attention, q, k)
         if impl == "xla" or (c.dropout > 0 and not deterministic):
             key_bias = jnp.where(key_valid, 0.0, -jnp.inf)[:, None, None, :].astype(jnp.float32)
             logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(c.head_dim).astype(q.dtype)
@@ -305,6 +308,10 @@ class PPMMethod(PreLLMMethod):
             raise ValueError("pruning.method='ppm' needs a trained PPM: set "
                              "pruning.ppm_checkpoint (or PPMMethod(ppm=PPMConfig(...)))")
         return PPM(self.ppm)
+
+    def dense(self) -> "PPMMethod":
+        return self if self.ppm is None else dataclasses.replace(
+            self, ppm=self.ppm.with_attention("xla"))
 
     def load_variables(self, model_cfg: Any) -> "tuple[PPMMethod, Any]":
         """Reads `ppm_checkpoint` (checked against the base model `model_cfg`)."""

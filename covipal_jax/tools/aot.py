@@ -116,7 +116,8 @@ def _ppm_pieces(config, cfg, mesh, rules, n_v=None):
     from covipal_jax.weights import ppm_io
     from covipal_jax.pruning.ppm import PPM
 
-    pcfg = ppm_io.ppm_config(config, cfg)
+    # the PPM's attention on the backend the LLaVA's is compiled with (dense for the FLOP count)
+    pcfg = ppm_io.ppm_config(config, cfg).with_attention(cfg.attention)
     if n_v is not None and n_v != pcfg.n_v:
         pcfg = dataclasses.replace(pcfg, n_v=n_v)
     variables, _ = abstract_params(lambda r: ppm_io.init_ppm(pcfg, r), mesh, rules)
@@ -236,19 +237,18 @@ def ppm_block_cost(pcfg, batch: int, text_len: int, grad: bool) -> float:
     import jax
     import jax.numpy as jnp
 
-    from covipal_jax.pruning.ppm import PPMBlock, attention_backend
+    from covipal_jax.pruning.ppm import PPMBlock
 
-    block = PPMBlock(pcfg)
+    block = PPMBlock(pcfg.with_attention("xla"))
     v = jnp.zeros((batch, pcfg.n_v, pcfg.width))
     t = jnp.zeros((batch, text_len, pcfg.width))
     kv = jnp.ones((batch, text_len + pcfg.n_v), bool)
-    with attention_backend("xla"):
-        params = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), v, t, kv)))
-        fwd = lambda p, a: block.apply(p, a, t, kv)[0]
-        fn = (lambda p, a: jax.grad(lambda p, a: fwd(p, a).sum(), argnums=(0, 1))(p, a)) \
-            if grad else fwd
-        return float(_cost(jax.jit(fn).lower(params, jax.ShapeDtypeStruct(v.shape, v.dtype)))
-                     .get("flops", 0.0))
+    params = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), v, t, kv)))
+    fwd = lambda p, a: block.apply(p, a, t, kv)[0]
+    fn = (lambda p, a: jax.grad(lambda p, a: fwd(p, a).sum(), argnums=(0, 1))(p, a)) \
+        if grad else fwd
+    return float(_cost(jax.jit(fn).lower(params, jax.ShapeDtypeStruct(v.shape, v.dtype)))
+                 .get("flops", 0.0))
 
 
 def hlo_flops(req: Request, config) -> float:
@@ -260,10 +260,7 @@ def hlo_flops(req: Request, config) -> float:
     step = build_step(req, config, cfg, None, config.logical_axis_rules)
     import jax
 
-    from covipal_jax.pruning.ppm import attention_backend
-
-    with attention_backend("xla"):   # dense like the decoder's (see above)
-        flops = float(_cost(jax.jit(step.fn).lower(*step.args)).get("flops", 0.0))
+    flops = float(_cost(jax.jit(step.fn).lower(*step.args)).get("flops", 0.0))
     if step.ppm_cfg is not None and step.ppm_cfg.num_layers > 1:
         flops += (step.ppm_cfg.num_layers - 1) * ppm_block_cost(
             step.ppm_cfg, req.batch, step.ppm_text_len, step.ppm_grad)
@@ -304,8 +301,6 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
     import jax
 
     from covipal_jax import sharding as sh
-    from covipal_jax.pruning.ppm import attention_backend
-
     mesh, gen = topology_mesh(config, topology)
     shape = tuple(mesh.shape[a] for a in sh.MESH_AXES)
     devices = list(mesh.devices.flat)
@@ -321,7 +316,7 @@ def compile_step(req: Request, config, topology: str, *, flops: bool = True,
         header["batch_note"] = note
     chip_gib, peak_tflops, hbm_gbps = CHIPS[gen]
     hbm_gib = chip_gib if hbm_gib is None else hbm_gib
-    with sh.use_mesh(mesh, rules), attention_backend(cfg.attention):   # the PPM's too
+    with sh.use_mesh(mesh, rules):
         lowered = jax.jit(step.fn, **step.jit_kw).lower(*step.args)
         # Pallas kernels (splash attention) lower to Mosaic `tpu_custom_call`s.
         header["attention"]["tpu_custom_calls"] = lowered.as_text().count("tpu_custom_call")

@@ -116,16 +116,16 @@ class Programs:
 def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int,
                     compile: bool = True) -> float:
     """Compiled FLOPs of ONE `PPMBlock` (to correct the PPM's scanned blocks)."""
-    block = ppm_lib.PPMBlock(pcfg)
+    block = ppm_lib.PPMBlock(pcfg.with_attention("xla"))
     v = jax.ShapeDtypeStruct((batch, pcfg.n_v, pcfg.width), jnp.float32)
     t = jax.ShapeDtypeStruct((batch, text_len, pcfg.width), jnp.float32)
     kv = jax.ShapeDtypeStruct((batch, text_len + pcfg.n_v), jnp.bool_)
-    with ppm_lib.attention_backend("xla"):
-        bp = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), jnp.zeros(v.shape),
-                                                        jnp.zeros(t.shape),
-                                                        jnp.ones(kv.shape, bool))))
-        return compiled_flops(lambda p, a, b, c: block.apply(p, a, b, c)[0], bp, v, t, kv,
-                              compile=compile)
+    bp = jax.eval_shape(lambda: nn.unbox(block.init(jax.random.key(0), jnp.zeros(v.shape),
+                                                    jnp.zeros(t.shape),
+                                                    jnp.ones(kv.shape, bool))))
+    return compiled_flops(lambda p, a, b, c: block.apply(p, a, b, c)[0], bp, v, t, kv,
+                          compile=compile)
+
 
 
 class FlopCounter:
@@ -147,9 +147,9 @@ class FlopCounter:
         return compiled_flops(self.progs.vision(), params, pixels, compile=self.compile)
 
     def ppm(self, pcfg, k, params, pv, tokens, ids, mask):
-        with ppm_lib.attention_backend("xla"):   # dense: cost analysis sees every block
-            raw = compiled_flops(self.progs.ppm(pcfg, k), params, pv, tokens, ids, mask,
-                                 compile=self.compile)
+        # dense attention: cost analysis sees every block
+        raw = compiled_flops(self.progs.ppm(pcfg.with_attention("xla"), k), params, pv, tokens,
+                             ids, mask, compile=self.compile)
         return raw + self._ppm_fix(pcfg, ids.shape[1])
 
     def llm(self, n_v, params, tokens, idx, ids, mask):
@@ -157,9 +157,8 @@ class FlopCounter:
                               compile=self.compile)
 
     def e2e(self, spec, pcfg, params, pv, px, ids, mask):
-        with ppm_lib.attention_backend("xla"):
-            raw = compiled_flops(self.progs.e2e(spec, pcfg), params, pv, px, ids, mask,
-                                 compile=self.compile)
+        raw = compiled_flops(self.progs.e2e(spec.dense(), pcfg), params, pv, px, ids, mask,
+                             compile=self.compile)
         return raw + (0.0 if pcfg is None else self._ppm_fix(pcfg, ids.shape[1]))
 
 

@@ -156,7 +156,7 @@ class Trainer:
         self.global_batch, self.seq_len = state_lib.batch_geometry(
             self.mesh, self.t.batch_size, self.pc, config.data.max_len, self.cfg.num_vision_tokens)
         self.expected_meta = {"base_model": self.cfg.architecture_dict(),
-                              "ppm": dataclasses.asdict(self.pcfg)}
+                              "ppm": self.pcfg.to_dict()}
         self.ckpt = ckpt_lib.Checkpointer(self._dir / "checkpoints",
                                           keep=int(self.t.keep_checkpoints),
                                           async_save=bool(self.t.get("async_checkpoint", True)))

@@ -22,7 +22,6 @@ Old exports (Orbax `params/` + `ppm.json`, before format 1) still load (`_load_o
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import uuid
@@ -51,7 +50,7 @@ def ppm_config(config: Any, llava_cfg: LlavaConfig) -> PPMConfig:
     return PPMConfig(n_v=llava_cfg.num_vision_tokens, d_model=llava_cfg.text.hidden_size,
                      width=p.width, num_layers=p.num_layers, num_heads=p.num_heads,
                      mlp_ratio=p.mlp_ratio, dropout=p.dropout,
-                     position=p.get("position", "layout"))
+                     position=p.get("position", "layout"), attention=p.get("attention", "auto"))
 
 
 def config_from_meta(ppm: Mapping[str, Any], format_version: int) -> PPMConfig:
@@ -143,7 +142,7 @@ def save_ppm(path: paths.PathLike, variables: Any, pcfg: PPMConfig, llava_cfg: L
     out = paths.as_path(path)
     flat = traverse_util.flatten_dict(nn.unbox(variables), sep=".")
     host = {k: _to_host(v) for k, v in flat.items()}  # collective: every process
-    meta = dict(format=FORMAT, format_version=FORMAT_VERSION, ppm=dataclasses.asdict(pcfg),
+    meta = dict(format=FORMAT, format_version=FORMAT_VERSION, ppm=pcfg.to_dict(),
                 base_model=base_model_info(llava_cfg, base_model_name))
     if train_config is not None:
         meta["training"] = _jsonable(train_config)
