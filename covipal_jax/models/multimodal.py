@@ -146,8 +146,9 @@ def routed_rows(x: Array, src: Array, owner: Array, dest: Array, has_dest: Array
     x [B, S, ...]; src i32[B, L]; owner bool[B, L]; dest i32[B, S] the owner row that reads
     source row s, has_dest bool[B, S] whether one does. Contract: each source row is read by at
     most one owner row (the splice's text and vision rows). `jnp.take_along_axis`'s VJP is a
-    scatter-add, which XLA:CPU runs as a serial loop over the B * L rows (measured: ~10% of the
-    demo's pretraining step); this one reads the cotangent at `dest`.
+    scatter-add, which XLA:CPU runs as a serial loop over the B * L rows; this one reads the
+    cotangent at `dest` (the demo's pretraining step, one process, interleaved: 338 vs 358 ms
+    with scanned layers, no measurable difference with unrolled ones).
     """
     return _routed_rows(x, src, owner)
 

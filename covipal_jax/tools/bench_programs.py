@@ -127,7 +127,6 @@ def ppm_block_flops(pcfg: ppm_lib.PPMConfig, batch: int, text_len: int,
                           compile=compile)
 
 
-
 class FlopCounter:
     """Compiled FLOPs of the bench programs, on an unrolled-layer copy of the model (B = 1)."""
 
